@@ -1,0 +1,173 @@
+"""``parmap.map``, ``imap`` and ``starmap``: a one-call :class:`~parmap.Pool`.
+
+Options are validated when the function is called (before any process
+starts, even for the lazy ``imap``); workers start with the first chunk, so
+an empty input starts none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, TypeVar
+
+from ._options import OnError
+from ._pool import Pool
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def map(
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    *,
+    workers: int | None = None,
+    backend: object = "auto",
+    chunksize: int | None = None,
+    progress: bool | Mapping[str, Any] = False,
+    timeout: float | None = None,
+    retries: int = 0,
+    on_error: OnError = "raise",
+    initializer: Callable[..., object] | None = None,
+    initargs: Iterable[Any] = (),
+    start_method: str | None = None,
+    address: str | None = None,
+) -> list[R]:
+    """``[fn(x) for x in items]``, computed in parallel: same length, order and values.
+
+    Example::
+
+        >>> import parmap
+        >>> parmap.map(lambda x: x * x, range(5), workers=2)
+        [0, 1, 4, 9, 16]
+
+    With ``on_error="skip"`` failed items are left out; with ``"return"`` the
+    exception stands in the failed item's place.
+    """
+    pool = Pool(
+        workers,
+        backend,
+        start_method=start_method,
+        initializer=initializer,
+        initargs=initargs,
+        address=address,
+        chunksize=chunksize,
+        progress=progress,
+        timeout=timeout,
+        retries=retries,
+        on_error=on_error,
+    )
+    return _run_once(pool, lambda: pool.map(fn, items))
+
+
+def starmap(
+    fn: Callable[..., R],
+    items: Iterable[Iterable[Any]],
+    *,
+    workers: int | None = None,
+    backend: object = "auto",
+    chunksize: int | None = None,
+    progress: bool | Mapping[str, Any] = False,
+    timeout: float | None = None,
+    retries: int = 0,
+    on_error: OnError = "raise",
+    initializer: Callable[..., object] | None = None,
+    initargs: Iterable[Any] = (),
+    start_method: str | None = None,
+    address: str | None = None,
+) -> list[R]:
+    """``[fn(*args) for args in items]``, computed in parallel.
+
+    Example::
+
+        >>> parmap.starmap(pow, [(2, 3), (3, 2)], workers=2)
+        [8, 9]
+    """
+    pool = Pool(
+        workers,
+        backend,
+        start_method=start_method,
+        initializer=initializer,
+        initargs=initargs,
+        address=address,
+        chunksize=chunksize,
+        progress=progress,
+        timeout=timeout,
+        retries=retries,
+        on_error=on_error,
+    )
+    return _run_once(pool, lambda: pool.starmap(fn, items))
+
+
+def imap(
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    *,
+    ordered: bool = True,
+    workers: int | None = None,
+    backend: object = "auto",
+    chunksize: int | None = None,
+    progress: bool | Mapping[str, Any] = False,
+    timeout: float | None = None,
+    retries: int = 0,
+    on_error: OnError = "raise",
+    initializer: Callable[..., object] | None = None,
+    initargs: Iterable[Any] = (),
+    start_method: str | None = None,
+    address: str | None = None,
+) -> Iterator[R]:
+    """Lazily yield ``fn(x)`` for each item; memory stays bounded on any input.
+
+    The input is pulled only as fast as the workers take it, so an endless
+    generator is fine. ``ordered=False`` yields results as they finish.
+    Stopping early (``break``, ``.close()``, dropping the iterator) stops the
+    work and the workers.
+
+    Example::
+
+        for line in parmap.imap(str.upper, open("big.txt"), ordered=False):
+            print(line, end="")
+    """
+    pool = Pool(
+        workers,
+        backend,
+        start_method=start_method,
+        initializer=initializer,
+        initargs=initargs,
+        address=address,
+        chunksize=chunksize,
+        progress=progress,
+        timeout=timeout,
+        retries=retries,
+        on_error=on_error,
+        ordered=ordered,
+    )
+    try:
+        results = pool.imap(fn, items)
+    except BaseException:
+        pool.terminate()
+        raise
+    return _owning(pool, results)
+
+
+def _run_once(pool: Pool, work: Callable[[], list[R]]) -> list[R]:
+    try:
+        result = work()
+    except BaseException:
+        pool.terminate()  # errors and Ctrl-C: stop the workers now
+        raise
+    pool.close()
+    return result
+
+
+def _owning(pool: Pool, results: Iterator[R]) -> Iterator[R]:
+    """Yield from ``results``; the pool lives exactly as long as this iterator."""
+    finished = False
+    try:
+        yield from results
+        finished = True
+    finally:
+        if finished:
+            pool.close()
+        else:
+            pool.terminate()

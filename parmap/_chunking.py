@@ -1,0 +1,63 @@
+"""How many items go into the next chunk.
+
+An explicit ``chunksize`` is used as given. Otherwise the size adapts:
+
+* the first chunks are small, so the first measurement comes back quickly;
+* each finished chunk reports how long its items took to compute; the next
+  chunk is sized to take about :data:`TARGET_CHUNK_SECONDS`, so a tiny task
+  is batched by the thousand and a slow one travels alone;
+* near the end of an input of known length no chunk takes more than
+  1/(2·workers) of what is left, so the last chunks shrink and no worker is
+  left holding a long tail while the others idle;
+* an input of unknown length never gets chunks above
+  :data:`MAX_UNSIZED_CHUNK`, which bounds what ``imap`` pulls ahead.
+"""
+
+from __future__ import annotations
+
+# A chunk should compute for about this long: per-chunk overhead is ~0.1-0.3 ms
+# on the process backends, so 20 ms keeps it near 1% while leaving many chunks
+# to balance uneven work (benchmarks/bench.py, workloads W1-W3).
+TARGET_CHUNK_SECONDS = 0.02
+# With no length to pace against, cap the chunk so that the in-flight window
+# (2 chunks per worker + 1) holds ~10,000 items on 2 workers (benchmark W6bp).
+MAX_UNSIZED_CHUNK = 2048
+# Before the first measurement, with a known length: a small slice of it.
+INITIAL_SHARE = 64
+MAX_INITIAL_CHUNK = 64
+# Weight of the newest measurement in the running per-item cost.
+SMOOTHING = 0.5
+
+
+class ChunkSizer:
+    """Decides chunk sizes; ``observe`` feeds it what finished chunks measured."""
+
+    def __init__(self, chunksize: int | None, workers: int, total: int | None) -> None:
+        self._fixed = chunksize
+        self._workers = workers
+        self._total = total
+        self._cost: float | None = None  # seconds per item
+
+    def next_size(self, remaining: int | None) -> int:
+        """The size of the next chunk, given how many items remain (if known)."""
+        if self._fixed is not None:
+            return self._fixed
+        if self._cost is None:
+            if self._total is None:
+                size = 1
+            else:
+                size = min(MAX_INITIAL_CHUNK, max(1, self._total // (self._workers * INITIAL_SHARE)))
+        else:
+            size = int(TARGET_CHUNK_SECONDS / self._cost) if self._cost > 0 else MAX_UNSIZED_CHUNK * 64
+        if remaining is None:
+            size = min(size, MAX_UNSIZED_CHUNK)
+        else:
+            size = min(size, max(1, remaining // (2 * self._workers)))
+        return max(1, size)
+
+    def observe(self, items: int, seconds: float) -> None:
+        """A chunk of ``items`` items computed in ``seconds``."""
+        if self._fixed is not None or items <= 0:
+            return
+        cost = seconds / items
+        self._cost = cost if self._cost is None else SMOOTHING * cost + (1 - SMOOTHING) * self._cost

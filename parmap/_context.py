@@ -1,0 +1,27 @@
+"""Whether this code runs inside a parmap worker.
+
+A parmap call made from inside a worker must not start a pool of pools: it
+runs serially there (see :func:`parmap._backends.resolve`). Process workers
+set the process-wide flag; thread workers set the thread-local one.
+"""
+
+from __future__ import annotations
+
+import threading
+
+_process_flag = False
+_thread_flag = threading.local()
+
+
+def mark_worker_process() -> None:
+    global _process_flag
+    _process_flag = True
+
+
+def set_worker_thread(value: bool) -> None:
+    _thread_flag.active = value
+
+
+def in_worker() -> bool:
+    """True inside a parmap worker process or worker thread."""
+    return _process_flag or getattr(_thread_flag, "active", False)

@@ -1,0 +1,189 @@
+"""Validated options: every argument is checked once, at the call, by name.
+
+Two groups, because a :class:`parmap.Pool` fixes some for its lifetime and
+lets each call override the others:
+
+* :class:`PoolOptions` — what starts workers (``workers``, ``backend``,
+  ``start_method``, ``initializer``/``initargs``, ``address``);
+* :class:`CallOptions` — what shapes one call (``chunksize``, ``progress``,
+  ``timeout``, ``retries``, ``on_error``, ``ordered``).
+
+Errors name the argument and the value, and are raised before any process
+starts.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+OnError = Literal["raise", "skip", "return"]
+ON_ERROR_CHOICES: tuple[str, ...] = ("raise", "skip", "return")
+START_METHODS: tuple[str, ...] = ("fork", "spawn", "forkserver")
+
+CALL_OPTION_NAMES = frozenset(
+    {"chunksize", "progress", "timeout", "retries", "on_error", "ordered"}
+)
+POOL_OPTION_NAMES = frozenset(
+    {"workers", "backend", "start_method", "initializer", "initargs", "address"}
+)
+
+
+def default_workers() -> int:
+    """The CPUs this process may run on (its affinity mask, not the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # pragma: no cover - not on Linux
+        return os.cpu_count() or 1
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int, got {value!r}")
+    number = int(value)
+    if number < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return number
+
+
+def _check_workers(value: object) -> int | None:
+    return None if value is None else _positive_int("workers", value)
+
+
+def _check_chunksize(value: object) -> int | None:
+    return None if value is None else _positive_int("chunksize", value)
+
+
+def _check_timeout(value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"timeout must be a positive number of seconds or None, got {value!r}")
+    seconds = float(value)
+    if not seconds > 0:  # also refuses NaN
+        raise ValueError(f"timeout must be a positive number of seconds or None, got {value!r}")
+    return seconds
+
+
+def _check_retries(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"retries must be an int >= 0, got {value!r}")
+    if value < 0:
+        raise ValueError(f"retries must be an int >= 0, got {value!r}")
+    return int(value)
+
+
+def _check_on_error(value: object) -> OnError:
+    if value not in ON_ERROR_CHOICES:
+        raise ValueError(f"on_error must be one of 'raise', 'skip', 'return', got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def _check_progress(value: object) -> bool | Mapping[str, Any]:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"progress must be True, False or a dict of tqdm options, got {value!r}")
+
+
+def _check_ordered(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"ordered must be True or False, got {value!r}")
+    return value
+
+
+def _check_start_method(value: object) -> str | None:
+    if value is None:
+        return None
+    if value not in START_METHODS:
+        raise ValueError(
+            f"start_method must be one of 'fork', 'spawn', 'forkserver' or None, got {value!r}"
+        )
+    import multiprocessing
+
+    if value not in multiprocessing.get_all_start_methods():
+        raise ValueError(f"start_method={value!r} is not available on this platform")
+    return str(value)
+
+
+def _check_initializer(value: object) -> Callable[..., object] | None:
+    if value is not None and not callable(value):
+        raise TypeError(f"initializer must be callable or None, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def _check_initargs(value: object) -> tuple[Any, ...]:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise TypeError(f"initargs must be a tuple of arguments, got {value!r}")
+    return tuple(value)  # type: ignore[arg-type]
+
+
+def _check_address(value: object) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"address must be a scheduler address string or None, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class CallOptions:
+    """Options that shape one ``map``/``imap``/``starmap`` call."""
+
+    chunksize: int | None = None
+    progress: bool | Mapping[str, Any] = False
+    timeout: float | None = None
+    retries: int = 0
+    on_error: OnError = "raise"
+    ordered: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "chunksize", _check_chunksize(self.chunksize))
+        object.__setattr__(self, "progress", _check_progress(self.progress))
+        object.__setattr__(self, "timeout", _check_timeout(self.timeout))
+        object.__setattr__(self, "retries", _check_retries(self.retries))
+        object.__setattr__(self, "on_error", _check_on_error(self.on_error))
+        object.__setattr__(self, "ordered", _check_ordered(self.ordered))
+
+    def updated(self, overrides: Mapping[str, Any]) -> CallOptions:
+        """A copy with ``overrides`` applied (validated; unknown names rejected)."""
+        unknown = set(overrides) - CALL_OPTION_NAMES
+        if unknown:
+            raise TypeError(f"unexpected per-call option(s): {', '.join(sorted(unknown))}")
+        return replace(self, **overrides) if overrides else self
+
+
+@dataclass(frozen=True, slots=True)
+class PoolOptions:
+    """Options fixed for the lifetime of a pool: what the workers are."""
+
+    workers: int | None = None
+    backend: object = "auto"
+    start_method: str | None = None
+    initializer: Callable[..., object] | None = None
+    initargs: tuple[Any, ...] = field(default=())
+    address: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "workers", _check_workers(self.workers))
+        object.__setattr__(self, "start_method", _check_start_method(self.start_method))
+        object.__setattr__(self, "initializer", _check_initializer(self.initializer))
+        object.__setattr__(self, "initargs", _check_initargs(self.initargs))
+        object.__setattr__(self, "address", _check_address(self.address))
+
+    @property
+    def worker_count(self) -> int:
+        """``workers``, or the usable CPU count when it was left as ``None``."""
+        return self.workers if self.workers is not None else default_workers()
+
+
+def split_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split keyword options into (pool options, call options); reject the rest."""
+    pool = {k: v for k, v in options.items() if k in POOL_OPTION_NAMES}
+    call = {k: v for k, v in options.items() if k in CALL_OPTION_NAMES}
+    unknown = set(options) - POOL_OPTION_NAMES - CALL_OPTION_NAMES
+    if unknown:
+        raise TypeError(f"unexpected option(s): {', '.join(sorted(unknown))}")
+    return pool, call

@@ -1,0 +1,233 @@
+"""``parmap.Pool``: workers that stay alive between calls.
+
+A Pool owns one backend. Its options are defaults for its calls; each call
+may override the per-call ones. ``parmap.map`` and friends are the same
+machinery with a Pool that lives for one call.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from ._errors import PoolClosedError
+from ._options import CallOptions, OnError, PoolOptions
+from ._scheduler import SKIPPED, Record, Scheduler, lost_error
+from ._serialization import short_repr
+from .backends import create_backend
+from .backends._base import Call, Chunk, ChunkLost, ChunkOutcome
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Pool:
+    """A set of workers that serves many calls.
+
+    Example::
+
+        with parmap.Pool(workers=4, backend="process", progress=True) as pool:
+            squares = pool.map(lambda x: x * x, range(1000))
+            future = pool.submit(pow, 2, 10)
+            assert future.result() == 1024
+
+    Leaving the ``with`` block waits for running work and stops the workers
+    (an exception leaving it stops them at once). Using the pool afterwards
+    raises :class:`parmap.PoolClosedError`.
+    """
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        backend: object = "auto",
+        *,
+        start_method: str | None = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: Iterable[Any] = (),
+        address: str | None = None,
+        chunksize: int | None = None,
+        progress: bool | Mapping[str, Any] = False,
+        timeout: float | None = None,
+        retries: int = 0,
+        on_error: OnError = "raise",
+        ordered: bool = True,
+    ) -> None:
+        self._options = PoolOptions(
+            workers=workers,
+            backend=backend,
+            start_method=start_method,
+            initializer=initializer,
+            initargs=initargs,  # type: ignore[arg-type]  # validated and made a tuple
+            address=address,
+        )
+        self._defaults = CallOptions(
+            chunksize=chunksize, progress=progress, timeout=timeout, retries=retries, on_error=on_error, ordered=ordered
+        )
+        self._backend, self._owns_backend = create_backend(self._options)
+        self._check_capabilities(self._defaults)
+        self._closed = False
+        self._lock = threading.Lock()
+        self._futures: set[Future[Any]] = set()
+
+    # -- calls -----------------------------------------------------------
+    def map(self, fn: Callable[[T], R], items: Iterable[T], **overrides: Any) -> list[R]:
+        """``[fn(x) for x in items]``, in parallel. Per-call options may override the pool's."""
+        return self._map(fn, items, overrides, star=False)
+
+    def starmap(self, fn: Callable[..., R], items: Iterable[Iterable[Any]], **overrides: Any) -> list[R]:
+        """``[fn(*args) for args in items]``, in parallel."""
+        return self._map(fn, items, overrides, star=True)
+
+    def imap(self, fn: Callable[[T], R], items: Iterable[T], **overrides: Any) -> Iterator[R]:
+        """Results lazily, pulling ``items`` only as fast as the workers take them.
+
+        ``ordered=False`` yields results as they finish. Closing the iterator
+        early (``break``, ``.close()``, garbage collection) stops the work.
+        """
+        options = self._call_options(overrides)
+        scheduler = self._scheduler(fn, items, options, star=False, in_order=options.ordered)
+        return _flatten(scheduler.records())
+
+    def submit(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> Future[R]:
+        """Run ``fn(*args, **kwargs)`` on a worker; returns a :class:`concurrent.futures.Future`."""
+        self._check_open()
+        future: Future[R] = Future()
+        call = Call(_Bound(fn, args, kwargs), timeout=self._defaults.timeout)
+        chunk = Chunk(call, [0], [None])
+
+        def done(_: Chunk, result: ChunkOutcome | ChunkLost) -> None:
+            self._backend.release(call)
+            with self._lock:
+                self._futures.discard(future)
+            if not future.set_running_or_notify_cancel():
+                return
+            if isinstance(result, ChunkLost):
+                future.set_exception(lost_error(call, f"submit({short_repr(fn)}, ...)", result))
+            elif result.fatal is not None:
+                future.set_exception(result.fatal.rebuild())
+            elif result.errors:
+                future.set_exception(result.errors[0].rebuild())
+            else:
+                future.set_result(result.results[0])
+
+        with self._lock:
+            self._futures.add(future)
+        self._backend.submit(chunk, done)
+        return future
+
+    # -- lifecycle -----------------------------------------------------------------
+    def close(self) -> None:
+        """Wait for running work, then stop the workers. Idempotent."""
+        self._shutdown(kill=False)
+
+    def terminate(self) -> None:
+        """Stop the workers now; pending futures are cancelled."""
+        self._shutdown(kill=True)
+
+    def __enter__(self) -> Pool:
+        self._check_open()
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self._shutdown(kill=exc_type is not None)
+
+    def __del__(self) -> None:
+        # A pool dropped without close() must not leave processes behind.
+        if not getattr(self, "_closed", True):
+            try:
+                self._shutdown(kill=True)
+            except Exception:  # noqa: S110 - interpreter teardown
+                pass
+
+    @property
+    def closed(self) -> bool:
+        """True once the pool has been closed or terminated."""
+        return self._closed
+
+    # -- internals ---------------------------------------------------------------
+    def _shutdown(self, kill: bool) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            futures = list(self._futures)
+        if kill:
+            for future in futures:
+                future.cancel()
+        if self._owns_backend:
+            self._backend.close(kill=kill)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise PoolClosedError("this parmap.Pool is closed; create a new one")
+
+    def _call_options(self, overrides: Mapping[str, Any]) -> CallOptions:
+        options = self._defaults.updated(overrides)
+        self._check_capabilities(options)
+        return options
+
+    def _check_capabilities(self, options: CallOptions) -> None:
+        if options.timeout is not None and not self._backend.capabilities.can_timeout:
+            raise ValueError(
+                f"timeout={options.timeout:g} needs a backend that can stop a running task; "
+                f"{type(self._backend).__name__} cannot. Use backend='process' (or 'fork', 'pool', 'apply_async')"
+            )
+
+    def _scheduler(
+        self, fn: Callable[..., Any], items: Iterable[Any], options: CallOptions, *, star: bool, in_order: bool
+    ) -> Scheduler:
+        self._check_open()
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {fn!r}")
+        try:
+            iter(items)
+        except TypeError:
+            raise TypeError(f"items must be iterable, got {type(items).__name__}: {items!r}") from None
+        call = Call(
+            fn,
+            star=star,
+            stop_on_error=options.on_error == "raise" and options.retries == 0,
+            timeout=options.timeout,
+        )
+        return Scheduler(self._backend, call, items, options, deliver_in_order=in_order)
+
+    def _map(
+        self, fn: Callable[..., Any], items: Iterable[Any], overrides: Mapping[str, Any], *, star: bool
+    ) -> list[Any]:
+        options = self._call_options(overrides)
+        scheduler = self._scheduler(fn, items, options, star=star, in_order=False)
+        records = sorted(scheduler.records(), key=lambda r: r.start)
+        results: list[Any] = []
+        for record in records:
+            results.extend(record.values)
+        if options.on_error == "skip":
+            results = [v for v in results if v is not SKIPPED]
+        return results
+
+
+def _flatten(records: Iterator[Record]) -> Iterator[Any]:
+    try:
+        for record in records:
+            for value in record.values:
+                if value is not SKIPPED:
+                    yield value
+    finally:
+        records.close()  # type: ignore[attr-defined]
+
+
+class _Bound:
+    """``fn`` with its arguments, for ``submit``: called with the dummy item."""
+
+    __slots__ = ("args", "fn", "kwargs")
+
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.fn, self.args, self.kwargs = fn, args, kwargs
+
+    def __call__(self, _: object) -> Any:
+        return self.fn(*self.args, **self.kwargs)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_Bound, (self.fn, self.args, self.kwargs))
+

@@ -1,0 +1,31 @@
+"""The progress bar: tqdm on stderr, counting items as their chunks complete."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from tqdm import tqdm
+
+
+class Progress:
+    """A tqdm bar, or nothing when ``option`` is False."""
+
+    def __init__(self, option: bool | Mapping[str, Any], total: int | None) -> None:
+        self._bar: Any = None
+        if option is False:
+            return
+        settings: dict[str, Any] = {"total": total, "file": sys.stderr, "unit": "item", "dynamic_ncols": True}
+        if isinstance(option, Mapping):
+            settings.update(option)
+        self._bar = tqdm(**settings)
+
+    def update(self, items: int) -> None:
+        if self._bar is not None and items:
+            self._bar.update(items)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

@@ -1,0 +1,271 @@
+"""The core: one call's items, chunked, through a backend, back in order.
+
+::
+
+      items ──▶ ChunkSizer ──▶ Record (consecutive items) ──▶ backend.submit
+     (pulled      (size from        │  kept until every item          │
+      lazily)      measurements)    │  is final                       ▼
+                                    │                       done(chunk, outcome)
+                                    │                       from a backend thread
+                                    ▼                                 │
+      caller ◀── deliver complete ◀── absorb: values, errors, ◀── events queue
+                 records (ordered:         retries, crashes,       (the caller
+                 head first)               policy, progress         thread blocks
+                                                                    here, never polls)
+
+* **Window.** At most ``2 * workers + 1`` records are outstanding: in flight,
+  or finished but not yet handed to an ordered consumer. The input is pulled
+  only when a slot frees, so ``imap`` over an endless generator holds a few
+  chunks, never the input. ``map`` counts only unfinished records, so one
+  slow chunk does not stall the others.
+* **Errors.** A failed item is retried alone (``retries``); when its attempts
+  are spent the ``on_error`` policy decides: raise (after which the call is
+  released and its queued chunks dropped), skip, or return the exception in
+  its place. A worker crash or timeout fails the item that was running; the
+  rest of its chunk is resubmitted at no cost to their attempts. When the
+  backend cannot say which item was running, the chunk is split into single
+  items so that only the guilty one is charged.
+* **Progress** counts items as they become final, not chunks, not yields.
+"""
+
+from __future__ import annotations
+
+import operator
+import queue
+from collections import deque
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from ._chunking import ChunkSizer
+from ._errors import ParmapError, SerializationError, TaskError, TaskTimeoutError, WorkerCrashedError
+from ._options import CallOptions
+from ._progress import Progress
+from ._serialization import short_repr
+from .backends._base import Backend, Call, Chunk, ChunkLost, ChunkOutcome, describe_exit
+
+#: Marks an item left out by ``on_error="skip"``.
+SKIPPED: Any = object()
+_UNSET: Any = object()
+
+
+class Record:
+    """Consecutive input items submitted together, kept until all are final."""
+
+    __slots__ = ("attempts", "items", "pending", "start", "values")
+
+    def __init__(self, start: int, items: list[Any]) -> None:
+        self.start = start
+        self.items = items
+        self.values: list[Any] = [_UNSET] * len(items)
+        self.pending = len(items)
+        self.attempts: dict[int, int] = {}
+
+    @property
+    def complete(self) -> bool:
+        return self.pending == 0
+
+
+def input_length(items: Iterable[Any]) -> int | None:
+    """``len(items)``, else a positive ``length_hint``, else unknown."""
+    try:
+        return len(items)  # type: ignore[arg-type]
+    except TypeError:
+        hint = operator.length_hint(items, 0)
+        return hint if hint > 0 else None
+
+
+class Scheduler:
+    """Runs one call. Iterate :meth:`records` to drive it."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        call: Call,
+        items: Iterable[Any],
+        options: CallOptions,
+        *,
+        deliver_in_order: bool,
+    ) -> None:
+        self._backend = backend
+        self._call = call
+        self._options = options
+        self._total = input_length(items)
+        self._source = iter(items)
+        self._next_position = 0
+        self._exhausted = False
+        self._in_order = deliver_in_order
+        self._window = 2 * backend.workers + 1
+        self._sizer = ChunkSizer(options.chunksize, backend.workers, self._total)
+        self._events: queue.SimpleQueue[tuple[Chunk, ChunkOutcome | ChunkLost]] = queue.SimpleQueue()
+        self._outstanding: deque[Record] = deque()  # in creation (= input) order
+        self._unfinished = 0
+        self._ready: deque[Record] = deque()  # finished, for out-of-order delivery
+        self._retries: deque[tuple[Record, list[int]]] = deque()
+        self._progress_done = 0
+        self.finished_cleanly = False
+
+    # -- driving -------------------------------------------------------------
+    def records(self) -> Iterator[Record]:
+        """Finished records, in input order or as they finish."""
+        progress = Progress(self._options.progress, self._total)
+        try:
+            while True:
+                self._fill()
+                yield from self._deliverable()
+                if self._exhausted and not self._outstanding and not self._retries:
+                    self.finished_cleanly = True
+                    return
+                chunk, result = self._events.get()
+                self._absorb(chunk, result)
+                progress.update(self._take_progress())
+        finally:
+            progress.close()
+            self._backend.release(self._call)
+
+    def _take_progress(self) -> int:
+        done, self._progress_done = self._progress_done, 0
+        return done
+
+    def _fill(self) -> None:
+        while self._retries:
+            record, offsets = self._retries.popleft()
+            self._submit(record, offsets)
+        while not self._exhausted and self._window_has_room():
+            new = self._next_record()
+            if new is None:
+                break
+            self._outstanding.append(new)
+            self._unfinished += 1
+            self._submit(new, None)
+
+    def _window_has_room(self) -> bool:
+        used = len(self._outstanding) if self._in_order else self._unfinished
+        return used < self._window
+
+    def _next_record(self) -> Record | None:
+        remaining = None if self._total is None else max(0, self._total - self._next_position)
+        size = self._sizer.next_size(remaining)
+        # islice would hide the generator's own exception position; this does not.
+        items: list[Any] = []
+        append = items.append
+        source = self._source
+        for _ in range(size):
+            try:
+                append(next(source))
+            except StopIteration:
+                self._exhausted = True
+                break
+        if not items:
+            self._exhausted = True
+            return None
+        record = Record(self._next_position, items)
+        self._next_position += len(items)
+        return record
+
+    def _submit(self, record: Record, offsets: list[int] | None) -> None:
+        if offsets is None:
+            positions: Any = range(record.start, record.start + len(record.items))
+            items = record.items
+        else:
+            positions = [record.start + o for o in offsets]
+            items = [record.items[o] for o in offsets]
+        chunk = Chunk(self._call, positions, items, tag=(record, offsets))
+        try:
+            self._backend.submit(chunk, self._on_done)
+        except SerializationError as exc:
+            position = getattr(exc, "position", None)
+            if position is None:
+                raise  # the function itself: nothing can run
+            offset = position - record.start
+            all_offsets = list(range(len(record.items))) if offsets is None else offsets
+            self._item_failed(record, offset, exc, retryable=False)
+            rest = [o for o in all_offsets if o != offset]
+            if rest:
+                self._submit(record, rest)
+
+    def _on_done(self, chunk: Chunk, result: ChunkOutcome | ChunkLost) -> None:
+        # Called from backend threads: hand over to the caller's thread.
+        self._events.put((chunk, result))
+
+    def _deliverable(self) -> Iterator[Record]:
+        if self._in_order:
+            while self._outstanding and self._outstanding[0].complete:
+                yield self._outstanding.popleft()
+        else:
+            while self._ready:
+                record = self._ready.popleft()
+                self._outstanding.remove(record)
+                yield record
+
+    # -- absorbing results --------------------------------------------------------
+    def _absorb(self, chunk: Chunk, result: ChunkOutcome | ChunkLost) -> None:
+        record, offsets = chunk.tag
+        offsets = list(range(len(chunk.items))) if offsets is None else offsets
+        if isinstance(result, ChunkLost):
+            self._lost(record, offsets, result)
+            return
+        if result.fatal is not None:
+            raise result.fatal.rebuild()
+        self._sizer.observe(len(result.results), result.elapsed)
+        errors = result.errors
+        for j, value in enumerate(result.results):
+            if j in errors:
+                self._item_failed(record, offsets[j], errors[j].rebuild(), retryable=True)
+            else:
+                self._settle(record, offsets[j], value)
+        if len(result.results) < len(offsets):  # stopped early; not expected to remain
+            self._retries.append((record, offsets[len(result.results) :]))
+
+    def _lost(self, record: Record, offsets: list[int], lost: ChunkLost) -> None:
+        if lost.offset is None and len(offsets) > 1:
+            # Which item killed the worker is unknown: rerun them one by one,
+            # free of charge, so only the guilty item pays an attempt.
+            self._retries.extend((record, [o]) for o in offsets)
+            return
+        j = lost.offset or 0
+        offset = offsets[j]
+        self._item_failed(record, offset, self._lost_error(record, offset, lost), retryable=True)
+        rest = offsets[:j] + offsets[j + 1 :]
+        if rest:
+            self._retries.append((record, rest))
+
+    def _lost_error(self, record: Record, offset: int, lost: ChunkLost) -> ParmapError:
+        item = f"item #{record.start + offset} ({short_repr(record.items[offset])})"
+        return lost_error(self._call, item, lost)
+
+    def _settle(self, record: Record, offset: int, value: Any) -> None:
+        if record.values[offset] is _UNSET:
+            record.values[offset] = value
+            record.pending -= 1
+            self._progress_done += 1
+            if record.pending == 0:
+                self._unfinished -= 1
+                if not self._in_order:
+                    self._ready.append(record)
+
+    def _item_failed(self, record: Record, offset: int, exc: BaseException, *, retryable: bool) -> None:
+        attempts = record.attempts.get(offset, 0) + 1
+        record.attempts[offset] = attempts
+        if retryable and attempts <= self._options.retries:
+            self._retries.append((record, [offset]))
+            return
+        if not isinstance(exc, ParmapError) or isinstance(exc, TaskError):
+            tries = f" on each of {attempts} attempts" if attempts > 1 else ""
+            exc.add_note(
+                f"parmap: raised by item #{record.start + offset} ({short_repr(record.items[offset])}){tries}"
+            )
+        policy = self._options.on_error
+        if policy == "raise":
+            raise exc
+        self._settle(record, offset, SKIPPED if policy == "skip" else exc)
+
+
+def lost_error(call: Call, what: str, lost: ChunkLost) -> ParmapError:
+    """The error for ``what`` (an item, a submitted call) whose worker was lost."""
+    pid = f" (pid {lost.pid})" if lost.pid else ""
+    if lost.timed_out:
+        return TaskTimeoutError(
+            f"{what} ran longer than timeout={call.timeout:g}s; its worker{pid} was stopped and replaced"
+        )
+    cause = lost.detail or describe_exit(lost.exitcode)
+    return WorkerCrashedError(f"the worker{pid} running {what} died: {cause}", lost.exitcode)

@@ -1,0 +1,163 @@
+"""Everything that crosses a process boundary goes through this module.
+
+* The function travels with cloudpickle, so lambdas, closures, nested
+  functions, partials and ``__main__`` functions work under every start
+  method. It is pickled once per call and sent to each worker once.
+* Items and results travel as whole chunks with the standard pickle
+  (protocol 5) because it is several times faster than cloudpickle's
+  pure-Python reducer on plain data; only a chunk that plain pickle refuses
+  falls back to cloudpickle.
+* A failure names what could not travel ("the function", "item #3", "the
+  result of item #3") and why, as :class:`~parmap.SerializationError`.
+* Exceptions raised by ``fn`` come home as :class:`ErrorInfo`: the pickled
+  exception when it pickles, and always its type name, message and
+  traceback text, so an exception that will not travel still arrives as
+  :class:`~parmap.TaskError` instead of hanging the pool.
+"""
+
+from __future__ import annotations
+
+import pickle
+import reprlib
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import cloudpickle
+
+from ._errors import RemoteTraceback, SerializationError, TaskError
+
+PROTOCOL = 5
+
+_short = reprlib.Repr()
+_short.maxstring = 60
+_short.maxother = 60
+_short.maxlist = 6
+_short.maxtuple = 6
+_short.maxdict = 4
+
+
+def short_repr(value: object) -> str:
+    """A repr short enough for an error note."""
+    try:
+        return _short.repr(value)
+    except Exception:  # a broken __repr__ must not hide the real error
+        return f"<{type(value).__name__} object>"
+
+
+def dumps_function(fn: object) -> bytes:
+    """Pickle ``fn`` by value where needed; name the problem if it cannot be."""
+    try:
+        data: bytes = cloudpickle.dumps(fn, protocol=PROTOCOL)
+    except Exception as exc:
+        raise SerializationError(
+            f"the function {short_repr(fn)} cannot be serialised: {type(exc).__name__}: {exc}"
+        ) from exc
+    return data
+
+
+def loads(data: bytes) -> Any:
+    """Unpickle bytes made by this module (plain pickle reads cloudpickle's output)."""
+    return pickle.loads(data)
+
+
+def dumps_data(values: Sequence[Any], what: str, positions: Sequence[int]) -> bytes:
+    """Pickle a chunk of items or results.
+
+    ``what`` is ``"item"`` or ``"the result of item"``; ``positions`` are the
+    input positions, used to name the one value that cannot be serialised.
+    """
+    try:
+        return pickle.dumps(values, protocol=PROTOCOL)
+    except Exception:  # noqa: S110 - plain pickle refused: cloudpickle may not
+        pass
+    try:
+        data: bytes = cloudpickle.dumps(values, protocol=PROTOCOL)
+        return data
+    except Exception:
+        bad, exc = find_unpicklable(values)
+        position = positions[bad] if bad is not None else positions[0]
+        error = SerializationError(f"{what} #{position} cannot be serialised: {type(exc).__name__}: {exc}")
+        error.position = position  # type: ignore[attr-defined]  # lets the scheduler fail just that item
+        raise error from exc
+
+
+def find_unpicklable(values: Sequence[Any]) -> tuple[int | None, BaseException]:
+    """The offset of the first value that cloudpickle refuses, and why."""
+    last: BaseException = SerializationError("unknown serialisation failure")
+    for offset, value in enumerate(values):
+        try:
+            cloudpickle.dumps(value, protocol=PROTOCOL)
+        except Exception as exc:
+            return offset, exc
+    return None, last
+
+
+def traceback_text(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc))
+
+
+@dataclass(slots=True)
+class ErrorInfo:
+    """An exception raised by ``fn``, in a form that always travels.
+
+    ``exc`` is set when the exception never left the process (thread and
+    serial backends); ``payload`` holds it pickled otherwise. The text fields
+    are always present so that :meth:`rebuild` can fall back to
+    :class:`~parmap.TaskError`.
+    """
+
+    type_name: str
+    message: str
+    traceback_text: str
+    payload: bytes | None = None
+    exc: BaseException | None = None
+
+    @classmethod
+    def capture(cls, exc: BaseException, *, pickle_it: bool) -> ErrorInfo:
+        info = cls(
+            type_name=f"{type(exc).__module__}.{type(exc).__qualname__}".removeprefix("builtins."),
+            message=_safe_str(exc),
+            traceback_text=traceback_text(exc),
+        )
+        if not pickle_it:
+            info.exc = exc
+            return info
+        try:
+            # Drop the chained traceback objects: they are not picklable and the
+            # text above already carries them.
+            exc.__traceback__ = None
+            info.payload = cloudpickle.dumps(exc, protocol=PROTOCOL)
+            pickle.loads(info.payload)  # an exception that pickles but will not load
+        except Exception:
+            info.payload = None
+        return info
+
+    def __getstate__(self) -> tuple[object, ...]:
+        # Never pickle the live exception object; the payload stands for it.
+        return (self.type_name, self.message, self.traceback_text, self.payload)
+
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        self.type_name, self.message, self.traceback_text, self.payload = state
+        self.exc = None
+
+    def rebuild(self) -> BaseException:
+        """The exception to raise in the caller, with the worker traceback as cause."""
+        exc: BaseException | None = self.exc
+        if exc is None and self.payload is not None:
+            try:
+                exc = pickle.loads(self.payload)
+            except Exception:
+                exc = None
+        if exc is None:
+            exc = TaskError(self.type_name, self.message, self.traceback_text)
+        exc.__cause__ = RemoteTraceback(self.traceback_text)
+        return exc
+
+
+def _safe_str(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:
+        return f"<unprintable {type(exc).__name__}>"

@@ -1,0 +1,283 @@
+"""What runs on the far side: one chunk at a time, and the worker loop.
+
+:func:`run_chunk` is shared by every backend (threads and the serial backend
+call it directly). :func:`worker_main` is the loop of the ``process`` and
+``fork`` backends' worker processes; the ``pool``, ``apply_async``,
+``dask`` and executor backends call :func:`run_encoded_chunk` instead.
+
+Wire format between the parent and a ``worker_main`` loop (one
+``Connection`` each way, framed by ``send_bytes``/``recv_bytes``)::
+
+    parent -> worker   ("fn", call_id, fn_bytes)          once per worker per call
+                       ("chunk", call_id, positions, stop_on_error, track) + items bytes
+                       ("forget", call_id)                 a call ended
+                       None                                exit
+    worker -> parent   outcome bytes                       one per chunk, in order
+
+A worker runs one chunk at a time and the parent sends a chunk only to an
+idle worker, so neither side can block writing while the other is writing
+too (the pipe-deadlock that a pipelined design has to work around).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import _context
+from ._errors import SerializationError
+from ._serialization import ErrorInfo, dumps_data, find_unpicklable, loads
+
+# Status slots let the parent see which item a worker is running and since
+# when (for timeouts) without any message per item: three doubles per slot in
+# shared memory: [pid, offset of the running item, its start (time.monotonic)].
+SLOT_WIDTH = 3
+
+
+@dataclass(slots=True)
+class ChunkOutcome:
+    """How one chunk ended on the worker.
+
+    ``results[i]`` is the value of offset ``i`` unless ``i`` is in
+    ``errors``. ``len(results)`` may be short of the chunk when the worker
+    stopped at the first error (``stop_on_error``). ``fatal`` is an error
+    that concerns the whole call (the function or initializer failed to
+    load), not one item.
+    """
+
+    results: list[Any]
+    errors: dict[int, ErrorInfo] = field(default_factory=dict)
+    elapsed: float = 0.0
+    fatal: ErrorInfo | None = None
+
+
+class StatusSlot:
+    """The worker's view of its shared status slot."""
+
+    __slots__ = ("_array", "_base")
+
+    def __init__(self, array: Any, index: int) -> None:
+        self._array = array
+        self._base = index * SLOT_WIDTH
+
+    def claim(self) -> None:
+        self._array[self._base] = float(os.getpid())
+        self._array[self._base + 1] = -1.0
+
+    def mark(self, offset: int) -> None:
+        self._array[self._base + 2] = time.monotonic()
+        self._array[self._base + 1] = float(offset)
+
+    def clear(self) -> None:
+        self._array[self._base + 1] = -1.0
+
+
+def run_chunk(
+    fn: Callable[..., Any],
+    items: Sequence[Any],
+    *,
+    star: bool,
+    stop_on_error: bool,
+    pickle_errors: bool,
+    status: StatusSlot | None = None,
+) -> ChunkOutcome:
+    """Apply ``fn`` to each item, recording each failure and carrying on.
+
+    The fast path feeds ``map`` into ``list.extend``, which keeps what it
+    appended before an exception, so a failure costs one restart of the
+    loop rather than a ``try`` per item. ``status`` (set when a timeout is
+    watched) costs a shared-memory write per item, so it is off otherwise.
+    """
+    results: list[Any] = []
+    errors: dict[int, ErrorInfo] = {}
+    started = time.perf_counter()
+    source = iter(items)
+    apply = itertools.starmap if star else map
+    if status is not None:
+        source = _marking(source, status)
+    while True:
+        try:
+            results.extend(apply(fn, source))
+            break
+        except Exception as exc:
+            errors[len(results)] = ErrorInfo.capture(exc, pickle_it=pickle_errors)
+            results.append(None)
+            if stop_on_error:
+                break
+    if status is not None:
+        status.clear()
+    return ChunkOutcome(results, errors, time.perf_counter() - started)
+
+
+def _marking(source: Any, status: StatusSlot) -> Any:
+    for offset, item in enumerate(source):
+        status.mark(offset)
+        yield item
+
+
+def encode_outcome(outcome: ChunkOutcome, positions: Sequence[int]) -> bytes:
+    """Pickle an outcome; a result that will not pickle becomes that item's error."""
+    while True:
+        try:
+            return dumps_data([outcome], "the result of item", positions)  # type: ignore[list-item]
+        except SerializationError:
+            bad, exc = find_unpicklable(outcome.results)
+            if bad is None:
+                # Not a result: something in the errors themselves; drop payloads.
+                for info in outcome.errors.values():
+                    info.payload = None
+                return dumps_data([outcome], "the result of item", positions)  # type: ignore[list-item]
+            error = SerializationError(
+                f"the result of item #{positions[bad]} cannot be serialised: "
+                f"{type(exc).__name__}: {exc}"
+            )
+            outcome.results[bad] = None
+            outcome.errors[bad] = ErrorInfo.capture(error, pickle_it=True)
+
+
+def decode_outcome(data: bytes) -> ChunkOutcome:
+    outcome: ChunkOutcome = loads(data)[0]
+    return outcome
+
+
+class FunctionCache:
+    """The functions of the calls a worker has seen, loaded once each."""
+
+    def __init__(self) -> None:
+        self._functions: dict[int, Callable[..., Any]] = {}
+
+    def add(self, call_id: int, fn_bytes: bytes) -> None:
+        self._functions[call_id] = loads(fn_bytes)
+
+    def get(self, call_id: int) -> Callable[..., Any] | None:
+        return self._functions.get(call_id)
+
+    def forget(self, call_id: int) -> None:
+        self._functions.pop(call_id, None)
+
+
+def fatal_outcome(exc: BaseException, what: str) -> ChunkOutcome:
+    """An outcome saying the whole call cannot run here (``what`` failed)."""
+    error = SerializationError(f"{what} could not be loaded in the worker: {type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return ChunkOutcome([], fatal=ErrorInfo.capture(error, pickle_it=True))
+
+
+def prepare_worker_process() -> None:
+    """Set a freshly started worker process up as a well-behaved child.
+
+    * SIGINT is ignored: Ctrl-C reaches the whole process group, and the
+      parent alone decides how workers stop (no traceback spew, no orphan).
+    * On Linux the worker asks to be SIGKILLed if its parent dies, so a
+      ``kill -9`` of the parent never leaves workers running.
+    * Nested parmap calls run serially here (no pool of pools).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _context.mark_worker_process()
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            PR_SET_PDEATHSIG = 1
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):  # pragma: no cover - exotic libc
+            pass
+
+
+def run_initializer(init_bytes: bytes | None) -> ErrorInfo | None:
+    """Run the user's initializer; its failure is reported, not swallowed."""
+    if init_bytes is None:
+        return None
+    try:
+        initializer, initargs = loads(init_bytes)
+        initializer(*initargs)
+    except Exception as exc:
+        exc.add_note("parmap: raised by the initializer")
+        return ErrorInfo.capture(exc, pickle_it=True)
+    return None
+
+
+def worker_main(conn: Any, status_array: Any, index: int, init_bytes: bytes | None) -> None:
+    """The loop of a ``process``/``fork`` worker; returns when told to or on EOF."""
+    prepare_worker_process()
+    status = StatusSlot(status_array, index)
+    status.claim()
+    init_error = run_initializer(init_bytes)
+    functions = FunctionCache()
+    load_error: BaseException = RuntimeError("the function never arrived")
+    recv, send = conn.recv_bytes, conn.send_bytes
+    try:
+        while True:
+            message = loads(recv())
+            if message is None:
+                return
+            kind = message[0]
+            if kind == "fn":
+                try:
+                    functions.add(message[1], message[2])
+                except Exception as exc:
+                    functions.forget(message[1])
+                    load_error = exc
+                continue
+            if kind == "forget":
+                functions.forget(message[1])
+                continue
+            _, call_id, positions, stop_on_error, track, star = message
+            items_bytes = recv()
+            if init_error is not None:
+                send(encode_outcome(ChunkOutcome([], fatal=init_error), positions))
+                continue
+            fn = functions.get(call_id)
+            if fn is None:
+                send(encode_outcome(fatal_outcome(load_error, "the function"), positions))
+                continue
+            try:
+                items = loads(items_bytes)
+            except Exception as exc:
+                send(encode_outcome(fatal_outcome(exc, f"the items from #{positions[0]}"), positions))
+                continue
+            outcome = run_chunk(
+                fn,
+                items,
+                star=star,
+                stop_on_error=stop_on_error,
+                pickle_errors=True,
+                status=status if track else None,
+            )
+            del items
+            send(encode_outcome(outcome, positions))
+    except (EOFError, OSError):
+        return  # the parent went away: nothing left to do
+
+
+_remote_functions = FunctionCache()
+
+
+def run_encoded_chunk(call_id: int, fn_bytes: bytes, header: tuple[Any, ...], items_bytes: bytes) -> bytes:
+    """Run one pickled chunk wherever an executor puts it; never raises.
+
+    The entry point for backends that hand work to someone else's workers
+    (a ``concurrent.futures`` executor, Dask). ``fn`` is cached per process
+    by call id, so a worker unpickles it once per call.
+    """
+    _, _, positions, stop_on_error, _track, star = header
+    fn = _remote_functions.get(call_id)
+    if fn is None:
+        try:
+            _remote_functions.add(call_id, fn_bytes)
+        except Exception as exc:
+            return encode_outcome(fatal_outcome(exc, "the function"), positions)
+        fn = _remote_functions.get(call_id)
+        assert fn is not None
+    try:
+        items = loads(items_bytes)
+    except Exception as exc:
+        return encode_outcome(fatal_outcome(exc, f"the items from #{positions[0]}"), positions)
+    outcome = run_chunk(fn, items, star=star, stop_on_error=stop_on_error, pickle_errors=True)
+    return encode_outcome(outcome, positions)

@@ -1,0 +1,94 @@
+"""Backends by name, looked up lazily: ``import parmap`` imports none of them.
+
+Adding a backend is one line in :data:`_REGISTRY` plus its module.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from concurrent.futures import Executor
+from typing import Any
+
+from .. import _context
+from .._options import PoolOptions
+from ._base import Backend, Call, Capabilities, Chunk, ChunkLost, ChunkOutcome
+
+__all__ = ["BACKEND_NAMES", "Backend", "Call", "Capabilities", "Chunk", "ChunkLost", "ChunkOutcome", "create_backend"]
+
+#: name -> (module, class, accepts start_method)
+_REGISTRY: dict[str, tuple[str, str, bool]] = {
+    "process": ("process", "ProcessBackend", True),
+    "pool": ("pool", "PoolBackend", True),
+    "apply_async": ("apply_async", "ApplyAsyncBackend", True),
+    "fork": ("fork", "ForkBackend", False),
+    "thread": ("thread", "ThreadBackend", False),
+    "serial": ("serial", "SerialBackend", False),
+    "dask": ("dask", "DaskBackend", False),
+}
+BACKEND_NAMES: tuple[str, ...] = ("auto", *_REGISTRY)
+#: Backends that start processes: inside a worker they run serially instead.
+_PROCESS_BACKENDS = frozenset({"auto", "process", "pool", "apply_async", "fork"})
+
+
+def auto_backend() -> str:
+    """What ``backend="auto"`` means: parmap's own worker processes.
+
+    ``process`` is the most robust local backend (crash recovery, timeouts,
+    ``fn`` sent once per worker) and, started with ``fork`` where the
+    platform has it, the quickest to start (see benchmarks/README.md). It
+    never runs ``fn`` in the calling process, so a crashing ``fn`` cannot
+    take the caller down.
+    """
+    return "process"
+
+
+def create_backend(options: PoolOptions) -> tuple[Backend, bool]:
+    """The backend for ``options`` and whether parmap owns (and so closes) it.
+
+    Nothing is started here: workers start on the first chunk, so bad
+    arguments fail before any process exists and an empty input starts none.
+    """
+    backend = options.backend
+    if isinstance(backend, Backend):
+        _no_start_method(options, "a backend object")
+        return backend, False
+    if isinstance(backend, Executor):
+        _no_start_method(options, "an Executor")
+        from .executor import ExecutorBackend
+
+        return ExecutorBackend(backend), False
+    if not isinstance(backend, str):
+        raise TypeError(
+            f"backend must be a name ({', '.join(map(repr, BACKEND_NAMES))}), a parmap Backend "
+            f"or a concurrent.futures.Executor, got {backend!r}"
+        )
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(map(repr, BACKEND_NAMES))}")
+    name = auto_backend() if backend == "auto" else backend
+    module_name, class_name, takes_start_method = _REGISTRY[name]
+    if options.start_method is not None and not takes_start_method:
+        raise ValueError(
+            f"start_method={options.start_method!r} applies to the 'process', 'pool' and "
+            f"'apply_async' backends, not to backend={backend!r}"
+        )
+    if backend in _PROCESS_BACKENDS and _context.in_worker():
+        # A parmap call inside a worker: no pool of pools.
+        name, module_name, class_name = "serial", "serial", "SerialBackend"
+    if name == "fork" and sys.platform == "win32":  # pragma: no cover
+        raise ValueError("backend='fork' needs os.fork(), which Windows lacks")
+    module = importlib.import_module(f"{__name__}.{module_name}")
+    cls: Any = getattr(module, class_name)
+    kwargs: dict[str, Any] = {"initializer": options.initializer, "initargs": options.initargs}
+    if name not in ("serial",):
+        kwargs["workers"] = options.worker_count
+    if takes_start_method and name != "serial":
+        kwargs["start_method"] = options.start_method
+    if name == "dask":
+        kwargs["address"] = options.address
+    return cls(**kwargs), True
+
+
+def _no_start_method(options: PoolOptions, what: str) -> None:
+    if options.start_method is not None:
+        raise ValueError(f"start_method cannot be used with {what} as backend")

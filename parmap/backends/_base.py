@@ -1,0 +1,136 @@
+"""The contract between the scheduler and a backend.
+
+A backend runs chunks and reports how each ended; nothing else. Chunking,
+ordering, retries, error policy, timeouts' consequences and progress all
+live in the scheduler, written once. A backend implements three methods:
+
+``submit(chunk, done)``
+    Run ``chunk`` (eventually) and call ``done(chunk, result)`` exactly once,
+    from any thread, where ``result`` is a :class:`ChunkOutcome` or a
+    :class:`ChunkLost`. It may raise :class:`~parmap.SerializationError`
+    synchronously when the items cannot be pickled.
+``release(call)``
+    The call is over: drop its queued chunks (their ``done`` is never
+    called) and forget its function. Running chunks finish and are ignored.
+``close(kill)``
+    Stop the workers: at once (``kill=True``: errors, Ctrl-C) or after the
+    running chunks (``kill=False``). No process may outlive it.
+
+and declares :class:`Capabilities` so the scheduler can refuse, up front,
+what a backend cannot do (``timeout`` on threads, for example).
+"""
+
+from __future__ import annotations
+
+import abc
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .._serialization import dumps_data, dumps_function
+from .._worker import ChunkOutcome
+
+__all__ = ["Backend", "Call", "Capabilities", "Chunk", "ChunkLost", "ChunkOutcome", "Done"]
+
+_call_ids = itertools.count(1)
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a backend can do; the scheduler checks these, not backend names."""
+
+    #: ``fn`` runs in other processes: a crash cannot take the caller down.
+    isolated: bool
+    #: A running item can be stopped (its worker killed), so ``timeout`` works.
+    can_timeout: bool
+    #: Workers may be on other machines (no shared files, no shared memory).
+    remote: bool = False
+
+
+@dataclass(eq=False, slots=True)
+class Call:
+    """One map/imap/starmap/submit: the function, sent once per worker."""
+
+    fn: Callable[..., Any]
+    star: bool = False
+    stop_on_error: bool = False
+    timeout: float | None = None
+    id: int = field(default_factory=lambda: next(_call_ids))
+    _fn_bytes: bytes | None = None
+
+    @property
+    def fn_bytes(self) -> bytes:
+        """``fn`` pickled with cloudpickle, once per call (not per chunk)."""
+        if self._fn_bytes is None:
+            self._fn_bytes = dumps_function(self.fn)
+        return self._fn_bytes
+
+
+@dataclass(eq=False, slots=True)
+class Chunk:
+    """Consecutive or retried items of one call, with their input positions."""
+
+    call: Call
+    positions: Sequence[int]
+    items: list[Any]
+    #: Whatever the scheduler wants back with the result; backends ignore it.
+    tag: Any = None
+
+    def items_bytes(self) -> bytes:
+        return dumps_data(self.items, "item", self.positions)
+
+    def header(self) -> tuple[Any, ...]:
+        call = self.call
+        return ("chunk", call.id, self.positions, call.stop_on_error, call.timeout is not None, call.star)
+
+
+@dataclass(slots=True)
+class ChunkLost:
+    """A chunk that ended without an outcome: its worker died or was stopped.
+
+    ``offset`` is the item that was running, when the backend knows it;
+    ``timed_out`` says parmap stopped the worker for ``timeout``.
+    """
+
+    exitcode: int | None
+    pid: int | None = None
+    offset: int | None = None
+    timed_out: bool = False
+    detail: str = ""
+
+
+Done = Callable[[Chunk, "ChunkOutcome | ChunkLost"], None]
+
+
+class Backend(abc.ABC):
+    """Runs chunks. See the module docstring for the contract."""
+
+    capabilities: ClassVar[Capabilities]
+    #: The number of chunks it can run at once (sizes the in-flight window).
+    workers: int
+
+    @abc.abstractmethod
+    def submit(self, chunk: Chunk, done: Done) -> None:
+        """Run ``chunk`` and call ``done`` once with how it ended."""
+
+    def release(self, call: Call) -> None:  # noqa: B027 - optional hook
+        """The call is over; drop its queued chunks."""
+
+    @abc.abstractmethod
+    def close(self, kill: bool = False) -> None:
+        """Stop every worker; with ``kill`` do not wait for running chunks."""
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """'exit code 3' or 'signal SIGKILL' for a process exit code."""
+    import signal
+
+    if exitcode is None:
+        return "an unknown cause"
+    if exitcode < 0:
+        try:
+            return f"signal {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"signal {-exitcode}"
+    return f"exit code {exitcode}"

@@ -1,0 +1,332 @@
+"""Worker processes owned by parmap: the machinery of ``process`` and ``fork``.
+
+::
+
+    caller thread                 dispatcher thread                 workers
+    ─────────────                 ─────────────────                 ───────
+    submit(chunk) ─ pickles ─▶ pending ─▶ idle worker? ── pipe ──▶  worker_main
+                   items        deque     send fn once             run_chunk
+                                          per call                    │
+    done(chunk, outcome) ◀── decode ◀── wait(pipes, sentinels, ◀─ pipe ┘
+                                             wake-up pipe,
+                                             next timeout deadline)
+
+The dispatcher blocks in :func:`multiprocessing.connection.wait` on every
+worker's pipe and exit sentinel plus a wake-up pipe, with a timeout only when
+an item's ``timeout`` deadline is due; it never polls. A worker's death wakes
+it through the sentinel: the worker's chunk is reported as :class:`ChunkLost`
+and a replacement is started, so one crash costs one chunk, not the pool.
+
+Subclasses say how a worker process is started and reaped
+(:class:`~parmap.backends.process.ProcessBackend` uses ``multiprocessing``
+contexts, :class:`~parmap.backends.fork.ForkBackend` raw ``os.fork``).
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait
+from typing import Any
+
+import cloudpickle
+
+from .._errors import PoolClosedError, SerializationError
+from .._serialization import PROTOCOL, short_repr
+from .._worker import SLOT_WIDTH, decode_outcome
+from ._base import Backend, Call, Capabilities, Chunk, ChunkLost, ChunkOutcome, Done
+
+# A worker that dies before running anything this many times in a row means
+# workers cannot start at all (say, __main__ cannot be imported under spawn):
+# fail the queued chunks instead of respawning forever.
+MAX_STARTUP_FAILURES = 3
+
+
+@dataclass(eq=False)
+class WorkerProcess:
+    """The parent's handle on one worker."""
+
+    index: int
+    pid: int
+    conn: Any
+    sentinel: Any
+    handle: Any = None
+    chunk: Chunk | None = None
+    done: Done | None = None
+    sent_at: float = 0.0
+    known_calls: set[int] = field(default_factory=set)
+    ran_anything: bool = False
+    timed_out_offset: int | None = None
+
+
+@dataclass(eq=False, slots=True)
+class _Queued:
+    chunk: Chunk
+    done: Done
+    items: bytes
+
+
+def pickle_initializer(initializer: Callable[..., Any] | None, initargs: tuple[Any, ...]) -> bytes | None:
+    if initializer is None:
+        return None
+    try:
+        data: bytes = cloudpickle.dumps((initializer, initargs), protocol=PROTOCOL)
+    except Exception as exc:
+        raise SerializationError(
+            f"the initializer {short_repr(initializer)} or its initargs cannot be serialised: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    return data
+
+
+class LocalWorkers(Backend):
+    """A fixed number of worker processes, replaced when they die."""
+
+    capabilities = Capabilities(isolated=True, can_timeout=True)
+
+    def __init__(self, workers: int, initializer: Callable[..., Any] | None, initargs: tuple[Any, ...]) -> None:
+        self.workers = workers
+        self._init_bytes = pickle_initializer(initializer, initargs)
+        self._lock = threading.Lock()
+        self._pending: deque[_Queued] = deque()
+        self._ended_calls: set[int] = set()
+        self._procs: list[WorkerProcess | None] = [None] * workers
+        self._wake_r, self._wake_w = os.pipe()
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        self._kill = False
+        self._startup_failures = 0
+        self._status: Any = None
+
+    # -- subclass hooks -------------------------------------------------
+    @abc.abstractmethod
+    def _make_status_array(self, size: int) -> Any:
+        """Shared doubles visible to the workers (three per worker)."""
+
+    @abc.abstractmethod
+    def _start_worker(self, index: int) -> WorkerProcess:
+        """Start worker ``index``; runs on the dispatcher thread."""
+
+    @abc.abstractmethod
+    def _reap(self, worker: WorkerProcess) -> int | None:
+        """Wait for an exited worker and return its exit code (negative: signal)."""
+
+    # -- the Backend interface (caller threads) ------------------------
+    def submit(self, chunk: Chunk, done: Done) -> None:
+        chunk.call.fn_bytes  # noqa: B018 - pickle fn here, where its error belongs
+        queued = _Queued(chunk, done, chunk.items_bytes())
+        with self._lock:
+            if self._closing:
+                raise PoolClosedError("this pool is closed")
+            self._pending.append(queued)
+            if self._thread is None:
+                self._status = self._make_status_array(self.workers * SLOT_WIDTH)
+                self._thread = threading.Thread(target=self._dispatch_loop, name="parmap-dispatcher", daemon=True)
+                self._thread.start()
+        self._wake()
+
+    def release(self, call: Call) -> None:
+        with self._lock:
+            self._pending = deque(q for q in self._pending if q.chunk.call is not call)
+            self._ended_calls.add(call.id)
+        self._wake()
+
+    def close(self, kill: bool = False) -> None:
+        with self._lock:
+            if self._closing and not kill:
+                thread = self._thread
+            else:
+                self._closing = True
+                self._kill = self._kill or kill
+                thread = self._thread
+        self._wake()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        if thread is None:
+            self._close_wake_pipe()
+
+    # -- the dispatcher thread -----------------------------------------
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass  # closed: the dispatcher is gone already
+
+    def _close_wake_pipe(self) -> None:
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _dispatch_loop(self) -> None:
+        try:
+            for index in range(self.workers):
+                self._procs[index] = self._start_worker(index)
+            while True:
+                with self._lock:
+                    closing, kill = self._closing, self._kill
+                if kill:
+                    return
+                if closing and not self._busy():
+                    return
+                self._send_work()
+                self._watch(self._next_deadline())
+        finally:
+            self._stop_all()
+            self._close_wake_pipe()
+
+    def _busy(self) -> bool:
+        return any(w is not None and w.chunk is not None for w in self._procs)
+
+    def _send_work(self) -> None:
+        for worker in self._procs:
+            if worker is None or worker.chunk is not None:
+                continue
+            with self._lock:
+                if not self._pending or self._closing:
+                    return
+                queued = self._pending.popleft()
+                ended = self._ended_calls & worker.known_calls
+            call = queued.chunk.call
+            try:
+                for call_id in ended:
+                    worker.conn.send_bytes(cloudpickle.dumps(("forget", call_id)))
+                    worker.known_calls.discard(call_id)
+                if call.id not in worker.known_calls:
+                    worker.conn.send_bytes(cloudpickle.dumps(("fn", call.id, call.fn_bytes), protocol=PROTOCOL))
+                    worker.known_calls.add(call.id)
+                worker.chunk, worker.done, worker.sent_at = queued.chunk, queued.done, time.monotonic()
+                worker.conn.send_bytes(cloudpickle.dumps(queued.chunk.header(), protocol=PROTOCOL))
+                worker.conn.send_bytes(queued.items)
+            except OSError:
+                # The worker died under us; its sentinel reports the chunk.
+                worker.chunk, worker.done = queued.chunk, queued.done
+
+    def _next_deadline(self) -> float | None:
+        """Seconds until the earliest running item could pass its timeout."""
+        deadline: float | None = None
+        for worker in self._procs:
+            if worker is None or worker.chunk is None or worker.chunk.call.timeout is None:
+                continue
+            base = worker.index * SLOT_WIDTH
+            offset, started = self._status[base + 1], self._status[base + 2]
+            # Until the worker marks its first item, the item cannot have run
+            # longer than the time since the chunk was sent.
+            since = started if offset >= 0 and started >= worker.sent_at else worker.sent_at
+            due = since + worker.chunk.call.timeout
+            deadline = due if deadline is None else min(deadline, due)
+        if deadline is None:
+            return None
+        return max(0.0, deadline - time.monotonic())
+
+    def _watch(self, timeout: float | None) -> None:
+        live = [w for w in self._procs if w is not None]
+        by_conn = {id(w.conn): w for w in live}
+        by_sentinel = {w.sentinel: w for w in live}
+        ready = wait([self._wake_r, *(w.conn for w in live), *by_sentinel], timeout)
+        died: list[WorkerProcess] = []
+        for obj in ready:
+            if isinstance(obj, int) and obj == self._wake_r:
+                os.read(self._wake_r, 65536)
+            elif id(obj) in by_conn:
+                worker = by_conn[id(obj)]
+                try:
+                    data = worker.conn.recv_bytes()
+                except (EOFError, OSError):
+                    continue  # died mid-message: its sentinel is ready too
+                self._finish(worker, decode_outcome(data))
+            else:
+                died.append(by_sentinel[obj])
+        for worker in died:
+            self._replace(worker)
+        if timeout is not None:
+            self._enforce_timeouts()
+
+    def _finish(self, worker: WorkerProcess, outcome: ChunkOutcome | ChunkLost) -> None:
+        chunk, done = worker.chunk, worker.done
+        worker.chunk = worker.done = None
+        worker.ran_anything = True
+        if chunk is not None and done is not None:
+            done(chunk, outcome)
+
+    def _replace(self, worker: WorkerProcess) -> None:
+        # A message written just before death is still in the pipe.
+        try:
+            while worker.chunk is not None and worker.conn.poll():
+                self._finish(worker, decode_outcome(worker.conn.recv_bytes()))
+        except (EOFError, OSError):
+            pass
+        exitcode = self._reap(worker)
+        worker.conn.close()
+        if worker.chunk is not None:
+            timed_out = worker.timed_out_offset is not None
+            self._finish(
+                worker,
+                ChunkLost(exitcode, worker.pid, offset=worker.timed_out_offset, timed_out=timed_out),
+            )
+            self._startup_failures = 0
+        elif not worker.ran_anything:
+            self._startup_failures += 1
+        self._procs[worker.index] = None
+        with self._lock:
+            closing = self._closing
+        if closing:
+            return
+        if self._startup_failures >= MAX_STARTUP_FAILURES:
+            self._fail_pending(exitcode)
+            self._startup_failures = 0
+        self._procs[worker.index] = self._start_worker(worker.index)
+
+    def _fail_pending(self, exitcode: int | None) -> None:
+        with self._lock:
+            failed, self._pending = list(self._pending), deque()
+        for queued in failed:
+            queued.done(queued.chunk, ChunkLost(exitcode, detail="worker processes fail to start"))
+
+    def _enforce_timeouts(self) -> None:
+        now = time.monotonic()
+        for worker in self._procs:
+            if worker is None or worker.chunk is None or worker.timed_out_offset is not None:
+                continue
+            timeout = worker.chunk.call.timeout
+            if timeout is None:
+                continue
+            base = worker.index * SLOT_WIDTH
+            offset, started = int(self._status[base + 1]), self._status[base + 2]
+            since = started if offset >= 0 and started >= worker.sent_at else worker.sent_at
+            if now - since >= timeout:
+                worker.timed_out_offset = max(offset, 0)
+                self._kill_worker(worker)
+
+    def _kill_worker(self, worker: WorkerProcess) -> None:
+        try:
+            os.kill(worker.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _stop_all(self) -> None:
+        """Stop every worker: politely unless killing, always reaped."""
+        with self._lock:
+            kill = self._kill
+        workers = [w for w in self._procs if w is not None]
+        for worker in workers:
+            if kill:
+                self._kill_worker(worker)
+            else:
+                try:
+                    worker.conn.send_bytes(cloudpickle.dumps(None))
+                except OSError:
+                    pass
+        for worker in workers:
+            if not kill and not wait([worker.sentinel], timeout=5.0):
+                self._kill_worker(worker)
+            self._reap(worker)
+            worker.conn.close()
+        self._procs = [None] * self.workers

@@ -1,0 +1,383 @@
+"""The machinery shared by ``pool`` and ``apply_async``: a ``multiprocessing.Pool``.
+
+A bare ``multiprocessing.Pool`` hangs forever when a worker dies: the pool
+quietly starts a replacement and the dead worker's task never completes. Here
+every task first writes its worker's pid into a shared status slot, and a
+monitor thread blocks on the pool workers' sentinels; when one fires, the
+chunk whose slot names the dead pid is reported as :class:`ChunkLost`. The
+same slots carry the running item's start time, so a ``timeout`` kills just
+the stuck worker (the pool replaces it).
+
+``fn`` reaches each pool worker once per call: inline in the task when it is
+small, otherwise through a temporary file that workers read once and cache.
+"""
+
+from __future__ import annotations
+
+import abc
+import multiprocessing
+import os
+import signal
+import tempfile
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+from typing import Any
+
+from .._errors import PoolClosedError
+from .._serialization import ErrorInfo, loads
+from .._worker import (
+    SLOT_WIDTH,
+    ChunkOutcome,
+    StatusSlot,
+    decode_outcome,
+    encode_outcome,
+    fatal_outcome,
+    prepare_worker_process,
+    run_chunk,
+    run_initializer,
+)
+from ._base import Backend, Call, Capabilities, Chunk, ChunkLost, Done
+from ._local import pickle_initializer
+from .process import default_start_method
+
+# Functions bigger than this go through a file rather than inside every task
+# (a 10 MB closure must not be resent per chunk: benchmarks W7).
+INLINE_FUNCTION_BYTES = 64 * 1024
+# The most calls' functions a pool worker keeps loaded.
+FUNCTION_CACHE_SIZE = 4
+
+# -- the pool worker side ------------------------------------------------
+
+_status: Any = None
+_init_error: Any = None
+_functions: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+
+
+def _pool_worker_init(status: Any, init_bytes: bytes | None) -> None:
+    global _status, _init_error
+    prepare_worker_process()
+    _status = status
+    _init_error = run_initializer(init_bytes)
+
+
+def _load_function(call_id: int, fn_ref: bytes | str) -> Callable[..., Any]:
+    fn = _functions.get(call_id)
+    if fn is None:
+        if isinstance(fn_ref, str):
+            with open(fn_ref, "rb") as f:
+                fn_ref = f.read()
+        fn = loads(fn_ref)
+        _functions[call_id] = fn
+        while len(_functions) > FUNCTION_CACHE_SIZE:
+            _functions.popitem(last=False)
+    return fn
+
+
+def run_pool_task(task: tuple[Any, ...]) -> tuple[int, bytes]:
+    """The function every pool task runs; it never raises (a raise would be
+    pickled by the pool, and an unpicklable one would hang it)."""
+    key, slot, call_id, fn_ref, header, items_bytes = task
+    status = StatusSlot(_status, slot)
+    status.claim()
+    _, _, positions, stop_on_error, track, star = header
+    if _init_error is not None:
+        return key, encode_outcome(ChunkOutcome([], fatal=_init_error), positions)
+    try:
+        fn = _load_function(call_id, fn_ref)
+    except Exception as exc:
+        return key, encode_outcome(fatal_outcome(exc, "the function"), positions)
+    try:
+        items = loads(items_bytes)
+    except Exception as exc:
+        return key, encode_outcome(fatal_outcome(exc, f"the items from #{positions[0]}"), positions)
+    outcome = run_chunk(
+        fn, items, star=star, stop_on_error=stop_on_error, pickle_errors=True, status=status if track else None
+    )
+    return key, encode_outcome(outcome, positions)
+
+
+# -- the parent side -------------------------------------------------------
+
+
+@dataclass(eq=False, slots=True)
+class _Flight:
+    chunk: Chunk
+    done: Done
+    slot: int
+    sent_at: float
+    task: tuple[Any, ...]
+    timed_out_offset: int | None = None
+
+
+class MPPoolBackend(Backend):
+    """Runs chunks on a ``multiprocessing.Pool``; subclasses say how tasks go in."""
+
+    capabilities = Capabilities(isolated=True, can_timeout=True)
+
+    def __init__(
+        self,
+        workers: int,
+        initializer: Callable[..., Any] | None = None,
+        initargs: tuple[Any, ...] = (),
+        start_method: str | None = None,
+    ) -> None:
+        self.workers = workers
+        self.start_method = start_method or default_start_method()
+        self._ctx = multiprocessing.get_context(self.start_method)
+        self._init_bytes = pickle_initializer(initializer, initargs)
+        self._slots = 4 * workers + 16
+        self._status: Any = None
+        self._free_slots: deque[int] = deque(range(self._slots))
+        self._waiting: deque[tuple[Chunk, Done, bytes]] = deque()
+        self._flights: dict[int, _Flight] = {}
+        self._next_key = 0
+        self._lock = threading.RLock()
+        self._pool: Any = None
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
+        self._monitor: threading.Thread | None = None
+        self._wake_r, self._wake_w = os.pipe()
+        self._closing = False
+        self._fn_files: dict[int, str] = {}
+        self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
+
+    # -- subclass hooks -----------------------------------------------
+    @abc.abstractmethod
+    def _start_feeding(self, pool: Any) -> None:
+        """Called once the pool exists (on the monitor thread)."""
+
+    @abc.abstractmethod
+    def _feed(self, task: tuple[Any, ...]) -> None:
+        """Hand one task to the pool."""
+
+    @abc.abstractmethod
+    def _stop_feeding(self) -> None:
+        """No more tasks will come."""
+
+    # -- Backend interface ----------------------------------------------
+    def submit(self, chunk: Chunk, done: Done) -> None:
+        fn_bytes = chunk.call.fn_bytes
+        items = chunk.items_bytes()
+        self._ensure_started()
+        with self._lock:
+            if self._closing:
+                raise PoolClosedError("this pool is closed")
+            self._fn_ref(chunk.call, fn_bytes)
+            self._waiting.append((chunk, done, items))
+            self._launch_waiting()
+
+    def release(self, call: Call) -> None:
+        with self._lock:
+            self._waiting = deque(w for w in self._waiting if w[0].call is not call)
+            path = self._fn_files.pop(call.id, None)
+        if path is not None:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+    def close(self, kill: bool = False) -> None:
+        with self._lock:
+            already = self._closing
+            self._closing = True
+            self._waiting.clear()
+        monitor = self._monitor
+        if monitor is None:
+            self._close_wake_pipe()
+            return
+        if not already or kill:
+            self._kill_on_close = kill
+            self._wake()
+        if monitor is not threading.current_thread():
+            monitor.join()
+
+    # -- internals ---------------------------------------------------------
+    def _fn_ref(self, call: Call, fn_bytes: bytes) -> bytes | str:
+        if len(fn_bytes) <= INLINE_FUNCTION_BYTES:
+            return fn_bytes
+        path = self._fn_files.get(call.id)
+        if path is None:
+            if self._tmpdir is None:
+                self._tmpdir = tempfile.TemporaryDirectory(prefix="parmap-")
+            path = os.path.join(self._tmpdir.name, f"fn-{call.id}.pkl")
+            with open(path, "wb") as f:
+                f.write(fn_bytes)
+            self._fn_files[call.id] = path
+        return path
+
+    def _launch_waiting(self) -> None:
+        while self._waiting and self._free_slots:
+            chunk, done, items = self._waiting.popleft()
+            slot = self._free_slots.popleft()
+            base = slot * SLOT_WIDTH
+            self._status[base] = 0.0
+            self._status[base + 1] = -1.0
+            key = self._next_key
+            self._next_key += 1
+            call = chunk.call
+            fn_ref = self._fn_files.get(call.id) or call.fn_bytes
+            task = (key, slot, call.id, fn_ref, chunk.header(), items)
+            self._flights[key] = _Flight(chunk, done, slot, time.monotonic(), task)
+            self._feed(task)
+        if self._flights:
+            self._wake()
+
+    def _ensure_started(self) -> None:
+        with self._lock:
+            if self._monitor is None:
+                self._status = self._ctx.RawArray("d", self._slots * SLOT_WIDTH)
+                self._kill_on_close = False
+                self._monitor = threading.Thread(target=self._monitor_loop, name="parmap-pool-monitor", daemon=True)
+                self._monitor.start()
+        self._started.wait()
+        if self._start_error is not None:
+            raise self._start_error
+
+    def _on_result(self, result: tuple[int, bytes]) -> None:
+        key, data = result
+        with self._lock:
+            flight = self._flights.pop(key, None)
+            if flight is None:
+                return  # already reported lost
+            self._free_slots.append(flight.slot)
+            self._launch_waiting()
+        flight.done(flight.chunk, decode_outcome(data))
+
+    def _on_task_error(self, key: int, exc: BaseException) -> None:
+        """The pool itself failed a task (run_pool_task does not raise): report it."""
+        with self._lock:
+            flight = self._flights.pop(key, None)
+            if flight is None:
+                return
+            self._free_slots.append(flight.slot)
+            self._launch_waiting()
+        info = ErrorInfo.capture(exc, pickle_it=False)
+        flight.done(flight.chunk, ChunkOutcome([], fatal=info))
+
+    def _after_shutdown(self) -> None:
+        """Called once the pool is gone."""
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def _close_wake_pipe(self) -> None:
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _monitor_loop(self) -> None:
+        # The pool is created on this long-lived thread: on Linux a worker's
+        # parent-death signal is tied to the thread that started it.
+        try:
+            self._pool = self._ctx.Pool(
+                self.workers, initializer=_pool_worker_init, initargs=(self._status, self._init_bytes)
+            )
+            self._start_feeding(self._pool)
+        except BaseException as exc:
+            self._start_error = exc
+            self._started.set()
+            return
+        self._started.set()
+        handled: set[int] = set()
+        try:
+            while True:
+                with self._lock:
+                    if self._closing and (self._kill_on_close or not self._flights):
+                        break
+                procs = [p for p in list(self._pool._pool) if p.pid not in handled]
+                sentinels = {p.sentinel: p for p in procs}
+                ready = wait([self._wake_r, *sentinels], self._next_deadline())
+                for obj in ready:
+                    if obj == self._wake_r:
+                        os.read(self._wake_r, 65536)
+                    else:
+                        process = sentinels[obj]
+                        handled.add(process.pid)
+                        self._worker_died(process.pid, _exitcode(process))
+                self._enforce_timeouts()
+        finally:
+            self._shutdown_pool()
+
+    def _worker_died(self, pid: int, exitcode: int | None) -> None:
+        lost: list[_Flight] = []
+        with self._lock:
+            for key, flight in list(self._flights.items()):
+                if int(self._status[flight.slot * SLOT_WIDTH]) == pid:
+                    del self._flights[key]
+                    self._free_slots.append(flight.slot)
+                    lost.append(flight)
+            self._launch_waiting()
+        for flight in lost:
+            offset = flight.timed_out_offset
+            flight.done(flight.chunk, ChunkLost(exitcode, pid, offset=offset, timed_out=offset is not None))
+
+    def _next_deadline(self) -> float | None:
+        deadline: float | None = None
+        with self._lock:
+            for flight in self._flights.values():
+                timeout = flight.chunk.call.timeout
+                if timeout is None or flight.timed_out_offset is not None:
+                    continue
+                base = flight.slot * SLOT_WIDTH
+                offset, started = self._status[base + 1], self._status[base + 2]
+                since = started if offset >= 0 and started >= flight.sent_at else flight.sent_at
+                due = since + timeout
+                deadline = due if deadline is None else min(deadline, due)
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+    def _enforce_timeouts(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for flight in self._flights.values():
+                timeout = flight.chunk.call.timeout
+                if timeout is None or flight.timed_out_offset is not None:
+                    continue
+                base = flight.slot * SLOT_WIDTH
+                pid, offset, started = int(self._status[base]), int(self._status[base + 1]), self._status[base + 2]
+                if pid == 0 or offset < 0 or started < flight.sent_at:
+                    continue  # not started yet: a queued task is not running late
+                if now - started >= timeout:
+                    flight.timed_out_offset = offset
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+
+    def _shutdown_pool(self) -> None:
+        pool = self._pool
+        try:
+            self._stop_feeding()
+            if self._kill_on_close:
+                pool.terminate()
+            else:
+                pool.close()
+            pool.join()
+            self._after_shutdown()
+        finally:
+            self._close_wake_pipe()
+            if self._tmpdir is not None:
+                self._tmpdir.cleanup()
+
+
+def _exitcode(process: Any) -> int | None:
+    """The exit code of a pool worker whose sentinel fired.
+
+    The pool's own maintenance thread may be reaping the same process at
+    that moment (both call waitpid); the loser sees ECHILD until the winner
+    records the code, which takes a few microseconds.
+    """
+    for _ in range(50):
+        code = process.exitcode
+        if code is not None:
+            return int(code)
+        time.sleep(0.01)
+    return None

@@ -1,0 +1,60 @@
+"""``backend="process"``: parmap's own worker processes via ``multiprocessing``.
+
+Workers are :class:`multiprocessing.Process` objects of the chosen start
+method (``fork``, ``spawn`` or ``forkserver``), each fed over its own
+:func:`multiprocessing.Pipe`. Everything else is the shared machinery of
+:mod:`parmap.backends._local`.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Callable
+from typing import Any
+
+from .._worker import worker_main
+from ._local import LocalWorkers, WorkerProcess
+
+
+class ProcessBackend(LocalWorkers):
+    """Worker processes started by a ``multiprocessing`` context."""
+
+    def __init__(
+        self,
+        workers: int,
+        initializer: Callable[..., Any] | None = None,
+        initargs: tuple[Any, ...] = (),
+        start_method: str | None = None,
+    ) -> None:
+        super().__init__(workers, initializer, initargs)
+        self.start_method = start_method or default_start_method()
+        self._ctx: Any = multiprocessing.get_context(self.start_method)
+
+    def _make_status_array(self, size: int) -> Any:
+        return self._ctx.RawArray("d", size)
+
+    def _start_worker(self, index: int) -> WorkerProcess:
+        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+        process = self._ctx.Process(
+            target=worker_main,
+            args=(child_conn, self._status, index, self._init_bytes),
+            name=f"parmap-worker-{index}",
+            daemon=True,
+        )
+        process.start()
+        child_conn.close()
+        assert process.pid is not None
+        return WorkerProcess(index, process.pid, parent_conn, process.sentinel, handle=process)
+
+    def _reap(self, worker: WorkerProcess) -> int | None:
+        process: multiprocessing.process.BaseProcess = worker.handle
+        process.join()
+        exitcode = process.exitcode
+        process.close()
+        return exitcode
+
+
+def default_start_method() -> str:
+    """``fork`` where it exists (the cheapest start, see benchmarks/startup.py), else ``spawn``."""
+    methods = multiprocessing.get_all_start_methods()
+    return "fork" if "fork" in methods else "spawn"

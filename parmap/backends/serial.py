@@ -1,0 +1,38 @@
+"""``backend="serial"``: every chunk runs in the calling thread, at submit.
+
+For debugging (a breakpoint in ``fn`` just works) and for tiny inputs. Errors
+come back exactly as on the other backends, so switching to ``serial`` to
+debug changes nothing but where the code runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .._worker import run_chunk
+from ._base import Backend, Capabilities, Chunk, Done
+
+
+class SerialBackend(Backend):
+    """Runs each chunk immediately in the caller; the initializer runs once, here."""
+
+    capabilities = Capabilities(isolated=False, can_timeout=False)
+
+    def __init__(self, initializer: Callable[..., Any] | None = None, initargs: tuple[Any, ...] = ()) -> None:
+        self.workers = 1
+        self._initializer = initializer
+        self._initargs = initargs
+
+    def submit(self, chunk: Chunk, done: Done) -> None:
+        if self._initializer is not None:
+            initializer, self._initializer = self._initializer, None
+            initializer(*self._initargs)
+        call = chunk.call
+        outcome = run_chunk(
+            call.fn, chunk.items, star=call.star, stop_on_error=call.stop_on_error, pickle_errors=False
+        )
+        done(chunk, outcome)
+
+    def close(self, kill: bool = False) -> None:
+        pass

@@ -1,0 +1,81 @@
+"""The first promise: results equal the serial map, on every backend."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import pytest
+
+import parmap
+
+
+def square(x):
+    return x * x
+
+
+def add(a, b):
+    return a + b
+
+
+def test_map_equals_serial(backend):
+    items = list(range(257))
+    assert parmap.map(square, items, workers=2, backend=backend) == [square(x) for x in items]
+
+
+@pytest.mark.parametrize("chunksize", [1, 3, 1000])
+def test_chunk_sizes(backend, chunksize):
+    items = range(100)
+    assert parmap.map(square, items, workers=3, backend=backend, chunksize=chunksize) == [x * x for x in items]
+
+
+def test_generator_input(backend):
+    assert parmap.map(square, (x for x in range(50)), workers=2, backend=backend) == [x * x for x in range(50)]
+
+
+def test_empty_input_starts_nothing(backend):
+    assert parmap.map(square, [], workers=2, backend=backend) == []
+    assert list(parmap.imap(square, iter([]), workers=2, backend=backend)) == []
+
+
+def test_starmap(backend):
+    pairs = [(i, i + 1) for i in range(30)]
+    assert parmap.starmap(add, pairs, workers=2, backend=backend) == [a + b for a, b in pairs]
+
+
+def test_lambda_closure_partial(backend):
+    offset = 10
+    assert parmap.map(lambda x: x + offset, range(20), workers=2, backend=backend) == [x + 10 for x in range(20)]
+    assert parmap.map(functools.partial(add, 5), range(5), workers=2, backend=backend) == [5, 6, 7, 8, 9]
+
+    def nested(x):
+        return (x, offset)
+
+    assert parmap.map(nested, [1, 2], workers=2, backend=backend) == [(1, 10), (2, 10)]
+
+
+def test_imap_ordered_and_unordered(backend):
+    assert list(parmap.imap(square, range(40), workers=2, backend=backend)) == [x * x for x in range(40)]
+    unordered = list(parmap.imap(square, range(40), workers=2, backend=backend, ordered=False))
+    assert sorted(unordered) == [x * x for x in range(40)]
+
+
+def test_imap_endless_generator_is_lazy(backend):
+    pulled = 0
+
+    def counting():
+        nonlocal pulled
+        for i in itertools.count():
+            pulled += 1
+            yield i
+
+    results = parmap.imap(square, counting(), workers=2, backend=backend)
+    taken = []
+    for value in results:
+        taken.append(value)
+        if len(taken) == 100:
+            break
+    results.close()
+    assert taken == [x * x for x in range(100)]
+    # A few chunks per worker in flight at most (chunks of unknown-length input <= 2048).
+    assert pulled <= 100 + 5 * 2048
