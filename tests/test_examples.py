@@ -1,0 +1,72 @@
+"""Every example runs as a user would run it, and says something meaningful.
+
+Each script runs in a fresh interpreter (``sys.executable``), with flags that
+keep it small, and must exit 0 and print the line that shows it did its job.
+The repository root goes first on ``PYTHONPATH`` so that the examples import
+this checkout's parmap even when it is not installed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+#: name -> (arguments, a pattern that only a successful run prints)
+CASES: dict[str, tuple[list[str], str]] = {
+    "quickstart": ([], r"2000 squares"),
+    "pool_size": (["--sleep", "0.2"], r"^\s+5\s+1\s+0\.20s\s+\d+\.\d\ds$"),
+    "thumbnails": (["--count", "6", "--workers", "2"], r"made 6 thumbnails in .* \(largest 128x\d+\)"),
+    "crawl": (["--pages", "20", "--latency", "0.02", "--threads", "8"], r"thread x8 .* 20 pages, \d+ KiB, 60 links"),
+    "primes": (["--limit", "50000", "--pieces", "16", "--workers", "2"], r"5133 primes below 50,000"),
+    "streaming": (["--records", "20", "--workers", "2"], r"wrote 20 summaries"),
+    "errors": ([], r"with retries=1: \[0, 1, 4, 9, 16\]"),
+    "decorator": ([], r"ran in 2 worker process\(es\), none of them this one: True"),
+    "closures": ([], r"400 items on 2 workers, 2 copies of the big table"),
+    "shared_state": (["--ranges", "50"], r"the shared Event stopped the other tasks early"),
+}
+
+#: The lines each example must print besides its headline, to check the story it tells.
+EXTRA: dict[str, list[str]] = {
+    "pool_size": [r"^\s+2\s+3\s+0\.60s", r"^\s+3\s+2\s+0\.40s"],
+    "errors": [
+        r"caught ValueError: could not convert string to float: 'n/a'",
+        r"note: parmap: .*item #2",
+        r"4 of 6 prices parsed: \[3\.5, 4\.0, 13\.0, 7\.25\]",
+        r"caught TaskTimeoutError after",
+        r"with on_error='return', after .*: \[0, 10, 20, TaskTimeoutError\(.*\), 40, 50\]",
+    ],
+    "shared_state": [r"most common: \[\('quick', 75\)"],
+}
+
+
+def run_example(name: str, args: list[str], timeout: float = 50) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, str(EXAMPLES / f"{name}.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_example_runs(name: str) -> None:
+    if name == "thumbnails":
+        pytest.importorskip("PIL", reason="thumbnails.py needs Pillow: pip install parmap[examples]")
+    args, headline = CASES[name]
+    done = run_example(name, args)
+    report = f"examples/{name}.py exited {done.returncode}\n--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}"
+    assert done.returncode == 0, report
+    for pattern in [headline, *EXTRA.get(name, [])]:
+        assert re.search(pattern, done.stdout, re.MULTILINE), f"no line matches {pattern!r}\n{report}"
