@@ -8,6 +8,7 @@ can only use the cores it gets.
 
     python examples/primes.py                         # N = 1,000,000
     python examples/primes.py --limit 50000 --workers 2  # the quick version
+    python examples/primes.py --backend thread           # threads share one GIL: no speedup
 """
 
 import argparse
@@ -40,7 +41,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=1_000_000, help="count the primes below this")
     parser.add_argument("--pieces", type=int, default=64, help="how many ranges to split it into")
-    parser.add_argument("--workers", type=int, default=None, help="worker processes (default: all CPUs)")
+    parser.add_argument("--workers", type=int, default=None, help="workers (default: all CPUs)")
+    parser.add_argument("--backend", default="auto", help="parmap backend; try 'thread' to see the GIL at work")
     args = parser.parse_args()
     pieces = ranges(args.limit, args.pieces)
 
@@ -51,14 +53,14 @@ def main() -> None:
     start = time.perf_counter()
     # Ranges high up hold bigger numbers and cost more; chunksize=1 lets a
     # worker that drew cheap ranges take the next one instead of idling.
-    parallel = parmap.map(count_primes, pieces, workers=args.workers, chunksize=1)
+    parallel = parmap.map(count_primes, pieces, workers=args.workers, backend=args.backend, chunksize=1)
     parallel_s = time.perf_counter() - start
 
     assert parallel == serial, "parallel counts differ from serial ones"
     workers = args.workers or len(os.sched_getaffinity(0))
     print(f"{sum(parallel)} primes below {args.limit:,} in {len(pieces)} ranges")
     print(f"serial   {serial_s:6.2f} s")
-    print(f"parallel {parallel_s:6.2f} s  ({workers} workers)")
+    print(f"parallel {parallel_s:6.2f} s  ({workers} workers, backend={args.backend!r})")
     print(f"speedup  {serial_s / parallel_s:6.2f}x")
 
 
