@@ -79,3 +79,67 @@ def tmp_marker_dir(tmp_path):
 
 def pytest_report_header() -> str:
     return f"parmap tests: {os.cpu_count()} CPUs; backends {', '.join(LOCAL_BACKENDS)}"
+
+
+# ---------------------------------------------------------------------------
+# Dask (issue 6). Additions only: one real cluster for the whole session, and
+# a fixture through which any behavioural test can include backend="dask".
+# ---------------------------------------------------------------------------
+
+try:
+    import distributed as _distributed  # noqa: F401 - only asks whether it is installed
+except ImportError:
+    DASK_AVAILABLE = False
+else:
+    DASK_AVAILABLE = True
+
+#: The local backends plus "dask" (skipped when distributed is not installed).
+ALL_BACKENDS = [
+    *LOCAL_BACKENDS,
+    pytest.param("dask", marks=pytest.mark.skipif(not DASK_AVAILABLE, reason="needs parmap[dask]")),
+]
+
+
+@pytest.fixture(scope="session")
+def dask_cluster():
+    """A real two-process LocalCluster shared by the session's dask tests.
+
+    Configured as parmap configures a cluster it starts itself (see
+    parmap/backends/dask.py). It is created before the first test that needs
+    it starts, so its processes are in that test's ``no_orphans`` "before"
+    set; a test that kills a worker must use its own cluster, because the
+    nanny's replacement would be a new child.
+    """
+    if not DASK_AVAILABLE:
+        pytest.skip("needs parmap[dask]")
+    import dask
+    from distributed import LocalCluster
+
+    from parmap.backends.dask import OWN_CLUSTER_CONFIG
+
+    with dask.config.set(OWN_CLUSTER_CONFIG):
+        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0")
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture
+def dask_address(dask_cluster, monkeypatch) -> str:
+    """The session cluster's address, also set as PARMAP_DASK_ADDRESS for this test."""
+    address = str(dask_cluster.scheduler_address)
+    monkeypatch.setenv("PARMAP_DASK_ADDRESS", address)
+    return address
+
+
+@pytest.fixture(params=ALL_BACKENDS)
+def any_backend(request: pytest.FixtureRequest) -> str:
+    """Each backend name in turn, dask included (on the session cluster).
+
+    Use it instead of ``backend`` in a behavioural test that every backend
+    must pass; ``backend="dask"`` then connects through PARMAP_DASK_ADDRESS.
+    """
+    if request.param == "dask":
+        request.getfixturevalue("dask_address")
+    return str(request.param)

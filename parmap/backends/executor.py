@@ -1,23 +1,132 @@
-"""``backend=<a concurrent.futures.Executor>``: someone else's workers.
+"""Someone else's workers: ``backend=<a concurrent.futures.Executor>``, and the
+chunk runner that such workers (and Dask's) execute.
 
 The executor is used as it is and never shut down by parmap; chunking,
 ordering, retries and error policy still come from the scheduler. A
 :class:`~concurrent.futures.ThreadPoolExecutor` gets chunks directly (nothing
 pickled); any other executor gets pickled chunks and ``fn`` with each chunk
-(it gives no way to reach one worker once), cached per worker process.
+(it gives no way to reach one worker once), unpickled once per worker
+process and call by :func:`run_remote_chunk`.
+
+A foreign executor cannot replace a worker that died: a
+:class:`~concurrent.futures.ProcessPoolExecutor` breaks for good. The call
+then stops with :class:`~parmap.WorkerCrashedError` (no item is blamed, since
+the executor does not say which one killed it) instead of retrying on a pool
+that can take no more work.
 """
 
 from __future__ import annotations
 
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import BrokenExecutor, CancelledError, Executor, Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
-from .._errors import PoolClosedError
+from .. import _context
+from .._errors import PoolClosedError, WorkerCrashedError
 from .._options import default_workers
-from .._serialization import ErrorInfo
-from .._worker import ChunkOutcome, decode_outcome, run_encoded_chunk
+from .._serialization import ErrorInfo, loads
+from .._worker import ChunkOutcome, decode_outcome, encode_outcome, fatal_outcome, run_chunk
 from ._base import Backend, Call, Capabilities, Chunk, ChunkLost, Done
 from .thread import _run_in_thread
+
+__all__ = ["ExecutorBackend", "call_key", "run_remote_chunk"]
+
+# -- the worker side (any process, any machine) ------------------------------
+
+# The most calls' functions a worker keeps unpickled; a long-lived worker
+# serving call after call must not keep every function it ever saw.
+FUNCTION_CACHE_SIZE = 4
+
+#: Makes call keys unique across processes: workers shared by several callers
+#: (a Dask cluster, a remote executor) would otherwise mix up call #1 of each.
+_PROCESS_TOKEN = uuid.uuid4().hex
+
+_worker_lock = threading.Lock()
+_functions: OrderedDict[str, Callable[..., Any]] = OrderedDict()
+_initialized: dict[str, ErrorInfo | None] = {}
+
+
+def call_key(call: Call) -> str:
+    """A key for ``call`` that no other caller process can produce."""
+    return f"{_PROCESS_TOKEN}-{call.id}"
+
+
+def _load_function(key: str, fn_bytes: bytes) -> Callable[..., Any]:
+    with _worker_lock:
+        fn = _functions.get(key)
+        if fn is None:
+            fn = loads(fn_bytes)
+            _functions[key] = fn
+            while len(_functions) > FUNCTION_CACHE_SIZE:
+                _functions.popitem(last=False)
+        else:
+            _functions.move_to_end(key)
+        return fn
+
+
+def _initialize(key: str, init_bytes: bytes) -> ErrorInfo | None:
+    # Held while the initializer runs: another thread of the same worker
+    # process must not start a chunk before it has finished.
+    with _worker_lock:
+        if key not in _initialized:
+            try:
+                initializer, initargs = loads(init_bytes)
+                initializer(*initargs)
+                _initialized[key] = None
+            except Exception as exc:
+                exc.add_note("parmap: raised by the initializer")
+                _initialized[key] = ErrorInfo.capture(exc, pickle_it=True)
+        return _initialized[key]
+
+
+def run_remote_chunk(
+    fn_key: str,
+    fn_bytes: bytes,
+    header: tuple[Any, ...],
+    items_bytes: bytes,
+    init_key: str | None = None,
+    init_bytes: bytes | None = None,
+) -> bytes:
+    """Run one pickled chunk in a foreign worker; returns an encoded outcome, never raises.
+
+    ``fn`` is unpickled once per worker process per ``fn_key``; the
+    initializer, when given, runs once per worker process per ``init_key``
+    before the first chunk.
+    """
+    _, _, positions, stop_on_error, _track, star = header
+    if init_key is not None and init_bytes is not None:
+        init_error = _initialize(init_key, init_bytes)
+        if init_error is not None:
+            return encode_outcome(ChunkOutcome([], fatal=init_error), positions)
+    try:
+        fn = _load_function(fn_key, fn_bytes)
+    except Exception as exc:
+        return encode_outcome(fatal_outcome(exc, "the function"), positions)
+    try:
+        items = loads(items_bytes)
+    except Exception as exc:
+        return encode_outcome(fatal_outcome(exc, f"the items from #{positions[0]}"), positions)
+    # Thread-local, not process-wide: the worker may also run other work.
+    _context.set_worker_thread(True)
+    try:
+        outcome = run_chunk(fn, items, star=star, stop_on_error=stop_on_error, pickle_errors=True)
+    finally:
+        _context.set_worker_thread(False)
+    return encode_outcome(outcome, positions)
+
+
+# -- the caller side ------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _CallFutures:
+    futures: set[Future[Any]] = field(default_factory=set)
+    released: bool = False
 
 
 class ExecutorBackend(Backend):
@@ -28,32 +137,45 @@ class ExecutorBackend(Backend):
         self._in_process = isinstance(executor, ThreadPoolExecutor)
         self.capabilities = Capabilities(isolated=not self._in_process, can_timeout=False)  # type: ignore[misc]
         self.workers = int(getattr(executor, "_max_workers", 0) or default_workers())
-        self._released: set[int] = set()
+        self._lock = threading.Lock()
+        self._calls: dict[int, _CallFutures] = {}
 
     def submit(self, chunk: Chunk, done: Done) -> None:
+        call = chunk.call
         try:
             if self._in_process:
                 future: Future[Any] = self._executor.submit(_run_in_thread, chunk)
             else:
-                call = chunk.call
                 future = self._executor.submit(
-                    run_encoded_chunk, call.id, call.fn_bytes, chunk.header(), chunk.items_bytes()
+                    run_remote_chunk, call_key(call), call.fn_bytes, chunk.header(), chunk.items_bytes()
                 )
         except BrokenExecutor as exc:
-            raise PoolClosedError(f"the executor is broken: {exc}") from exc
+            raise WorkerCrashedError(_broken_message(exc)) from exc
         except RuntimeError as exc:
             raise PoolClosedError(f"the executor cannot take work: {exc}") from exc
-        future.add_done_callback(lambda f: self._report(f, chunk, done))
+        with self._lock:
+            state = self._calls.get(call.id)
+            if state is None:
+                state = self._calls[call.id] = _CallFutures()
+            state.futures.add(future)
+        future.add_done_callback(partial(self._report, chunk, done, state))
 
-    def _report(self, future: Future[Any], chunk: Chunk, done: Done) -> None:
-        if chunk.call.id in self._released:
-            return
+    def _report(self, chunk: Chunk, done: Done, state: _CallFutures, future: Future[Any]) -> None:
+        with self._lock:
+            state.futures.discard(future)
+            if state.released:
+                return
         try:
             value = future.result()
         except CancelledError:
+            # Not by us (release marks the call first): someone shut the executor down.
+            done(chunk, ChunkLost(None, detail="the executor cancelled it (was it shut down?)"))
             return
         except BrokenExecutor as exc:
-            done(chunk, ChunkLost(None, detail=f"the executor's worker died ({type(exc).__name__})"))
+            # The whole executor is gone, not one worker: no retry can run.
+            crashed = WorkerCrashedError(_broken_message(exc))
+            crashed.__cause__ = exc
+            done(chunk, ChunkOutcome([], fatal=ErrorInfo.capture(crashed, pickle_it=False)))
             return
         except BaseException as exc:
             done(chunk, ChunkOutcome([], fatal=ErrorInfo.capture(exc, pickle_it=False)))
@@ -61,7 +183,21 @@ class ExecutorBackend(Backend):
         done(chunk, value if self._in_process else decode_outcome(value))
 
     def release(self, call: Call) -> None:
-        self._released.add(call.id)
+        with self._lock:
+            state = self._calls.pop(call.id, None)
+            if state is None:
+                return
+            state.released = True
+            futures = list(state.futures)
+        for future in futures:
+            future.cancel()  # queued chunks are dropped; running ones finish unseen
 
     def close(self, kill: bool = False) -> None:
         """Not ours to shut down."""
+
+
+def _broken_message(exc: BaseException) -> str:
+    return (
+        f"a worker of the executor died and the executor is broken ({type(exc).__name__}: {exc}); "
+        "a concurrent.futures executor cannot replace its workers, so the call stops here"
+    )

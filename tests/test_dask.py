@@ -1,0 +1,281 @@
+"""backend="dask": the same promises on a real Dask ``distributed`` cluster.
+
+Most tests share the session's two-process LocalCluster (conftest
+``dask_cluster``), reached through ``address=`` or PARMAP_DASK_ADDRESS. Tests
+that start or kill workers use a cluster of their own, because a worker the
+nanny restarts would be a new child process of this test.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import parmap
+
+distributed = pytest.importorskip("distributed")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def square(x):
+    return x * x
+
+
+def add(a, b):
+    return a + b
+
+
+def fail_on_three(x):
+    if x == 3:
+        raise ValueError(f"three is bad: {x}")
+    return x
+
+
+@pytest.fixture(scope="module")
+def dask_pool(dask_cluster):
+    """One Pool (one client) on the session cluster for the property tests."""
+    with parmap.Pool(backend="dask", address=dask_cluster.scheduler_address) as pool:
+        yield pool
+
+
+# -- results equal the serial map ---------------------------------------------
+
+_property = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+_items = st.lists(st.integers(-1000, 1000), max_size=60)
+_chunksizes = st.one_of(st.none(), st.integers(1, 7))
+
+
+@_property
+@given(items=_items, chunksize=_chunksizes)
+def test_map_equals_serial(dask_pool, items, chunksize):
+    assert dask_pool.map(square, items, chunksize=chunksize) == [square(x) for x in items]
+
+
+@_property
+@given(items=_items, chunksize=_chunksizes, ordered=st.booleans())
+def test_imap_equals_serial(dask_pool, items, chunksize, ordered):
+    results = list(dask_pool.imap(square, iter(items), chunksize=chunksize, ordered=ordered))
+    expected = [square(x) for x in items]
+    assert results == expected if ordered else sorted(results) == sorted(expected)
+
+
+@_property
+@given(pairs=st.lists(st.tuples(st.integers(), st.integers()), max_size=40), chunksize=_chunksizes)
+def test_starmap_equals_serial(dask_pool, pairs, chunksize):
+    assert dask_pool.starmap(add, pairs, chunksize=chunksize) == [a + b for a, b in pairs]
+
+
+def test_lambdas_closures_partials_through_the_environment(dask_address):
+    offset = 10
+
+    def nested(x):
+        return (x, offset)
+
+    assert parmap.map(lambda x: x + offset, range(20), backend="dask") == [x + 10 for x in range(20)]
+    assert parmap.map(functools.partial(add, 5), range(5), backend="dask") == [5, 6, 7, 8, 9]
+    assert parmap.map(nested, [1, 2], backend="dask") == [(1, 10), (2, 10)]
+    assert parmap.map(square, [], backend="dask") == []
+
+
+def test_submit(dask_pool):
+    assert dask_pool.submit(pow, 2, 10).result(timeout=30) == 1024
+
+
+def test_impure_calls_are_never_served_from_a_cache(dask_pool):
+    def stamp(_):
+        return time.perf_counter_ns()
+
+    # The same function object, the same items: Dask must run them again.
+    first = dask_pool.map(stamp, [1, 2, 3], chunksize=1)
+    second = dask_pool.map(stamp, [1, 2, 3], chunksize=1)
+    assert not set(first) & set(second)
+
+
+class _CountsUnpickling:
+    """A callable that records, in a file, each time it is unpickled."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (_rebuild_counter, (self.path,))
+
+    def __call__(self, x):
+        return x
+
+
+def _rebuild_counter(path):
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    return _CountsUnpickling(path)
+
+
+def test_fn_is_loaded_once_per_worker_not_per_chunk(dask_pool, tmp_path):
+    log = tmp_path / "unpickled"
+    fn = _CountsUnpickling(str(log))
+    assert dask_pool.map(fn, range(40), chunksize=1) == list(range(40))
+    pids = log.read_text().split()
+    assert len(pids) == len(set(pids)) <= 2  # two workers in the session cluster
+
+
+# -- errors -----------------------------------------------------------------------
+
+
+def test_error_keeps_its_type_and_names_the_item(dask_pool):
+    with pytest.raises(ValueError, match="three is bad") as info:
+        dask_pool.map(fail_on_three, range(10))
+    assert any("item #3" in note for note in info.value.__notes__)
+    assert isinstance(info.value.__cause__, parmap.RemoteTraceback)
+    assert "fail_on_three" in info.value.__cause__.text
+
+
+def test_on_error_skip_and_return(dask_pool):
+    assert dask_pool.map(fail_on_three, range(6), on_error="skip") == [0, 1, 2, 4, 5]
+    returned = dask_pool.map(fail_on_three, range(6), on_error="return", chunksize=2)
+    assert returned[:3] == [0, 1, 2] and returned[4:] == [4, 5]
+    assert isinstance(returned[3], ValueError)
+
+
+def _fail_first_time(marker_dir, x):
+    marker = os.path.join(marker_dir, str(x))
+    if x % 3 == 0 and not os.path.exists(marker):
+        open(marker, "w").close()
+        raise RuntimeError(f"first attempt at {x}")
+    return x
+
+
+def test_retries(dask_pool, tmp_marker_dir):
+    fn = functools.partial(_fail_first_time, tmp_marker_dir)
+    assert dask_pool.map(fn, range(12), retries=1) == list(range(12))
+    with pytest.raises(RuntimeError, match="first attempt at 12"):
+        dask_pool.map(fn, range(12, 15), retries=0)
+
+
+def test_timeout_is_refused_up_front(dask_address):
+    with pytest.raises(ValueError, match="timeout"):
+        parmap.map(square, range(3), backend="dask", timeout=1)
+
+
+def test_initializer_runs_once_per_worker(dask_address, tmp_path):
+    log = tmp_path / "init"
+
+    def init(path):
+        with open(path, "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+    pids = parmap.map(lambda _: os.getpid(), range(30), backend="dask", chunksize=1, initializer=init, initargs=(log,))
+    initialized = log.read_text().split()
+    assert len(initialized) == len(set(initialized))
+    assert set(map(str, pids)) <= set(initialized)
+
+
+def test_initializer_error_is_raised(dask_address):
+    def init():
+        raise OSError("no database")
+
+    with pytest.raises(OSError, match="no database"):
+        parmap.map(square, range(4), backend="dask", initializer=init)
+
+
+# -- progress and laziness --------------------------------------------------------
+
+
+def test_progress_counts_items(dask_pool, capsys):
+    dask_pool.map(square, range(50), progress=True, chunksize=7)
+    assert "50/50" in capsys.readouterr().err
+
+
+def test_imap_pulls_input_only_as_workers_take_it(dask_pool):
+    pulled = 0
+
+    def endless():
+        nonlocal pulled
+        for i in itertools.count():
+            pulled += 1
+            yield i
+
+    results = dask_pool.imap(square, endless(), chunksize=2)
+    taken = []
+    for value in results:
+        taken.append(value)
+        time.sleep(0.01)  # a slow consumer
+        if len(taken) == 30:
+            break
+    results.close()
+    assert taken == [x * x for x in range(30)]
+    window = 2 * 2 + 1  # chunks in flight for a two-thread cluster
+    assert pulled <= len(taken) + window * 2
+
+
+# -- clusters of their own ----------------------------------------------------------
+
+
+def test_cluster_named_by_the_environment_variable(monkeypatch):
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        monkeypatch.setenv("PARMAP_DASK_ADDRESS", cluster.scheduler_address)
+        where = parmap.map(lambda _: distributed.get_worker().address, range(4), backend="dask")
+        assert set(where) == set(cluster.scheduler_info["workers"])
+
+
+def _kill_on(victim, x):
+    if x == victim:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x
+
+
+def test_own_cluster_survives_calls_and_a_killed_worker(monkeypatch):
+    monkeypatch.delenv("PARMAP_DASK_ADDRESS", raising=False)
+    with parmap.Pool(backend="dask", workers=2) as pool:
+        first = set(pool.map(lambda _: os.getpid(), range(20), chunksize=1))
+        second = set(pool.map(lambda _: os.getpid(), range(20), chunksize=1))
+        assert len(first | second) <= 2  # the same two workers serve every call
+
+        started = time.monotonic()
+        with pytest.raises(parmap.WorkerCrashedError, match=r"item #5 \(5\).*KilledWorker"):
+            pool.map(functools.partial(_kill_on, 5), range(10), chunksize=1)
+        assert time.monotonic() - started < 20
+
+        # The dead worker's item is skipped; the others' results are kept.
+        kept = pool.map(functools.partial(_kill_on, 2), range(6), chunksize=3, on_error="skip")
+        assert kept == [0, 1, 3, 4, 5]
+        assert pool.map(square, range(5)) == [0, 1, 4, 9, 16]
+    # no_orphans checks that closing the pool stopped the cluster's processes.
+
+
+# -- installation -------------------------------------------------------------------
+
+
+def _run_python(code: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_import_parmap_does_not_import_distributed():
+    done = _run_python("import sys, parmap; print('distributed' in sys.modules)")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+
+
+def test_missing_distributed_says_how_to_install():
+    code = (
+        "import sys; sys.modules['distributed'] = None\n"
+        "import parmap\n"
+        "try:\n"
+        "    parmap.map(abs, [1], backend='dask')\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+    )
+    done = _run_python(code)
+    assert done.returncode == 0, done.stderr
+    assert "pip install parmap[dask]" in done.stdout

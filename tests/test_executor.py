@@ -1,0 +1,97 @@
+"""backend=<a concurrent.futures.Executor>: used as it is, never shut down by parmap."""
+
+from __future__ import annotations
+
+import os
+import signal
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+
+import pytest
+
+import parmap
+
+
+def square(x):
+    return x * x
+
+
+def add(a, b):
+    return a + b
+
+
+def fail_on_three(x):
+    if x == 3:
+        raise KeyError(x)
+    return x
+
+
+def nested_workers(_):
+    # A parmap call inside a worker runs serially there: no pool of pools.
+    return parmap.map(square, [1, 2, 3], workers=2)
+
+
+@pytest.fixture(params=["thread", "process"])
+def executor(request):
+    """A ThreadPoolExecutor or a ProcessPoolExecutor with two workers, shut down by the test."""
+    kind = ThreadPoolExecutor if request.param == "thread" else ProcessPoolExecutor
+    pool = kind(max_workers=2)
+    yield pool
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def assert_still_usable(executor: Executor) -> None:
+    assert executor.submit(square, 7).result(timeout=30) == 49
+
+
+def test_results_equal_serial_and_executor_left_running(executor):
+    items = list(range(101))
+    offset = 3
+    assert parmap.map(square, items, backend=executor) == [x * x for x in items]
+    assert parmap.map(lambda x: x + offset, items, backend=executor, chunksize=7) == [x + 3 for x in items]
+    assert list(parmap.imap(square, iter(items), backend=executor)) == [x * x for x in items]
+    unordered = parmap.imap(square, items, backend=executor, ordered=False, chunksize=5)
+    assert sorted(unordered) == sorted(x * x for x in items)
+    assert parmap.starmap(add, [(i, i) for i in range(20)], backend=executor) == [2 * i for i in range(20)]
+    assert parmap.map(square, [], backend=executor) == []
+    assert_still_usable(executor)
+
+
+def test_pool_over_an_executor_does_not_shut_it_down(executor):
+    with parmap.Pool(backend=executor, progress=False) as pool:
+        assert pool.map(square, range(10)) == [x * x for x in range(10)]
+        assert pool.submit(add, 2, 3).result(timeout=30) == 5
+    assert_still_usable(executor)
+
+
+def test_errors_keep_their_type(executor):
+    with pytest.raises(KeyError) as info:
+        parmap.map(fail_on_three, range(10), backend=executor)
+    assert any("item #3" in note for note in info.value.__notes__)
+    assert parmap.map(fail_on_three, range(6), backend=executor, on_error="skip") == [0, 1, 2, 4, 5]
+    assert_still_usable(executor)
+
+
+def test_nested_call_runs_serially(executor):
+    assert parmap.map(nested_workers, range(3), backend=executor) == [[1, 4, 9]] * 3
+
+
+def test_timeout_and_start_method_are_refused(executor):
+    with pytest.raises(ValueError, match="timeout"):
+        parmap.map(square, range(3), backend=executor, timeout=1)
+    with pytest.raises(ValueError, match="start_method"):
+        parmap.map(square, range(3), backend=executor, start_method="spawn")
+
+
+def _kill_on_five(x):
+    if x == 5:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x
+
+
+def test_a_broken_process_pool_ends_in_worker_crashed_error():
+    executor = ProcessPoolExecutor(max_workers=2)
+    try:
+        with pytest.raises(parmap.WorkerCrashedError, match="cannot replace its workers"):
+            parmap.map(_kill_on_five, range(20), backend=executor, chunksize=1, on_error="skip")
+    finally:
+        executor.shutdown(wait=True)
