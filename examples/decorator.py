@@ -3,8 +3,9 @@
 The decorated function stays an ordinary function (same name, docstring and
 signature) when called; ``.map``, ``.imap`` and ``.starmap`` run it on
 workers. This script uses ``start_method="spawn"``, the strictest start
-method (fresh interpreters that inherit nothing, the default on macOS and
-Windows), to show that a function defined in the script itself still works.
+method (fresh interpreters that inherit nothing; multiprocessing's default
+on macOS and Windows), to show that a function defined in the script itself
+still works there.
 
     python examples/decorator.py
 """
