@@ -38,7 +38,10 @@ def main() -> None:
     assert [value for _, _, value in seen] == [n * n for n in range(0, 200_000, 500)]
     copies = {(pid, table) for pid, table, _ in seen}
     pids = {pid for pid, _ in copies}
-    print(f"nested function: {len(seen)} items on {len(pids)} workers, {len(copies)} copies of the big table")
+    print(
+        f"nested function: {len(seen)} items on {len(pids)} worker(s), "
+        f"{len(copies)} copies of the big table (one per worker, not one per item)"
+    )
 
     scaled = parmap.map(functools.partial(pow, 2), range(10), workers=2, start_method="spawn")
     print(f"functools.partial(pow, 2): {scaled}")

@@ -28,8 +28,10 @@ CASES: dict[str, tuple[list[str], str]] = {
     "primes": (["--limit", "50000", "--pieces", "16", "--workers", "2"], r"5133 primes below 50,000"),
     "streaming": (["--records", "20", "--workers", "2"], r"wrote 20 summaries"),
     "errors": ([], r"with retries=1: \[0, 1, 4, 9, 16\]"),
-    "decorator": ([], r"ran in 2 worker process\(es\), none of them this one: True"),
-    "closures": ([], r"400 items on 2 workers, 2 copies of the big table"),
+    # How many workers got items depends on how fast each one started, so only
+    # the relations are checked: no work in the caller, one copy per worker.
+    "decorator": ([], r"ran in [12] worker process\(es\), none of them this one: True"),
+    "closures": ([], r"400 items on (\d) worker\(s\), \1 copies of the big table"),
     "shared_state": (["--ranges", "50"], r"the shared Event stopped the other tasks early"),
 }
 
@@ -43,7 +45,7 @@ EXTRA: dict[str, list[str]] = {
         r"caught TaskTimeoutError after",
         r"with on_error='return', after .*: \[0, 10, 20, TaskTimeoutError\(.*\), 40, 50\]",
     ],
-    "shared_state": [r"most common: \[\('quick', 75\)"],
+    "shared_state": [r"100 documents, 500 words counted", r"most common: \[\('quick', 75\)"],
 }
 
 
