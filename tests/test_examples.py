@@ -45,6 +45,7 @@ EXTRA: dict[str, list[str]] = {
         r"caught TaskTimeoutError after",
         r"with on_error='return', after .*: \[0, 10, 20, TaskTimeoutError\(.*\), 40, 50\]",
     ],
+    "streaming": [r"took 10 results from an endless producer"],
     "shared_state": [r"100 documents, 500 words counted", r"most common: \[\('quick', 75\)"],
 }
 
