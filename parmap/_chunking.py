@@ -22,10 +22,15 @@ TARGET_CHUNK_SECONDS = 0.02
 # With no length to pace against, cap the chunk so that the in-flight window
 # (2 chunks per worker + 1) holds ~10,000 items on 2 workers (benchmark W6bp).
 MAX_UNSIZED_CHUNK = 2048
-# Before the first measurement, with a known length: a small slice of it.
+# Before the first measurement, with a known length: a small slice of it, so
+# that the first cost measurement comes back after one item on W2/W3 (200
+# items of ~10 ms: total // (2 * 64) = 1) and after 64 items on W1, whose
+# first chunks are all overhead anyway (benchmarks/bench.py, W1-W3).
 INITIAL_SHARE = 64
 MAX_INITIAL_CHUNK = 64
-# Weight of the newest measurement in the running per-item cost.
+# Weight of the newest measurement in the running per-item cost: one chunk
+# holding a heavy item (40x the others in W3) must shrink the next chunks at
+# once, and one cheap chunk must not blow them up (benchmark W3).
 SMOOTHING = 0.5
 
 
