@@ -1,0 +1,386 @@
+"""``python -m parmap TARGET [INPUT] [options]``: a function over a file, on every core.
+
+The run loop is ``parmap.imap`` with ``on_error="return"``: every input item
+yields exactly one value or one exception, so each failure can be tied to its
+input line and the ``--on-error`` policy decided here, per item. Results are
+written as they arrive, one line each, straight through to the file, which
+is what makes ``--resume`` sound (see :mod:`parmap._records`).
+
+Exit status: 0 success; 1 a task failed; 2 a usage problem; 130 interrupted
+(SIGINT), 143 terminated (SIGTERM), 141 standard output closed early.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import sys
+import traceback
+from collections.abc import Generator, Iterator, Sequence
+from contextlib import closing
+from types import FrameType
+from typing import IO, Any, NoReturn, cast
+
+from tqdm import tqdm
+
+from . import __version__
+from ._api import imap
+from ._errors import RemoteTraceback, TaskError
+from ._records import (
+    INPUT_FORMATS,
+    OUTPUT_FORMATS,
+    InputError,
+    Item,
+    Output,
+    OutputError,
+    Reader,
+    ResultError,
+    encode_result,
+    estimate_items,
+    journal_path,
+    open_output,
+)
+from ._serialization import short_repr
+from ._target import TargetError, TargetFunction, parse_target, resolve
+from .backends import BACKEND_NAMES
+
+__all__ = ["main"]
+
+EXIT_OK = 0
+EXIT_TASK_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+EXIT_TERMINATED = 128 + signal.SIGTERM
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+
+#: Set by :class:`Step` on an exception raised by the user's function.
+_INDEX_ATTRIBUTE = "parmap_input_index"
+
+
+class UsageError(Exception):
+    """A problem with how parmap was called: a one-line message and exit status 2."""
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised like Ctrl-C so the same cleanup runs."""
+
+
+class Step:
+    """What a worker runs per item: ``fn(item.value)``, returned with the item's index.
+
+    The index lets out-of-order results say where they belong, and is stamped
+    on an exception so its input line can be named.
+    """
+
+    def __init__(self, fn: TargetFunction) -> None:
+        self.fn = fn
+
+    def __call__(self, item: Item) -> tuple[int, Any]:
+        try:
+            return item.index, self.fn(item.value)
+        except Exception as exc:
+            try:
+                setattr(exc, _INDEX_ATTRIBUTE, item.index)
+            except Exception:  # noqa: S110 - an exception type that refuses attributes
+                pass
+            raise
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        return _usage(f"{exc} (see parmap --help)")
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _run(args)
+    except (UsageError, TargetError, OutputError, InputError) as exc:
+        return _usage(str(exc))
+    except KeyboardInterrupt:
+        _say("parmap: interrupted")
+        return EXIT_INTERRUPTED
+    except _Terminated:
+        _say("parmap: terminated")
+        return EXIT_TERMINATED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # argparse would print the whole usage block; one line is the contract.
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (also the source of ``--help``)."""
+    parser = _Parser(
+        prog="parmap",
+        description="Run FUNCTION over every item of INPUT on every core; write one result per line.",
+        epilog=(
+            "examples:\n"
+            "  parmap examples/wordstats.py:stats examples/data/sample.txt\n"
+            "  parmap mypackage.tasks:resize paths.txt -o sizes.jsonl --resume\n"
+            "exit status: 0 ok, 1 a task failed, 2 usage problem, 130 interrupted\n"
+            "documentation: docs/cli.md"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("target", metavar="TARGET", help="module:function or path/to/file.py:function")
+    parser.add_argument("input", metavar="INPUT", nargs="?", help="input file; '-' or absent: standard input")
+    parser.add_argument(
+        "--input-format", choices=INPUT_FORMATS, default="lines",
+        help="lines: each line is a str item (default); jsonl: each line is JSON; csv: each row is a dict",
+    )
+    parser.add_argument("-o", "--output", metavar="PATH", help="output file (default: standard output)")
+    parser.add_argument(
+        "--output-format", choices=OUTPUT_FORMATS, default="jsonl",
+        help="jsonl: each result as JSON (default); lines: str(result)",
+    )
+    parser.add_argument("--unordered", action="store_true", help="write results as they finish, not in input order")
+    parser.add_argument("-w", "--workers", type=_positive_int, metavar="N", help="worker count (default: the CPUs)")
+    parser.add_argument("-b", "--backend", choices=BACKEND_NAMES, default="auto", help="default: auto")
+    parser.add_argument("--chunksize", type=_positive_int, metavar="N", help="items per task (default: automatic)")
+    parser.add_argument("--timeout", type=_positive_float, metavar="SECONDS", help="fail an item that runs longer")
+    parser.add_argument("--retries", type=_non_negative_int, default=0, metavar="N", help="retry a failed item N times")
+    parser.add_argument(
+        "--on-error", choices=("raise", "skip"), default="raise",
+        help="raise: stop at the first failed item (default); skip: report it on stderr and go on",
+    )
+    parser.add_argument(
+        "--resume", action="store_true",
+        help="with -o: continue an interrupted run, keeping the results already in the output",
+    )
+    parser.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=None,
+        help="show a progress bar on stderr (default: when stderr is a terminal)",
+    )
+    parser.add_argument("--version", action="version", version=f"parmap {__version__}")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.resume and args.output is None:
+        raise UsageError("--resume needs -o/--output: there is nothing to resume on standard output")
+    target = parse_target(args.target)
+    fn = resolve(target)
+    options = _pool_options(args)
+    _check_options(options)
+    stream = _open_input(args.input, args.output)
+    try:
+        wants_journal = args.unordered or args.on_error == "skip"
+        output = open_output(args.output, resume=args.resume, journal=wants_journal)
+        if args.resume and output.done.count:
+            _say(f"parmap: resuming: {output.done.count} input items already done in {args.output}")
+        reader = Reader(stream, args.input_format, output.done)
+        show = args.progress if args.progress is not None else sys.stderr.isatty()
+        if show:
+            total = estimate_items(args.input, args.input_format) if args.input not in (None, "-") else None
+            options["progress"] = {"desc": target.attribute, "total": total, "initial": output.done.count}
+        complete = False
+        try:
+            status = _loop(Step(TargetFunction(target, fn)), reader, output, options, args)
+            complete = status == EXIT_OK
+        finally:
+            output.close(complete=complete)
+        return status
+    finally:
+        stream.close()
+
+
+def _loop(step: Step, reader: Reader, output: Output, options: dict[str, Any], args: argparse.Namespace) -> int:
+    ordered = not args.unordered
+    in_flight: dict[int, Item] = {}
+
+    def feed() -> Iterator[Item]:
+        for item in reader:
+            in_flight[item.index] = item
+            yield item
+
+    results = cast(Generator[Any, None, None], imap(step, feed(), ordered=ordered, on_error="return", **options))
+    try:
+        with closing(results):
+            for result in results:
+                if isinstance(result, BaseException):
+                    item = _locate(result, in_flight, ordered)
+                    if _failed(item, result, output, args) != EXIT_OK:
+                        return EXIT_TASK_FAILED
+                    continue
+                index, value = result
+                item = in_flight.pop(index)
+                try:
+                    line = encode_result(value, args.output_format)
+                except ResultError as exc:
+                    if _failed(item, exc, output, args) != EXIT_OK:
+                        return EXIT_TASK_FAILED
+                    continue
+                output.write(index, line)
+    except BrokenPipeError:
+        # Whoever read standard output (`| head`) has had enough; no message.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    except (KeyboardInterrupt, _Terminated):
+        if args.output is not None:
+            _say(
+                f"parmap: interrupted; {output.done.count} results are in {args.output}: "
+                "run the same command with --resume to finish"
+            )
+        raise
+    if reader.error is not None:
+        where = f"; the {output.written} results before it are in {args.output}" if args.output else ""
+        raise UsageError(f"{reader.error}{where}")
+    if output.skipped:
+        _say(f"parmap: {output.skipped} item(s) failed and were skipped (listed above)")
+    return EXIT_OK
+
+
+def _failed(item: Item | None, exc: BaseException, output: Output, args: argparse.Namespace) -> int:
+    where = f"input line {item.lineno}" if item is not None else "an input line parmap could not identify"
+    error = _describe(exc)
+    if args.on_error == "skip":
+        _say(f"parmap: {where}: {error} (skipped)")
+        if item is not None:
+            output.skip(item.index)
+        return EXIT_OK
+    shown = f" (item {short_repr(item.value)})" if item is not None else ""
+    message = f"parmap: task failed on {where}{shown}: {error}"
+    if args.output is not None:
+        message += (
+            f"\nThe {output.written} results before it are in {args.output}; "
+            "fix the problem and run the same command with --resume to go on from this line."
+        )
+    details = _worker_traceback(exc)
+    _say(message + ("\n\n" + details if details else ""))
+    return EXIT_TASK_FAILED
+
+
+def _locate(exc: BaseException, in_flight: dict[int, Item], ordered: bool) -> Item | None:
+    """The item whose failure ``exc`` is."""
+    index = getattr(exc, _INDEX_ATTRIBUTE, None)
+    if isinstance(index, int) and index in in_flight:
+        return in_flight.pop(index)
+    if ordered and in_flight:
+        # In order, and with one result per item, the oldest is the one.
+        return in_flight.pop(next(iter(in_flight)))
+    # A crash or timeout (or an exception that could not travel) carries no
+    # index; parmap's message names the item by its repr, which names the line.
+    text = "\n".join([str(exc), *getattr(exc, "__notes__", ())])
+    for match in re.finditer(r"input line (\d+)", text):
+        lineno = int(match.group(1))
+        for key, item in in_flight.items():
+            if item.lineno == lineno:
+                return in_flight.pop(key)
+    return None
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, (TaskError, ResultError)):
+        return str(exc)
+    name = type(exc).__qualname__
+    module = type(exc).__module__
+    if module not in ("builtins", "__main__") and not module.startswith("_parmap_target_"):
+        name = f"{module}.{name}"
+    text = str(exc)
+    return f"{name}: {text}" if text else name
+
+
+def _worker_traceback(exc: BaseException) -> str:
+    cause = exc.__cause__
+    if isinstance(cause, RemoteTraceback):
+        return cause.text.rstrip()
+    if isinstance(exc, TaskError) and exc.traceback_text:
+        return exc.traceback_text.rstrip()
+    if exc.__traceback__ is not None and not isinstance(exc, ResultError):
+        return "".join(traceback.format_exception(exc)).rstrip()
+    return ""
+
+
+def _pool_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "workers": args.workers,
+        "backend": args.backend,
+        "chunksize": args.chunksize,
+        "timeout": args.timeout,
+        "retries": args.retries,
+    }
+
+
+def _check_options(options: dict[str, Any]) -> None:
+    """Let parmap validate the options (backend and timeout, say) before any output is touched."""
+    try:
+        for _ in imap(_nothing, (), **options):
+            pass
+    except (ValueError, TypeError, ImportError) as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _nothing(item: object) -> object:  # pragma: no cover - never called: the input is empty
+    return item
+
+
+def _open_input(path: str | None, output: str | None) -> IO[bytes]:
+    if path is None or path == "-":
+        return os.fdopen(os.dup(sys.stdin.fileno()), "rb")
+    try:
+        stream = open(path, "rb")  # noqa: SIM115 - closed by _run
+    except OSError as exc:
+        raise UsageError(f"cannot read input {path!r}: {exc.strerror or exc}") from None
+    if output is not None:
+        for clash in (output, journal_path(output)):
+            if os.path.exists(clash) and os.path.samefile(path, clash):
+                stream.close()
+                raise UsageError(f"INPUT {path!r} is also where results go ({clash!r})")
+    return stream
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def _usage(message: str) -> int:
+    _say(f"parmap: error: {message}")
+    return EXIT_USAGE
+
+
+def _say(message: str) -> None:
+    # tqdm.write keeps a progress bar intact around the message.
+    tqdm.write(message, file=sys.stderr)
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise _Terminated
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

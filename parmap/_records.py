@@ -1,0 +1,393 @@
+"""The command line's records: input readers, output writers, and resuming.
+
+Reading is lazy and per line, so line numbers are exact and memory stays
+flat. A malformed line ends the input (the :class:`Reader` keeps the error)
+instead of raising inside the worker pool, so every result before it is
+still written.
+
+Resuming rests on one fact: each result is one ``\\n``-terminated line,
+written with a single ``write`` on an unbuffered file. After any interruption
+the output is a run of complete lines plus at most one torn line.
+
+* In input order with ``--on-error raise`` (the default), line *k* of the
+  output is input item *k*: counting the complete lines says where to go on.
+* Otherwise (``--unordered``, or ``--on-error skip`` where a failed item has
+  no line) a *journal* next to the output, ``OUTPUT.parmap-journal``, records
+  each handled item's input index after its line is written: ``"17 written"``
+  or ``"18 skipped"``. On resume the output is cut back to the lines the
+  journal accounts for (a line written just before the interruption, whose
+  entry never made it, is dropped and recomputed) and the journal's items are
+  not run again. The journal is deleted when a run completes with no item
+  skipped, since the output alone then says everything is done.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from typing import IO, Any, Protocol
+
+from ._serialization import short_repr
+
+__all__ = [
+    "INPUT_FORMATS",
+    "OUTPUT_FORMATS",
+    "Done",
+    "InputError",
+    "Item",
+    "Output",
+    "OutputError",
+    "Reader",
+    "ResultError",
+    "encode_result",
+    "estimate_items",
+    "journal_path",
+    "open_output",
+]
+
+INPUT_FORMATS: tuple[str, ...] = ("lines", "jsonl", "csv")
+OUTPUT_FORMATS: tuple[str, ...] = ("lines", "jsonl")
+JOURNAL_SUFFIX = ".parmap-journal"
+_SCAN_BYTES = 1 << 20
+
+
+class InputError(Exception):
+    """A malformed input line (a usage problem: exit status 2)."""
+
+    def __init__(self, lineno: int, problem: str) -> None:
+        super().__init__(f"input line {lineno}: {problem}")
+        self.lineno = lineno
+
+
+class ResultError(Exception):
+    """A result that cannot be written in the chosen output format."""
+
+
+class OutputError(Exception):
+    """The output cannot be opened or resumed (a usage problem: exit status 2)."""
+
+
+class Item:
+    """One input item: its position among the items, its line number, its value.
+
+    The repr names the line, so parmap's own messages about an item (a crash,
+    a timeout) say which input line it came from.
+    """
+
+    __slots__ = ("index", "lineno", "value")
+
+    def __init__(self, index: int, lineno: int, value: Any) -> None:
+        self.index = index
+        self.lineno = lineno
+        self.value = value
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Item, (self.index, self.lineno, self.value))
+
+    def __repr__(self) -> str:
+        return f"input line {self.lineno}: {short_repr(self.value)}"
+
+
+class Reader:
+    """Items from a binary stream, skipping those ``done`` says are finished.
+
+    Iterating stops at the first malformed line and keeps its
+    :class:`InputError` in :attr:`error`.
+    """
+
+    def __init__(self, stream: IO[bytes], fmt: str, done: Callable[[int], bool]) -> None:
+        if fmt not in INPUT_FORMATS:
+            raise ValueError(f"unknown input format {fmt!r}")
+        self._stream = stream
+        self._fmt = fmt
+        self._done = done
+        self.error: InputError | None = None
+
+    def __iter__(self) -> Iterator[Item]:
+        parse = {"lines": self._lines, "jsonl": self._jsonl, "csv": self._csv}[self._fmt]
+        try:
+            yield from parse()
+        except InputError as exc:
+            self.error = exc
+
+    def _decoded(self) -> Iterator[tuple[int, str]]:
+        encoding = "utf-8-sig"  # a byte-order mark is allowed on the first line only
+        for lineno, raw in enumerate(self._stream, 1):
+            try:
+                yield lineno, raw.decode(encoding)
+            except UnicodeDecodeError as exc:
+                raise InputError(lineno, f"not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+            encoding = "utf-8"
+
+    def _lines(self) -> Iterator[Item]:
+        done = self._done
+        for index, (lineno, text) in enumerate(self._decoded()):
+            if not done(index):
+                yield Item(index, lineno, _strip_newline(text))
+
+    def _jsonl(self) -> Iterator[Item]:
+        done = self._done
+        index = 0
+        for lineno, text in self._decoded():
+            if not text.strip():
+                continue  # blank lines are not items (a trailing one is common)
+            if not done(index):
+                try:
+                    value = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    raise InputError(lineno, f"malformed JSON: {exc.msg} (column {exc.colno})") from None
+                yield Item(index, lineno, value)
+            index += 1
+
+    def _csv(self) -> Iterator[Item]:
+        done = self._done
+        texts = (text for _, text in self._decoded())
+        rows = csv.reader(texts)
+        header = self._csv_row(rows)
+        if header is None:
+            return
+        index = 0
+        while True:
+            lineno = rows.line_num + 1
+            row = self._csv_row(rows)
+            if row is None:
+                return
+            if not row:
+                continue  # a blank line
+            if len(row) != len(header):
+                raise InputError(lineno, f"expected {len(header)} fields (as in the header), got {len(row)}")
+            if not done(index):
+                yield Item(index, lineno, dict(zip(header, row, strict=True)))
+            index += 1
+
+    @staticmethod
+    def _csv_row(rows: Any) -> list[str] | None:
+        lineno = rows.line_num + 1
+        try:
+            return next(rows, None)  # type: ignore[no-any-return]
+        except csv.Error as exc:
+            raise InputError(lineno, f"malformed CSV: {exc}") from None
+
+
+def _strip_newline(text: str) -> str:
+    if text.endswith("\n"):
+        text = text[:-1]
+        if text.endswith("\r"):
+            text = text[:-1]
+    return text
+
+
+def estimate_items(path: str, fmt: str) -> int | None:
+    """About how many items a regular file holds (for the progress bar), or None."""
+    if not os.path.isfile(path):
+        return None
+    lines = 0
+    last = b"\n"
+    with open(path, "rb") as file:
+        while block := file.read(_SCAN_BYTES):
+            lines += block.count(b"\n")
+            last = block[-1:]
+    if last != b"\n":
+        lines += 1
+    return max(0, lines - 1) if fmt == "csv" else lines
+
+
+def encode_result(value: Any, fmt: str) -> bytes:
+    """One output line for ``value``; :class:`ResultError` if the format cannot hold it."""
+    if fmt == "jsonl":
+        try:
+            text = json.dumps(value, ensure_ascii=False)
+        except Exception as exc:
+            raise ResultError(f"the result {short_repr(value)} is not JSON-serialisable: {exc}") from None
+    else:
+        text = value if isinstance(value, str) else str(value)
+        if "\n" in text or "\r" in text:
+            # One result per line is what lets --resume count results.
+            raise ResultError(
+                f"the result {short_repr(text)} contains a line break; use --output-format jsonl"
+            )
+    try:
+        return (text + "\n").encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ResultError(f"the result {short_repr(value)} cannot be encoded as UTF-8: {exc.reason}") from None
+
+
+class Done:
+    """Input indices already handled: every index below :attr:`below`, plus :attr:`extra`.
+
+    Kept this way so that an in-order run costs no memory however long it is.
+    """
+
+    def __init__(self, below: int = 0) -> None:
+        self.below = below
+        self.extra: set[int] = set()
+        self.skipped = 0
+
+    def __call__(self, index: int) -> bool:
+        return index < self.below or index in self.extra
+
+    def add(self, index: int) -> None:
+        if index != self.below:
+            self.extra.add(index)
+            return
+        self.below += 1
+        while self.below in self.extra:
+            self.extra.remove(self.below)
+            self.below += 1
+
+    @property
+    def count(self) -> int:
+        return self.below + len(self.extra)
+
+
+def journal_path(output: str) -> str:
+    """Where the journal of ``output`` lives."""
+    return output + JOURNAL_SUFFIX
+
+
+class _Sink(Protocol):
+    def write(self, data: bytes | memoryview, /) -> int | None: ...
+    def close(self) -> None: ...
+
+
+class Output:
+    """Where results go, one line each, written through at once.
+
+    With a journal, every handled item is also recorded there (see the
+    module docstring).
+    """
+
+    def __init__(self, stream: _Sink, journal: IO[bytes] | None, done: Done, path: str | None) -> None:
+        self._stream = stream
+        self._journal = journal
+        self._path = path
+        self.done = done
+        self.written = 0
+        self.skipped = 0
+
+    def write(self, index: int, line: bytes) -> None:
+        """Write one result line (then its journal entry)."""
+        _write_all(self._stream, line)
+        self.written += 1
+        if self._journal is not None:
+            _write_all(self._journal, b"%d written\n" % index)
+
+    def skip(self, index: int) -> None:
+        """Record that the item at ``index`` failed and was left out."""
+        self.skipped += 1
+        self.done.skipped += 1
+        if self._journal is not None:
+            _write_all(self._journal, b"%d skipped\n" % index)
+
+    def close(self, *, complete: bool) -> None:
+        """Close the files; a complete run with nothing skipped needs no journal."""
+        if self._path is None:
+            return
+        self._stream.close()
+        if self._journal is not None:
+            self._journal.close()
+            if complete and self.done.skipped == 0:
+                os.remove(journal_path(self._path))
+
+
+def open_output(path: str | None, *, resume: bool, journal: bool) -> Output:
+    """Open the output (standard output when ``path`` is None), resuming if asked.
+
+    ``journal`` says whether this run's order and error policy need one; a
+    resumed run keeps the journal an earlier run left, whatever it needs.
+    """
+    if path is None:
+        return Output(_StdoutWriter(), None, Done(), None)
+    jpath = journal_path(path)
+    try:
+        if not resume or not os.path.exists(path):
+            stream = open(path, "wb", buffering=0)  # noqa: SIM115 - Output owns it
+            if os.path.exists(jpath):
+                os.remove(jpath)  # a stale journal would describe some other run
+            log = open(jpath, "wb", buffering=0) if journal else None  # noqa: SIM115
+            return Output(stream, log, Done(), path)
+        stream = open(path, "r+b", buffering=0)  # noqa: SIM115
+        if os.path.exists(jpath):
+            log = open(jpath, "r+b", buffering=0)  # noqa: SIM115
+            done = _resume_with_journal(path, stream, log)
+        else:
+            lines, end = _scan_lines(stream, None)
+            stream.truncate(end)  # a torn last line is dropped and recomputed
+            done = Done(lines)
+            log = None
+            if journal:
+                log = open(jpath, "wb", buffering=0)  # noqa: SIM115
+                for start in range(0, lines, 65536):
+                    stop = min(lines, start + 65536)
+                    _write_all(log, b"".join(b"%d written\n" % i for i in range(start, stop)))
+        stream.seek(0, os.SEEK_END)
+        return Output(stream, log, done, path)
+    except OSError as exc:
+        raise OutputError(f"cannot open output {path!r}: {exc.strerror or exc}") from None
+
+
+def _resume_with_journal(path: str, stream: IO[bytes], log: IO[bytes]) -> Done:
+    _, end = _scan_lines(log, None)
+    log.seek(0)
+    data = log.read(end)
+    log.truncate(end)
+    log.seek(0, os.SEEK_END)
+    done = Done()
+    written = 0
+    for number, entry in enumerate(data.splitlines(), 1):
+        parts = entry.split()
+        if len(parts) != 2 or not parts[0].isdigit() or parts[1] not in (b"written", b"skipped"):
+            raise OutputError(f"{journal_path(path)!r} line {number} is not a journal entry: {entry[:60]!r}")
+        done.add(int(parts[0]))
+        if parts[1] == b"written":
+            written += 1
+        else:
+            done.skipped += 1
+    lines, cut = _scan_lines(stream, written)
+    if lines < written:
+        raise OutputError(
+            f"{path!r} has {lines} complete lines but its journal records {written}; "
+            "it was changed after the interrupted run (run again without --resume)"
+        )
+    stream.truncate(cut)
+    return done
+
+
+def _scan_lines(file: IO[bytes], limit: int | None) -> tuple[int, int]:
+    """(complete lines, offset just after the last of them), stopping after ``limit`` lines."""
+    file.seek(0)
+    lines = 0
+    end = 0
+    offset = 0
+    while block := file.read(_SCAN_BYTES):
+        position = -1
+        while (position := block.find(b"\n", position + 1)) != -1:
+            lines += 1
+            end = offset + position + 1
+            if limit is not None and lines == limit:
+                return lines, end
+        offset += len(block)
+    return lines, end
+
+
+def _write_all(file: _Sink, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        count = file.write(view)
+        view = view[count or 0 :]
+
+
+class _StdoutWriter:
+    """Standard output's bytes, flushed after every line so a reader sees results as they come."""
+
+    def write(self, data: bytes | memoryview) -> int:
+        out = sys.stdout.buffer
+        count = out.write(data)
+        out.flush()
+        return count
+
+    def close(self) -> None:
+        sys.stdout.buffer.flush()

@@ -1,0 +1,429 @@
+"""The command line, run for real: ``python -m parmap`` in a subprocess.
+
+Each run gets its own process group, killed at teardown, so the CLI's
+workers cannot outlive a failed test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import parmap
+from parmap._cli import Step
+from parmap._records import Item, journal_path
+from parmap._target import TargetFunction, parse_target
+
+REPO = Path(__file__).resolve().parents[1]
+
+TARGETS = '''
+import os
+import time
+
+
+class Point:
+    def __init__(self, x):
+        self.x = x
+
+
+def square(x):
+    return int(x) ** 2
+
+
+def echo(x):
+    return x
+
+
+def fail_on_3(x):
+    if str(x) == "3":
+        raise ValueError(f"cannot take {x!r}")
+    return int(x)
+
+
+def crash_on_3(x):
+    if x == "3":
+        os._exit(7)
+    return x
+
+
+def slow_square(x):
+    time.sleep(0.01)
+    return int(x) ** 2
+
+
+def slow_fail_sevens(x):
+    time.sleep(0.01)
+    if int(x) % 7 == 0:
+        raise ValueError("a multiple of seven")
+    return int(x) ** 2
+
+
+def jitter(x):
+    time.sleep(0.03 if int(x) % 2 else 0.0)
+    return int(x)
+
+
+def a_set(x):
+    return {x}
+
+
+def two_lines(x):
+    return x + "\\nmore"
+
+
+def point(x):
+    return Point(x)
+'''
+
+_started: list[subprocess.Popen[bytes]] = []
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture(autouse=True)
+def _kill_process_groups():
+    yield
+    while _started:
+        proc = _started.pop()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def targets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory holding ``tgt.py``, the functions these tests run."""
+    directory = tmp_path_factory.mktemp("targets")
+    (directory / "tgt.py").write_text(textwrap.dedent(TARGETS))
+    return directory
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+
+
+def start(*args: str | Path, cwd: Path, stdin: int | None = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "parmap", *map(str, args)],
+        stdin=stdin,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=cwd,
+        env=_env(),
+        start_new_session=True,  # its own process group, for killpg
+    )
+    _started.append(proc)
+    return proc
+
+
+def cli(*args: str | Path, cwd: Path, stdin: str | None = None) -> Result:
+    proc = start(*args, cwd=cwd, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL)
+    out, err = proc.communicate(stdin.encode() if stdin is not None else None, timeout=30)
+    return Result(proc.returncode, out.decode(), err.decode())
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+# -- targets and formats ------------------------------------------------------------
+
+
+def test_module_target(targets: Path) -> None:
+    write(targets / "in.txt", "1\n2\n3\n")
+    result = cli("tgt:square", "in.txt", "-w", "2", cwd=targets)
+    assert (result.code, result.out, result.err) == (0, "1\n4\n9\n", "")
+
+
+@pytest.mark.parametrize("backend", [None, "process", "fork", "pool", "apply_async", "thread", "serial"])
+def test_file_target_on_each_backend(targets: Path, tmp_path: Path, backend: str | None) -> None:
+    numbers = write(tmp_path / "numbers.txt", "".join(f"{i}\n" for i in range(20)))
+    options = ["-b", backend] if backend else []
+    result = cli(targets / "tgt.py:square", numbers, "-w", "2", *options, cwd=tmp_path)
+    assert result.code == 0, result.err
+    assert result.out == "".join(f"{i * i}\n" for i in range(20))
+
+
+def test_file_target_travels_to_spawned_workers(targets: Path) -> None:
+    # The CLI has no start-method option; this is what it sends to workers, under spawn.
+    step = Step(TargetFunction(parse_target(f"{targets / 'tgt.py'}:square")))
+    items = [Item(i, i + 1, str(i)) for i in range(6)]
+    results = parmap.map(step, items, backend="process", start_method="spawn", workers=2)
+    assert results == [(i, i * i) for i in range(6)]
+
+
+def test_relative_file_target_from_another_directory(targets: Path, tmp_path: Path) -> None:
+    write(tmp_path / "in.txt", "a\nb\n")
+    relative = os.path.relpath(targets / "tgt.py", tmp_path)
+    result = cli(f"{relative}:echo", "in.txt", "--output-format", "lines", cwd=tmp_path)
+    assert (result.code, result.out) == (0, "a\nb\n")
+
+
+def test_jsonl_in_and_out(targets: Path) -> None:
+    records = [{"a": 1}, [1, "two"], "three", None, 4.5]
+    text = "".join(json.dumps(r) + "\n" for r in records) + "\n"  # a trailing blank line is allowed
+    write(targets / "in.jsonl", text)
+    result = cli("tgt:echo", "in.jsonl", "--input-format", "jsonl", cwd=targets)
+    assert result.code == 0, result.err
+    assert [json.loads(line) for line in result.out.splitlines()] == records
+
+
+def test_csv_rows_are_dicts(targets: Path) -> None:
+    write(targets / "in.csv", 'name,note\nada,"likes, commas"\n\nbob,"two\nlines"\n')
+    result = cli("tgt:echo", "in.csv", "--input-format", "csv", cwd=targets)
+    assert result.code == 0, result.err
+    assert [json.loads(line) for line in result.out.splitlines()] == [
+        {"name": "ada", "note": "likes, commas"},
+        {"name": "bob", "note": "two\nlines"},
+    ]
+
+
+def test_lines_output_format_and_unicode(targets: Path) -> None:
+    write(targets / "in.txt", "héllo\r\nwörld\n")
+    result = cli("tgt:echo", "in.txt", "--output-format", "lines", cwd=targets)
+    assert (result.code, result.out) == (0, "héllo\nwörld\n")
+    result = cli("tgt:echo", "in.txt", cwd=targets)
+    assert result.out == '"héllo"\n"wörld"\n'
+
+
+@pytest.mark.parametrize("dash", [True, False])
+def test_standard_input(targets: Path, dash: bool) -> None:
+    result = cli("tgt:square", *(["-"] if dash else []), cwd=targets, stdin="4\n5\n")
+    assert (result.code, result.out) == (0, "16\n25\n")
+
+
+def test_unordered_gives_the_same_multiset(targets: Path) -> None:
+    write(targets / "in.txt", "".join(f"{i}\n" for i in range(12)))
+    result = cli("tgt:jitter", "in.txt", "--unordered", "-w", "2", "--chunksize", "1", cwd=targets)
+    assert result.code == 0, result.err
+    assert Counter(result.out.splitlines()) == Counter(str(i) for i in range(12))
+
+
+def test_output_file(targets: Path, tmp_path: Path) -> None:
+    write(targets / "in.txt", "1\n2\n")
+    out = tmp_path / "out.jsonl"
+    result = cli("tgt:square", "in.txt", "-o", out, cwd=targets)
+    assert (result.code, result.out, out.read_text()) == (0, "", "1\n4\n")
+    assert not Path(journal_path(str(out))).exists()
+
+
+# -- exit codes and messages ------------------------------------------------------------
+
+
+def test_version(targets: Path) -> None:
+    result = cli("--version", cwd=targets)
+    assert (result.code, result.out) == (0, f"parmap {parmap.__version__}\n")
+
+
+def test_help(targets: Path) -> None:
+    result = cli("--help", cwd=targets)
+    assert result.code == 0
+    assert "--resume" in result.out and "--on-error" in result.out
+
+
+def test_task_failure_exits_1_naming_line_item_and_error(targets: Path, tmp_path: Path) -> None:
+    write(targets / "in.txt", "1\n2\n3\n4\n")
+    out = tmp_path / "out.jsonl"
+    result = cli("tgt:fail_on_3", "in.txt", "-o", out, cwd=targets)
+    assert result.code == 1
+    first = result.err.splitlines()[0]
+    assert "input line 3" in first and "'3'" in first and "ValueError: cannot take '3'" in first
+    assert "Traceback (most recent call last)" in result.err and "in fail_on_3" in result.err
+    assert out.read_text() == "1\n2\n"  # what came before is written and intact
+
+
+def test_worker_crash_exits_1_naming_the_line(targets: Path) -> None:
+    write(targets / "in.txt", "1\n2\n3\n4\n")
+    result = cli("tgt:crash_on_3", "in.txt", "-b", "process", "-w", "2", cwd=targets)
+    assert result.code == 1
+    assert "input line 3" in result.err and "WorkerCrashedError" in result.err
+
+
+def test_on_error_skip_reports_and_goes_on(targets: Path) -> None:
+    write(targets / "in.txt", "1\n2\n3\n4\n")
+    result = cli("tgt:fail_on_3", "in.txt", "--on-error", "skip", "-w", "2", cwd=targets)
+    assert (result.code, result.out) == (0, "1\n2\n4\n")
+    assert "input line 3: ValueError: cannot take '3' (skipped)" in result.err
+    assert "Traceback" not in result.err
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        ("tgt:a_set", "not JSON-serialisable"),
+        ("tgt:point", "not JSON-serialisable"),
+    ],
+)
+def test_unwritable_result_exits_1(targets: Path, target: str, expected: str) -> None:
+    write(targets / "in.txt", "x\n")
+    result = cli(target, "in.txt", cwd=targets)
+    assert result.code == 1 and "input line 1" in result.err and expected in result.err
+
+
+def test_line_break_in_lines_output_exits_1(targets: Path) -> None:
+    write(targets / "in.txt", "x\n")
+    result = cli("tgt:two_lines", "in.txt", "--output-format", "lines", cwd=targets)
+    assert result.code == 1 and "line break" in result.err and result.out == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["nosuchmodule:fn", "in.txt"], "No module named 'nosuchmodule'"),
+        (["tgt:nosuchfunction", "in.txt"], "no attribute 'nosuchfunction'"),
+        (["missing.py:fn", "in.txt"], "no such file"),
+        (["tgt", "in.txt"], "module:function"),
+        (["tgt:square", "missing.txt"], "missing.txt"),
+        (["tgt:square", "in.txt", "-w", "0"], "--workers"),
+        (["tgt:square", "in.txt", "--input-format", "xml"], "--input-format"),
+        (["tgt:square", "in.txt", "--bogus"], "--bogus"),
+        (["tgt:square", "in.txt", "-b", "thread", "--timeout", "1"], "timeout"),
+        (["tgt:square", "in.txt", "--resume"], "--resume needs -o"),
+        (["tgt:square", "in.txt", "-o", "in.txt"], "also where results go"),
+        ([], "TARGET"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(targets: Path, args: list[str], expected: str) -> None:
+    write(targets / "in.txt", "1\n")
+    result = cli(*args, cwd=targets)
+    assert result.code == 2
+    assert result.err.count("\n") == 1 and result.err.startswith("parmap: error:"), result.err
+    assert expected in result.err and "Traceback" not in result.err
+    assert (targets / "in.txt").read_text() == "1\n"
+
+
+def test_malformed_json_line_exits_2_after_writing_what_came_before(targets: Path, tmp_path: Path) -> None:
+    write(targets / "in.jsonl", "1\n2\n{oops\n4\n")
+    out = tmp_path / "out.jsonl"
+    result = cli("tgt:square", "in.jsonl", "--input-format", "jsonl", "-o", out, cwd=targets)
+    assert result.code == 2
+    assert "input line 3: malformed JSON" in result.err and "Traceback" not in result.err
+    assert result.err.count("\n") == 1
+    assert out.read_text() == "1\n4\n"
+
+
+def test_malformed_csv_row_names_its_line(targets: Path) -> None:
+    write(targets / "in.csv", "a,b\n1,2\n3\n")
+    result = cli("tgt:echo", "in.csv", "--input-format", "csv", cwd=targets)
+    assert result.code == 2 and "input line 3" in result.err and result.out == '{"a": "1", "b": "2"}\n'
+
+
+def test_progress_bar_on_request_only(targets: Path) -> None:
+    write(targets / "in.txt", "1\n2\n3\n")
+    shown = cli("tgt:square", "in.txt", "--progress", cwd=targets)
+    assert shown.code == 0 and "3/3" in shown.err
+    hidden = cli("tgt:square", "in.txt", "--no-progress", cwd=targets)
+    assert hidden.code == 0 and hidden.err == ""
+
+
+# -- interruption and --resume ------------------------------------------------------------
+
+ITEMS = 200
+
+
+@pytest.fixture(scope="module")
+def slow_input(targets: Path) -> Path:
+    return write(targets / "slow.txt", "".join(f"{i}\n" for i in range(1, ITEMS + 1)))
+
+
+@pytest.fixture(scope="module")
+def reference(targets: Path, slow_input: Path) -> bytes:
+    """The output of an uninterrupted run."""
+    out = targets / "reference.jsonl"
+    result = cli("tgt:slow_square", slow_input, "-w", "2", "-o", out, cwd=targets)
+    assert result.code == 0, result.err
+    return out.read_bytes()
+
+
+def _interrupt_midway(proc: subprocess.Popen[bytes], out: Path, sig: int) -> None:
+    deadline = time.monotonic() + 20
+    while not (out.exists() and out.read_bytes().count(b"\n") >= ITEMS // 4):
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        assert time.monotonic() < deadline, "no progress"
+        time.sleep(0.01)
+    os.killpg(proc.pid, sig)  # the whole group, as a terminal's Ctrl-C or `kill -9 -PGID` would
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+def test_resume_after_interrupt_matches_an_uninterrupted_run(
+    targets: Path, slow_input: Path, reference: bytes, tmp_path: Path, sig: int
+) -> None:
+    out = tmp_path / "out.jsonl"
+    args = ("tgt:slow_square", slow_input, "-w", "2", "-o", out)
+    proc = start(*args, cwd=targets)
+    _interrupt_midway(proc, out, sig)
+    began = time.monotonic()
+    _, err = proc.communicate(timeout=10)
+    assert time.monotonic() - began < 3, "Ctrl-C must stop the run promptly"
+    assert proc.returncode == (130 if sig == signal.SIGINT else -signal.SIGKILL), err
+    partial = out.read_bytes()
+    assert 0 < len(partial) < len(reference)
+    if sig == signal.SIGINT:
+        assert partial.endswith(b"\n") and reference.startswith(partial)  # flushed and intact
+        assert b"--resume" in err
+    resumed = cli(*args, "--resume", cwd=targets)
+    assert resumed.code == 0, resumed.err
+    assert out.read_bytes() == reference
+
+
+def test_resume_repairs_a_torn_last_line(targets: Path, slow_input: Path, reference: bytes, tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    lines = reference.splitlines(keepends=True)
+    out.write_bytes(b"".join(lines[:10]) + lines[10][:3])
+    result = cli("tgt:slow_square", slow_input, "-w", "2", "-o", out, "--resume", cwd=targets)
+    assert result.code == 0, result.err
+    assert out.read_bytes() == reference
+
+
+def test_resume_of_a_finished_run_changes_nothing(
+    targets: Path, slow_input: Path, reference: bytes, tmp_path: Path
+) -> None:
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(reference)
+    result = cli("tgt:slow_square", slow_input, "-o", out, "--resume", cwd=targets)
+    assert result.code == 0 and out.read_bytes() == reference
+
+
+def test_resume_unordered_after_kill(targets: Path, slow_input: Path, reference: bytes, tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    args = ("tgt:slow_square", slow_input, "-w", "2", "--unordered", "-o", out)
+    proc = start(*args, cwd=targets)
+    _interrupt_midway(proc, out, signal.SIGKILL)
+    proc.wait(timeout=10)
+    assert Path(journal_path(str(out))).exists()
+    resumed = cli(*args, "--resume", cwd=targets)
+    assert resumed.code == 0, resumed.err
+    assert Counter(out.read_bytes().splitlines()) == Counter(reference.splitlines())  # nothing lost or doubled
+    assert not Path(journal_path(str(out))).exists()
+
+
+def test_resume_with_skipped_failures(targets: Path, slow_input: Path, tmp_path: Path) -> None:
+    expected_out = tmp_path / "expected.jsonl"
+    args = ("tgt:slow_fail_sevens", slow_input, "-w", "2", "--on-error", "skip")
+    assert cli(*args, "-o", expected_out, cwd=targets).code == 0
+    out = tmp_path / "out.jsonl"
+    proc = start(*args, "-o", out, cwd=targets)
+    _interrupt_midway(proc, out, signal.SIGKILL)
+    proc.wait(timeout=10)
+    resumed = cli(*args, "-o", out, "--resume", cwd=targets)
+    assert resumed.code == 0, resumed.err
+    assert out.read_bytes() == expected_out.read_bytes()
+    assert out.read_bytes().count(b"\n") == ITEMS - ITEMS // 7
