@@ -24,8 +24,10 @@ from __future__ import annotations
 import ctypes
 import itertools
 import os
+import select
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -170,24 +172,53 @@ def fatal_outcome(exc: BaseException, what: str) -> ChunkOutcome:
     return ChunkOutcome([], fatal=ErrorInfo.capture(error, pickle_it=True))
 
 
-def prepare_worker_process() -> None:
+def prepare_worker_process(*, parent_death_signal: bool = True) -> None:
     """Set a freshly started worker process up as a well-behaved child.
 
     * SIGINT is ignored: Ctrl-C reaches the whole process group, and the
       parent alone decides how workers stop (no traceback spew, no orphan).
-    * On Linux the worker asks to be SIGKILLed if its parent dies, so a
-      ``kill -9`` of the parent never leaves workers running.
+    * The worker exits if its parent dies, so a ``kill -9`` of the parent
+      never leaves workers running. With ``parent_death_signal`` (Linux) the
+      kernel SIGKILLs it; that signal is tied to the *thread* that started
+      the worker, so it suits only workers started by a thread that lives as
+      long as they do. ``multiprocessing.Pool`` starts replacements from its
+      own handler thread, which exits first on ``terminate()``; a worker
+      killed then may hold the pool's queue lock and hang ``terminate()``
+      forever. Those workers watch the parent process instead.
     * Nested parmap calls run serially here (no pool of pools).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _context.mark_worker_process()
-    if sys.platform.startswith("linux"):
+    if parent_death_signal and sys.platform.startswith("linux"):
         try:
             libc = ctypes.CDLL(None, use_errno=True)
             PR_SET_PDEATHSIG = 1
             libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         except (OSError, AttributeError):  # pragma: no cover - exotic libc
-            pass
+            _watch_parent()
+    else:
+        _watch_parent()
+
+
+def _watch_parent() -> None:
+    """Exit when the parent process exits, from a daemon thread."""
+    parent = os.getppid()
+    if parent == 1:
+        os._exit(0)
+    try:
+        pidfd = os.pidfd_open(parent)
+    except (AttributeError, OSError):
+        pidfd = None
+
+    def watch() -> None:
+        if pidfd is not None:
+            select.select([pidfd], [], [])  # readable once the parent has exited
+        else:  # pragma: no cover - kernels before 5.3
+            while os.getppid() == parent:
+                time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parmap-parent-watch", daemon=True).start()
 
 
 def run_initializer(init_bytes: bytes | None) -> ErrorInfo | None:

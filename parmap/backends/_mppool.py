@@ -47,6 +47,10 @@ from .process import default_start_method
 # Functions bigger than this go through a file rather than inside every task
 # (a 10 MB closure must not be resent per chunk: benchmarks W7).
 INLINE_FUNCTION_BYTES = 64 * 1024
+# multiprocessing.Pool replaces dead workers from its own thread and tells no
+# one; while chunks are in flight the monitor looks at its worker list this
+# often, so a death it had no sentinel for is still reported within ~1 s.
+RESCAN_SECONDS = 0.25
 # The most calls' functions a pool worker keeps loaded.
 FUNCTION_CACHE_SIZE = 4
 
@@ -59,7 +63,7 @@ _functions: OrderedDict[int, Callable[..., Any]] = OrderedDict()
 
 def _pool_worker_init(status: Any, init_bytes: bytes | None) -> None:
     global _status, _init_error
-    prepare_worker_process()
+    prepare_worker_process(parent_death_signal=False)
     _status = status
     _init_error = run_initializer(init_bytes)
 
@@ -287,25 +291,50 @@ class MPPoolBackend(Backend):
             self._started.set()
             return
         self._started.set()
+        known: dict[int, Any] = {}  # pid -> Process, every pool worker ever seen
         handled: set[int] = set()
         try:
             while True:
                 with self._lock:
                     if self._closing and (self._kill_on_close or not self._flights):
                         break
-                procs = [p for p in list(self._pool._pool) if p.pid not in handled]
-                sentinels = {p.sentinel: p for p in procs}
-                ready = wait([self._wake_r, *sentinels], self._next_deadline())
+                    busy = bool(self._flights)
+                current = list(self._pool._pool)
+                for process in current:
+                    known.setdefault(process.pid, process)
+                sentinels = {p.sentinel: p for pid, p in known.items() if pid not in handled}
+                timeout = self._next_deadline()
+                if busy:
+                    timeout = RESCAN_SECONDS if timeout is None else min(timeout, RESCAN_SECONDS)
+                ready = wait([self._wake_r, *sentinels], timeout)
+                if self._wake_r in ready:
+                    os.read(self._wake_r, 65536)
                 for obj in ready:
-                    if obj == self._wake_r:
-                        os.read(self._wake_r, 65536)
-                    else:
+                    if obj != self._wake_r:
                         process = sentinels[obj]
                         handled.add(process.pid)
                         self._worker_died(process.pid, _exitcode(process))
+                self._find_unwatched_deaths({p.pid for p in current}, known, handled)
                 self._enforce_timeouts()
         finally:
             self._shutdown_pool()
+
+    def _find_unwatched_deaths(self, current: set[int], known: dict[int, Any], handled: set[int]) -> None:
+        """Deaths no sentinel told us of: the pool reaped the worker first, or it
+        started and died between two looks at the pool's worker list."""
+        with self._lock:
+            claimed = {int(self._status[f.slot * SLOT_WIDTH]) for f in self._flights.values()}
+        for pid in claimed - current - handled - {0}:
+            process = known.get(pid)
+            if process is not None and process.exitcode is not None:
+                handled.add(pid)
+                self._worker_died(pid, process.exitcode)
+                continue
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                handled.add(pid)
+                self._worker_died(pid, None)
 
     def _worker_died(self, pid: int, exitcode: int | None) -> None:
         lost: list[_Flight] = []
@@ -353,13 +382,14 @@ class MPPoolBackend(Backend):
                         pass
 
     def _shutdown_pool(self) -> None:
+        # Always terminate(), even for a graceful close: the monitor loop only
+        # gets here once parmap's own chunks are done (or to be killed), and a
+        # task lost with a dead worker stays in the pool's cache forever, so
+        # close(); join() would wait for it forever.
         pool = self._pool
         try:
             self._stop_feeding()
-            if self._kill_on_close:
-                pool.terminate()
-            else:
-                pool.close()
+            pool.terminate()
             pool.join()
             self._after_shutdown()
         finally:
