@@ -39,8 +39,10 @@ CASES: dict[str, tuple[list[str], str]] = {
 EXTRA: dict[str, list[str]] = {
     "pool_size": [r"^\s+2\s+3\s+0\.60s", r"^\s+3\s+2\s+0\.40s"],
     "errors": [
-        r"caught ValueError: could not convert string to float: 'n/a'",
-        r"note: parmap: .*item #2",
+        # Two prices fail; "raise" reports whichever failure reached the caller
+        # first, and with two workers that is not always the earlier item.
+        r"caught ValueError: could not convert string to float: ('n/a'|'')",
+        r"note: parmap: .*item #[24]",
         r"4 of 6 prices parsed: \[3\.5, 4\.0, 13\.0, 7\.25\]",
         r"caught TaskTimeoutError after",
         r"with on_error='return', after .*: \[0, 10, 20, TaskTimeoutError\(.*\), 40, 50\]",
