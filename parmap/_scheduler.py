@@ -111,7 +111,12 @@ class Scheduler:
         try:
             while True:
                 self._fill()
-                yield from self._deliverable()
+                delivered = False
+                for record in self._deliverable():
+                    delivered = True
+                    yield record
+                if delivered:
+                    continue  # delivering freed window slots: fill them before blocking
                 if self._exhausted and not self._outstanding and not self._retries:
                     self.finished_cleanly = True
                     return
