@@ -46,11 +46,11 @@ def main() -> None:
     print(f"plain call, here:   {word_count('It stays a normal function')}")
     print(f"keeps its metadata: {word_count.__name__}{inspect.signature(word_count)}: {word_count.__doc__}")
     print(f".map on spawn:      {word_count.map(LINES)}")
-    # Per-call keywords override the decorator's (here: progress and chunksize).
-    print(f".map, overridden:   {word_count.map(LINES, chunksize=1, progress=False)}")
     arrived = sorted(word_count.imap(LINES, ordered=False))
     print(f".imap unordered:    {len(arrived)} results, sorted: {arrived[0]} ...")
     print(f".starmap:           {power.starmap([(2, 10), (3, 4), (10, 3)], workers=2, backend='thread')}")
+    # Per-call keywords override the decorator's: one item per chunk spreads
+    # these few items over both workers.
     pids = set(where.map(range(8), chunksize=1))
     print(f"ran in {len(pids)} worker process(es), none of them this one: {os.getpid() not in pids}")
 

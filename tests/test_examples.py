@@ -27,7 +27,7 @@ CASES: dict[str, tuple[list[str], str]] = {
     "crawl": (["--pages", "20", "--latency", "0.02", "--threads", "8"], r"thread x8 .* 20 pages, \d+ KiB, 60 links"),
     "primes": (["--limit", "50000", "--pieces", "16", "--workers", "2"], r"5133 primes below 50,000"),
     "streaming": (["--records", "20", "--workers", "2"], r"wrote 20 summaries"),
-    "errors": ([], r"with retries=1: \[0, 1, 4, 9, 16\]"),
+    "errors": (["--timeout", "0.5"], r"with retries=1: \[0, 1, 4, 9, 16\]"),
     # How many workers got items depends on how fast each one started, so only
     # the relations are checked: no work in the caller, one copy per worker.
     "decorator": ([], r"ran in [12] worker process\(es\), none of them this one: True"),
