@@ -19,9 +19,11 @@
   chunks, never the input. ``map`` counts only unfinished records, so one
   slow chunk does not stall the others.
 * **Errors.** A failed item is retried alone (``retries``); when its attempts
-  are spent the ``on_error`` policy decides: raise (after which the call is
-  released and its queued chunks dropped), skip, or return the exception in
-  its place. A worker crash or timeout fails the item that was running; the
+  are spent the ``on_error`` policy decides: skip, return the exception in
+  its place, or raise. Raising is what a serial ``map`` would do: no more
+  input is pulled, the items *before* the failure are awaited (never the
+  ones after it), and the earliest failed item's error is raised; the call
+  is then released and its queued chunks dropped. A worker crash or timeout fails the item that was running; the
   rest of its chunk is resubmitted at no cost to their attempts. When the
   backend cannot say which item was running, the chunk is split into single
   items so that only the guilty one is charged.
@@ -102,7 +104,7 @@ class Scheduler:
         self._ready: deque[Record] = deque()  # finished, for out-of-order delivery
         self._retries: deque[tuple[Record, list[int]]] = deque()
         self._progress_done = 0
-        self.finished_cleanly = False
+        self._failure: tuple[int, BaseException] | None = None  # earliest, for on_error="raise"
 
     # -- driving -------------------------------------------------------------
     def records(self) -> Iterator[Record]:
@@ -117,8 +119,8 @@ class Scheduler:
                     yield record
                 if delivered:
                     continue  # delivering freed window slots: fill them before blocking
+                self._raise_if_due()
                 if self._exhausted and not self._outstanding and not self._retries:
-                    self.finished_cleanly = True
                     return
                 chunk, result = self._events.get()
                 self._absorb(chunk, result)
@@ -132,10 +134,18 @@ class Scheduler:
         return done
 
     def _fill(self) -> None:
+        if self._failure is not None:
+            # Only what comes before the failure still matters.
+            limit = self._failure[0]
+            self._retries = deque(
+                (record, kept)
+                for record, offsets in self._retries
+                if (kept := [o for o in offsets if record.start + o < limit])
+            )
         while self._retries:
             record, offsets = self._retries.popleft()
             self._submit(record, offsets)
-        while not self._exhausted and self._window_has_room():
+        while self._failure is None and not self._exhausted and self._window_has_room():
             new = self._next_record()
             if new is None:
                 break
@@ -193,14 +203,32 @@ class Scheduler:
         self._events.put((chunk, result))
 
     def _deliverable(self) -> Iterator[Record]:
+        limit = self._failure[0] if self._failure is not None else None
         if self._in_order:
             while self._outstanding and self._outstanding[0].complete:
+                head = self._outstanding[0]
+                if limit is not None and head.start + len(head.items) > limit:
+                    return  # holds the failure: raise, do not deliver
                 yield self._outstanding.popleft()
         else:
             while self._ready:
                 record = self._ready.popleft()
+                if limit is not None and record.start <= limit < record.start + len(record.items):
+                    continue
                 self._outstanding.remove(record)
                 yield record
+
+    def _raise_if_due(self) -> None:
+        """Raise the recorded failure once every item before it has settled."""
+        if self._failure is None:
+            return
+        limit, exc = self._failure
+        for record in self._outstanding:  # in input order
+            if record.start >= limit:
+                break
+            if any(v is _UNSET for v in record.values[: limit - record.start]):
+                return
+        raise exc
 
     # -- absorbing results --------------------------------------------------------
     def _absorb(self, chunk: Chunk, result: ChunkOutcome | ChunkLost) -> None:
@@ -261,7 +289,9 @@ class Scheduler:
             )
         policy = self._options.on_error
         if policy == "raise":
-            raise exc
+            position = record.start + offset
+            if self._failure is None or position < self._failure[0]:
+                self._failure = (position, exc)
         self._settle(record, offset, SKIPPED if policy == "skip" else exc)
 
 

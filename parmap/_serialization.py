@@ -17,8 +17,10 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import reprlib
+import sys
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,15 +48,34 @@ def short_repr(value: object) -> str:
         return f"<{type(value).__name__} object>"
 
 
-def dumps_function(fn: object) -> bytes:
-    """Pickle ``fn`` by value where needed; name the problem if it cannot be."""
+def dumps_function(fn: object, *, local: bool = False, what: str = "the function") -> bytes:
+    """Pickle ``fn`` (or any callable payload); name the problem if it cannot be.
+
+    cloudpickle already pickles functions of importable modules by reference
+    and the rest (lambdas, closures, ``__main__``) by value. For ``local``
+    workers (processes on this machine) a ``__main__`` function goes by
+    reference too when the workers can import the script (a forked worker
+    has it; spawn and forkserver re-import it): by value, the initializer and
+    ``fn`` would each get a private copy of the script's globals, and state
+    the initializer set up would be invisible to ``fn``.
+    """
+    if local and _main_is_importable():
+        try:
+            return pickle.dumps(fn, protocol=PROTOCOL)
+        except Exception:  # noqa: S110 - a lambda or closure: by value below
+            pass
     try:
         data: bytes = cloudpickle.dumps(fn, protocol=PROTOCOL)
     except Exception as exc:
-        raise SerializationError(
-            f"the function {short_repr(fn)} cannot be serialised: {type(exc).__name__}: {exc}"
-        ) from exc
+        raise SerializationError(f"{what} {short_repr(fn)} cannot be serialised: {type(exc).__name__}: {exc}") from exc
     return data
+
+
+def _main_is_importable() -> bool:
+    """True when worker processes can import ``__main__`` (it is a script file)."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    return isinstance(path, str) and os.path.exists(path)
 
 
 def loads(data: bytes) -> Any:

@@ -70,8 +70,10 @@ class StatusSlot:
         self._base = index * SLOT_WIDTH
 
     def claim(self) -> None:
-        self._array[self._base] = float(os.getpid())
+        # The claim time orders a worker's chunks: the latest is the one it runs.
+        self._array[self._base + 2] = time.monotonic()
         self._array[self._base + 1] = -1.0
+        self._array[self._base] = float(os.getpid())
 
     def mark(self, offset: int) -> None:
         self._array[self._base + 2] = time.monotonic()

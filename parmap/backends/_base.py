@@ -58,13 +58,21 @@ class Call:
     timeout: float | None = None
     id: int = field(default_factory=lambda: next(_call_ids))
     _fn_bytes: bytes | None = None
+    _local_fn_bytes: bytes | None = None
 
     @property
     def fn_bytes(self) -> bytes:
-        """``fn`` pickled with cloudpickle, once per call (not per chunk)."""
+        """``fn`` pickled for any worker, remote ones included; once per call."""
         if self._fn_bytes is None:
             self._fn_bytes = dumps_function(self.fn)
         return self._fn_bytes
+
+    @property
+    def local_fn_bytes(self) -> bytes:
+        """``fn`` pickled for worker processes on this machine (see ``dumps_function``)."""
+        if self._local_fn_bytes is None:
+            self._local_fn_bytes = dumps_function(self.fn, local=True)
+        return self._local_fn_bytes
 
 
 @dataclass(eq=False, slots=True)

@@ -37,8 +37,8 @@ from typing import Any
 
 import cloudpickle
 
-from .._errors import PoolClosedError, SerializationError
-from .._serialization import PROTOCOL, short_repr
+from .._errors import PoolClosedError
+from .._serialization import PROTOCOL, dumps_function
 from .._worker import SLOT_WIDTH, decode_outcome
 from ._base import Backend, Call, Capabilities, Chunk, ChunkLost, ChunkOutcome, Done
 
@@ -72,17 +72,13 @@ class _Queued:
     items: bytes
 
 
-def pickle_initializer(initializer: Callable[..., Any] | None, initargs: tuple[Any, ...]) -> bytes | None:
+def pickle_initializer(
+    initializer: Callable[..., Any] | None, initargs: tuple[Any, ...], *, local: bool = False
+) -> bytes | None:
+    """The initializer and its arguments, pickled like ``fn`` is (see ``dumps_function``)."""
     if initializer is None:
         return None
-    try:
-        data: bytes = cloudpickle.dumps((initializer, initargs), protocol=PROTOCOL)
-    except Exception as exc:
-        raise SerializationError(
-            f"the initializer {short_repr(initializer)} or its initargs cannot be serialised: "
-            f"{type(exc).__name__}: {exc}"
-        ) from exc
-    return data
+    return dumps_function((initializer, initargs), local=local, what="the initializer or its initargs")
 
 
 class LocalWorkers(Backend):
@@ -92,7 +88,7 @@ class LocalWorkers(Backend):
 
     def __init__(self, workers: int, initializer: Callable[..., Any] | None, initargs: tuple[Any, ...]) -> None:
         self.workers = workers
-        self._init_bytes = pickle_initializer(initializer, initargs)
+        self._init_bytes = pickle_initializer(initializer, initargs, local=True)
         self._lock = threading.Lock()
         self._pending: deque[_Queued] = deque()
         self._ended_calls: set[int] = set()
@@ -119,7 +115,7 @@ class LocalWorkers(Backend):
 
     # -- the Backend interface (caller threads) ------------------------
     def submit(self, chunk: Chunk, done: Done) -> None:
-        chunk.call.fn_bytes  # noqa: B018 - pickle fn here, where its error belongs
+        chunk.call.local_fn_bytes  # noqa: B018 - pickle fn here, where its error belongs
         queued = _Queued(chunk, done, chunk.items_bytes())
         with self._lock:
             if self._closing:
@@ -200,7 +196,7 @@ class LocalWorkers(Backend):
                     worker.conn.send_bytes(cloudpickle.dumps(("forget", call_id)))
                     worker.known_calls.discard(call_id)
                 if call.id not in worker.known_calls:
-                    worker.conn.send_bytes(cloudpickle.dumps(("fn", call.id, call.fn_bytes), protocol=PROTOCOL))
+                    worker.conn.send_bytes(cloudpickle.dumps(("fn", call.id, call.local_fn_bytes), protocol=PROTOCOL))
                     worker.known_calls.add(call.id)
                 worker.chunk, worker.done, worker.sent_at = queued.chunk, queued.done, time.monotonic()
                 worker.conn.send_bytes(cloudpickle.dumps(queued.chunk.header(), protocol=PROTOCOL))

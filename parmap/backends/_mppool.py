@@ -132,7 +132,7 @@ class MPPoolBackend(Backend):
         self.workers = workers
         self.start_method = start_method or default_start_method()
         self._ctx = multiprocessing.get_context(self.start_method)
-        self._init_bytes = pickle_initializer(initializer, initargs)
+        self._init_bytes = pickle_initializer(initializer, initargs, local=True)
         self._slots = 4 * workers + 16
         self._status: Any = None
         self._free_slots: deque[int] = deque(range(self._slots))
@@ -164,7 +164,7 @@ class MPPoolBackend(Backend):
 
     # -- Backend interface ----------------------------------------------
     def submit(self, chunk: Chunk, done: Done) -> None:
-        fn_bytes = chunk.call.fn_bytes
+        fn_bytes = chunk.call.local_fn_bytes
         items = chunk.items_bytes()
         self._ensure_started()
         with self._lock:
@@ -223,7 +223,7 @@ class MPPoolBackend(Backend):
             key = self._next_key
             self._next_key += 1
             call = chunk.call
-            fn_ref = self._fn_files.get(call.id) or call.fn_bytes
+            fn_ref = self._fn_files.get(call.id) or call.local_fn_bytes
             task = (key, slot, call.id, fn_ref, chunk.header(), items)
             self._flights[key] = _Flight(chunk, done, slot, time.monotonic(), task)
             self._feed(task)
@@ -337,17 +337,26 @@ class MPPoolBackend(Backend):
                 self._worker_died(pid, None)
 
     def _worker_died(self, pid: int, exitcode: int | None) -> None:
-        lost: list[_Flight] = []
+        """Report the chunk that ``pid`` was running when it died.
+
+        A worker runs one task at a time, so of the chunks that name it only
+        the latest claimed can have died with it; the earlier ones finished
+        and their results are still on their way through the pool.
+        """
         with self._lock:
-            for key, flight in list(self._flights.items()):
-                if int(self._status[flight.slot * SLOT_WIDTH]) == pid:
-                    del self._flights[key]
-                    self._free_slots.append(flight.slot)
-                    lost.append(flight)
+            mine = [
+                (self._status[f.slot * SLOT_WIDTH + 2], key)
+                for key, f in self._flights.items()
+                if int(self._status[f.slot * SLOT_WIDTH]) == pid
+            ]
+            if not mine:
+                return
+            _, key = max(mine)
+            flight = self._flights.pop(key)
+            self._free_slots.append(flight.slot)
             self._launch_waiting()
-        for flight in lost:
-            offset = flight.timed_out_offset
-            flight.done(flight.chunk, ChunkLost(exitcode, pid, offset=offset, timed_out=offset is not None))
+        offset = flight.timed_out_offset
+        flight.done(flight.chunk, ChunkLost(exitcode, pid, offset=offset, timed_out=offset is not None))
 
     def _next_deadline(self) -> float | None:
         deadline: float | None = None

@@ -27,7 +27,11 @@ class SerialBackend(Backend):
     def submit(self, chunk: Chunk, done: Done) -> None:
         if self._initializer is not None:
             initializer, self._initializer = self._initializer, None
-            initializer(*self._initargs)
+            try:
+                initializer(*self._initargs)
+            except Exception as exc:
+                exc.add_note("parmap: raised by the initializer")
+                raise
         call = chunk.call
         outcome = run_chunk(
             call.fn, chunk.items, star=call.star, stop_on_error=call.stop_on_error, pickle_errors=False

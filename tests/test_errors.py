@@ -1,0 +1,148 @@
+"""The SPEC's "Errors" section: every failure ends in an exception, never a hang,
+and leaves no process behind (the autouse no_orphans fixture checks that)."""
+
+from __future__ import annotations
+
+import functools
+import threading
+
+import pytest
+import workfns
+from conftest import PROCESS_BACKENDS
+
+import parmap
+
+ITEMS = list(range(12))
+
+# (function, extra options, expected error, text the message must contain)
+CRASH_MATRIX = [
+    pytest.param(workfns.raise_value_error, {}, ValueError, "bad item 5", id="raise"),
+    pytest.param(workfns.sigkill_self, {}, parmap.WorkerCrashedError, "SIGKILL", id="sigkill"),
+    pytest.param(workfns.exit_3, {}, parmap.WorkerCrashedError, "exit code 3", id="os._exit"),
+    pytest.param(workfns.segfault, {}, parmap.WorkerCrashedError, "SIGSEGV", id="segfault"),
+    pytest.param(workfns.raise_unpicklable, {}, parmap.TaskError, "UnpicklableError", id="unpicklable-exception"),
+    pytest.param(workfns.return_unpicklable, {}, parmap.SerializationError, "result of item #5", id="unpicklable-result"),
+    pytest.param(workfns.sleep_forever, {"timeout": 0.5}, parmap.TaskTimeoutError, "item #5", id="timeout"),
+]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(("fn", "options", "error", "text"), CRASH_MATRIX)
+def test_crash_matrix(process_backend, fn, options, error, text):
+    with pytest.raises(error) as info:
+        parmap.map(fn, ITEMS, workers=2, backend=process_backend, **options)
+    assert text in str(info.value) or text in "".join(getattr(info.value, "__notes__", []))
+    message = str(info.value) + "".join(getattr(info.value, "__notes__", []))
+    assert "#5" in message  # names the item
+
+
+@pytest.mark.timeout(30)
+def test_unpicklable_item(process_backend):
+    items = [1, 2, threading.Lock(), 4]
+    with pytest.raises(parmap.SerializationError, match=r"item #2"):
+        parmap.map(workfns.describe, items, workers=2, backend=process_backend)
+
+
+def test_unpicklable_function(process_backend):
+    lock = threading.Lock()
+    with pytest.raises(parmap.SerializationError, match="the function"):
+        parmap.map(lambda x: (lock, x), [1, 2], workers=2, backend=process_backend)
+
+
+def test_user_exception_keeps_type_note_and_traceback(backend):
+    with pytest.raises(ValueError, match="bad item 5") as info:
+        parmap.map(workfns.raise_value_error, ITEMS, workers=2, backend=backend)
+    exc = info.value
+    assert any("item #5" in note and "(5)" in note for note in exc.__notes__)
+    assert isinstance(exc.__cause__, parmap.RemoteTraceback)
+    assert "raise_value_error" in exc.__cause__.text  # the worker's own frame
+    assert "raise ValueError" in exc.__cause__.text
+
+
+def test_timeout_refused_where_it_cannot_work():
+    for name in ("thread", "serial"):
+        with pytest.raises(ValueError, match="timeout"):
+            parmap.map(workfns.square, [1], backend=name, timeout=1)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("policy", ["skip", "return"])
+@pytest.mark.parametrize("fn", [workfns.raise_value_error, workfns.sigkill_self], ids=["raise", "crash"])
+def test_error_policies_keep_every_other_result(process_backend, policy, fn):
+    results = parmap.map(fn, ITEMS, workers=2, backend=process_backend, on_error=policy, chunksize=4)
+    if policy == "skip":
+        assert results == [x for x in ITEMS if x != workfns.BAD]
+    else:
+        assert [r for r in results if not isinstance(r, Exception)] == [x for x in ITEMS if x != workfns.BAD]
+        assert isinstance(results[workfns.BAD], (ValueError, parmap.WorkerCrashedError))
+
+
+@pytest.mark.parametrize("policy", ["skip", "return"])
+def test_error_policies_in_process(backend, policy):
+    results = parmap.map(workfns.raise_value_error, ITEMS, workers=2, backend=backend, on_error=policy)
+    expected_len = len(ITEMS) - (policy == "skip")
+    assert len(results) == expected_len
+
+
+def test_imap_skip_and_return_stay_in_order(backend):
+    results = list(parmap.imap(workfns.raise_value_error, ITEMS, workers=2, backend=backend, on_error="skip"))
+    assert results == [x for x in ITEMS if x != workfns.BAD]
+
+
+def test_retries_rerun_failed_items(backend, tmp_marker_dir):
+    fn = functools.partial(workfns.fail_first_time, tmp_marker_dir)
+    assert parmap.map(fn, range(8), workers=2, backend=backend, retries=1) == list(range(8))
+
+
+def test_retries_exhausted_raise(backend, tmp_marker_dir):
+    fn = functools.partial(workfns.fail_first_time, tmp_marker_dir)
+    with pytest.raises(RuntimeError, match="first attempt") as info:
+        parmap.map(fn, range(4), workers=2, backend=backend, retries=0)
+    assert info.value.__notes__
+
+
+@pytest.mark.timeout(30)
+def test_retries_survive_a_crash(process_backend, tmp_marker_dir):
+    fn = functools.partial(workfns.crash_first_time, tmp_marker_dir)
+    assert parmap.map(fn, ITEMS, workers=2, backend=process_backend, retries=1) == ITEMS
+
+
+@pytest.mark.timeout(30)
+def test_pool_survives_a_crash(process_backend):
+    """One dead worker costs one item; the pool carries on with a replacement."""
+    with parmap.Pool(workers=2, backend=process_backend) as pool:
+        with pytest.raises(parmap.WorkerCrashedError) as info:
+            pool.map(workfns.sigkill_self, ITEMS)
+        assert info.value.exitcode == -9
+        assert pool.map(workfns.square, ITEMS) == [x * x for x in ITEMS]
+
+
+def test_errors_derive_from_parmap_error():
+    for error in (
+        parmap.TaskError,
+        parmap.WorkerCrashedError,
+        parmap.TaskTimeoutError,
+        parmap.SerializationError,
+        parmap.PoolClosedError,
+    ):
+        assert issubclass(error, parmap.ParmapError)
+    assert issubclass(parmap.TaskTimeoutError, TimeoutError)
+
+
+def test_initializer_failure_is_reported(backend):
+    with pytest.raises(ZeroDivisionError) as info:
+        parmap.map(workfns.square, range(4), workers=2, backend=backend, initializer=lambda: 1 / 0)
+    assert any("initializer" in note for note in info.value.__notes__)
+
+
+def test_generator_error_propagates(backend):
+    def broken():
+        yield 1
+        raise KeyError("input broke")
+
+    with pytest.raises(KeyError, match="input broke"):
+        parmap.map(workfns.square, broken(), workers=2, backend=backend)
+
+
+def test_process_backends_listed():
+    assert set(PROCESS_BACKENDS) <= set(parmap.BACKEND_NAMES)

@@ -1,0 +1,127 @@
+"""Functions the tests send to workers. Module-level, so every start method
+(spawn included) can import them; the failing ones fail on cue for item 5."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import threading
+import time
+
+import parmap
+
+BAD = 5
+
+
+def square(x):
+    return x * x
+
+
+def describe(x):
+    return (type(x).__name__, x)
+
+
+def pack(*args):
+    return args
+
+
+def getpid(_=None):
+    return os.getpid()
+
+
+def raise_value_error(x):
+    if x == BAD:
+        raise ValueError(f"bad item {x}")
+    return x
+
+
+def sigkill_self(x):
+    if x == BAD:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x
+
+
+def exit_3(x):
+    if x == BAD:
+        os._exit(3)
+    return x
+
+
+def segfault(x):
+    if x == BAD:
+        ctypes.string_at(0)
+    return x
+
+
+def sleep_forever(x):
+    if x == BAD:
+        time.sleep(60)
+    return x
+
+
+class UnpicklableError(Exception):
+    """Pickles, but cannot be rebuilt: __init__ takes two arguments."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
+def raise_unpicklable(x):
+    if x == BAD:
+        raise UnpicklableError("cannot travel", 7)
+    return x
+
+
+def return_unpicklable(x):
+    if x == BAD:
+        return threading.Lock()
+    return x
+
+
+def fail_first_time(marker_dir, x):
+    """Raise on the first attempt per item, succeed afterwards (a file marks the attempt)."""
+    marker = os.path.join(marker_dir, f"{x}.tried")
+    if not os.path.exists(marker):
+        with open(marker, "w"):
+            pass
+        raise RuntimeError(f"first attempt at {x}")
+    return x
+
+
+def crash_first_time(marker_dir, x):
+    marker = os.path.join(marker_dir, f"{x}.tried")
+    if x == BAD and not os.path.exists(marker):
+        with open(marker, "w"):
+            pass
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x
+
+
+def record_pid_then_sleep(marker_dir, x):
+    with open(os.path.join(marker_dir, f"{os.getpid()}.pid"), "w"):
+        pass
+    time.sleep(0.2)
+    return x
+
+
+def nested_map(x):
+    """A parmap call made inside a worker: must run serially, right here."""
+    return parmap.map(getpid, range(3), workers=2)
+
+
+def count_init(marker_dir):
+    with open(os.path.join(marker_dir, f"init-{os.getpid()}"), "a") as f:
+        f.write("x")
+
+
+def sleep_then_square(x):
+    time.sleep(0.01)
+    return x * x
+
+
+@parmap.parallel
+def decorated_cube(x):
+    """Cube a number."""
+    return x**3
