@@ -47,6 +47,7 @@ when a :class:`DaskBackend` is constructed.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import uuid
@@ -68,6 +69,10 @@ __all__ = ["ADDRESS_ENV", "DaskBackend", "import_distributed"]
 ADDRESS_ENV = "PARMAP_DASK_ADDRESS"
 
 INSTALL_HINT = "pip install parmap[dask]"
+
+#: Seconds to reach a scheduler before giving up (Dask's default is 30 s,
+#: long to sit through for a mistyped address).
+CONNECT_TIMEOUT = 10
 
 #: Settings for clusters parmap starts itself; see the module docstring.
 OWN_CLUSTER_CONFIG = {
@@ -118,6 +123,7 @@ class DaskBackend(Backend):
         self._distributed = import_distributed()
         self._requested_workers = workers
         self._workers: int | None = None
+        self._address_given = bool(address)
         self.address: str | None = address or os.environ.get(ADDRESS_ENV) or None
         self._init_bytes = pickle_initializer(initializer, initargs)
         self._init_future: Any = None
@@ -210,7 +216,7 @@ class DaskBackend(Backend):
             client.close()
         finally:
             if cluster is not None:
-                cluster.close()
+                _close_cluster(cluster, kill=self._killed)
 
     # -- internals --------------------------------------------------------------
     def _check_open(self) -> None:
@@ -239,7 +245,12 @@ class DaskBackend(Backend):
             else:
                 address = self.address
             try:
-                client = distributed.Client(address, set_as_default=False)
+                try:
+                    client = distributed.Client(address, set_as_default=False, timeout=CONNECT_TIMEOUT)
+                except OSError as exc:
+                    source = "address=" if self._address_given else f"${ADDRESS_ENV}"
+                    exc.add_note(f"parmap: backend='dask' could not reach the scheduler at {address} (from {source})")
+                    raise
                 init = None
                 if self._init_bytes is not None:
                     key = f"parmap-initializer-{uuid.uuid4().hex}"
@@ -302,3 +313,23 @@ class DaskBackend(Backend):
         except BaseException as exc:  # a CancelledError carries the cluster's reason
             reason = str(exc) or type(exc).__name__
         return ChunkLost(None, detail=f"the dask cluster dropped it: {reason}")
+
+
+#: Seconds a nanny gives its worker to stop on ``close(kill=True)`` before
+#: killing it; Dask's own default (5 s) would break the Ctrl-C promise (2 s).
+KILL_GRACE = 0.5
+
+
+def _close_cluster(cluster: Any, *, kill: bool) -> None:
+    """Close a LocalCluster we started; with ``kill`` do not wait for running tasks."""
+    if kill:
+
+        async def stop_nannies() -> None:
+            nannies = list(cluster.workers.values())
+            await asyncio.gather(*(n.close(timeout=KILL_GRACE) for n in nannies), return_exceptions=True)
+
+        try:
+            cluster.sync(stop_nannies)
+        except Exception:  # noqa: S110 - cluster.close below still stops them, only slower
+            pass
+    cluster.close()

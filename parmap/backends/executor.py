@@ -139,6 +139,7 @@ class ExecutorBackend(Backend):
         self.workers = int(getattr(executor, "_max_workers", 0) or default_workers())
         self._lock = threading.Lock()
         self._calls: dict[int, _CallFutures] = {}
+        self._broken = False
 
     def submit(self, chunk: Chunk, done: Done) -> None:
         call = chunk.call
@@ -173,6 +174,8 @@ class ExecutorBackend(Backend):
             return
         except BrokenExecutor as exc:
             # The whole executor is gone, not one worker: no retry can run.
+            with self._lock:
+                self._broken = True
             crashed = WorkerCrashedError(_broken_message(exc))
             crashed.__cause__ = exc
             done(chunk, ChunkOutcome([], fatal=ErrorInfo.capture(crashed, pickle_it=False)))
@@ -188,7 +191,10 @@ class ExecutorBackend(Backend):
             if state is None:
                 return
             state.released = True
-            futures = list(state.futures)
+            # A breaking ProcessPoolExecutor fails its futures one by one from its
+            # manager thread; cancelling one meanwhile makes that thread die of
+            # InvalidStateError (CPython 3.11) and leave its workers running.
+            futures = [] if self._broken else list(state.futures)
         for future in futures:
             future.cancel()  # queued chunks are dropped; running ones finish unseen
 
