@@ -123,7 +123,8 @@ class _Stream:
             from mpire import WorkerPool
 
             pool = WorkerPool(n_jobs=workers)
-            self.results = pool.imap(fn, source)
+            # Without a chunk size mpire sends an unsized input one item per task.
+            self.results = pool.imap(fn, source, chunk_size=pool_chunksize(n_hint, workers))
             self._close = pool.terminate
         else:
             import parmap
