@@ -21,7 +21,9 @@ CRASH_MATRIX = [
     pytest.param(workfns.exit_3, {}, parmap.WorkerCrashedError, "exit code 3", id="os._exit"),
     pytest.param(workfns.segfault, {}, parmap.WorkerCrashedError, "SIGSEGV", id="segfault"),
     pytest.param(workfns.raise_unpicklable, {}, parmap.TaskError, "UnpicklableError", id="unpicklable-exception"),
-    pytest.param(workfns.return_unpicklable, {}, parmap.SerializationError, "result of item #5", id="unpicklable-result"),
+    pytest.param(
+        workfns.return_unpicklable, {}, parmap.SerializationError, "result of item #5", id="unpicklable-result"
+    ),
     pytest.param(workfns.sleep_forever, {"timeout": 0.5}, parmap.TaskTimeoutError, "item #5", id="timeout"),
 ]
 

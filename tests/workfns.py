@@ -125,3 +125,19 @@ def sleep_then_square(x):
 def decorated_cube(x):
     """Cube a number."""
     return x**3
+
+
+class CountingFn:
+    """Records every time it is unpickled (in a worker), to prove fn travels once per worker."""
+
+    def __init__(self, marker_dir):
+        self.marker_dir = marker_dir
+
+    def __call__(self, x):
+        return x
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        path = os.path.join(self.marker_dir, f"unpickled-{os.getpid()}-{time.monotonic_ns()}")
+        with open(path, "w"):
+            pass

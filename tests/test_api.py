@@ -1,0 +1,92 @@
+"""Arguments are checked at the call, by name, before any process starts."""
+
+from __future__ import annotations
+
+import psutil
+import pytest
+import workfns
+
+import parmap
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "text"),
+    [
+        ({"workers": 0}, ValueError, "workers"),
+        ({"workers": -1}, ValueError, "workers"),
+        ({"workers": 1.5}, TypeError, "workers"),
+        ({"workers": "2"}, TypeError, "workers"),
+        ({"workers": True}, TypeError, "workers"),
+        ({"chunksize": 0}, ValueError, "chunksize"),
+        ({"chunksize": 2.5}, TypeError, "chunksize"),
+        ({"backend": "nope"}, ValueError, "nope"),
+        ({"backend": 3}, TypeError, "backend"),
+        ({"timeout": 0}, ValueError, "timeout"),
+        ({"timeout": -1}, ValueError, "timeout"),
+        ({"timeout": "1"}, TypeError, "timeout"),
+        ({"retries": -1}, ValueError, "retries"),
+        ({"on_error": "ignore"}, ValueError, "on_error"),
+        ({"progress": "yes"}, TypeError, "progress"),
+        ({"start_method": "vfork"}, ValueError, "start_method"),
+        ({"backend": "thread", "start_method": "spawn"}, ValueError, "start_method"),
+        ({"initializer": 3}, TypeError, "initializer"),
+    ],
+)
+def test_bad_arguments_are_named(options, error, text):
+    before = psutil.Process().children()
+    with pytest.raises(error, match=text):
+        parmap.map(workfns.square, [1, 2, 3], **options)
+    with pytest.raises(error, match=text):
+        parmap.imap(workfns.square, [1, 2, 3], **options)  # at the call, not at the first next()
+    assert psutil.Process().children() == before
+
+
+def test_unknown_option_is_a_type_error():
+    with pytest.raises(TypeError, match="bogus"):
+        parmap.map(workfns.square, [1], bogus=1)
+    with pytest.raises(TypeError, match="bogus"):
+        parmap.parallel(bogus=1)
+
+
+def test_non_callable_and_non_iterable():
+    with pytest.raises(TypeError, match="callable"):
+        parmap.map(3, [1])
+    with pytest.raises(TypeError, match="iterable"):
+        parmap.map(workfns.square, 5)
+
+
+def test_workers_none_means_usable_cpus():
+    assert parmap.map(workfns.square, range(10), workers=None) == [x * x for x in range(10)]
+
+
+def test_nested_call_runs_serially_in_the_worker(backend):
+    if backend == "serial":
+        pytest.skip("the serial backend has no workers: a call inside it may start a pool")
+    for pids in parmap.map(workfns.nested_map, [1, 2], workers=2, backend=backend):
+        assert len(set(pids)) == 1  # all three items ran in one place: that worker
+
+
+def test_fn_is_sent_once_per_worker_not_per_item(process_backend, tmp_marker_dir):
+    import os
+
+    fn = workfns.CountingFn(tmp_marker_dir)
+    assert parmap.map(fn, range(200), workers=2, backend=process_backend, chunksize=1) == list(range(200))
+    assert 1 <= len(os.listdir(tmp_marker_dir)) <= 2
+
+
+def test_progress_counts_items(capsys, backend):
+    parmap.map(workfns.square, range(20), workers=2, backend=backend, progress=True)
+    err = capsys.readouterr().err
+    assert "20/20" in err
+
+
+def test_progress_options_reach_tqdm(capsys):
+    parmap.map(workfns.square, range(7), workers=2, backend="thread", progress={"desc": "squaring"})
+    err = capsys.readouterr().err
+    assert "squaring" in err
+    assert "7/7" in err
+
+
+def test_progress_without_length(capsys):
+    list(parmap.imap(workfns.square, (x for x in range(9)), workers=2, backend="thread", progress=True))
+    assert "9" in capsys.readouterr().err

@@ -1,0 +1,45 @@
+"""@parmap.parallel keeps the function and adds .map/.imap/.starmap."""
+
+from __future__ import annotations
+
+import inspect
+
+import workfns
+
+import parmap
+
+
+def test_plain_call_runs_here():
+    assert workfns.decorated_cube(3) == 27
+
+
+def test_keeps_name_doc_and_signature():
+    assert workfns.decorated_cube.__name__ == "decorated_cube"
+    assert workfns.decorated_cube.__doc__ == "Cube a number."
+    assert str(inspect.signature(workfns.decorated_cube)) == "(x)"
+
+
+def test_map_imap_starmap(backend):
+    assert workfns.decorated_cube.map(range(6), workers=2, backend=backend) == [x**3 for x in range(6)]
+    assert sorted(workfns.decorated_cube.imap(range(6), workers=2, backend=backend, ordered=False)) == [
+        x**3 for x in range(6)
+    ]
+    assert workfns.decorated_cube.starmap([(2,), (3,)], workers=2, backend=backend) == [8, 27]
+
+
+def test_decorator_with_options_and_overrides():
+    @parmap.parallel(workers=2, backend="thread", on_error="skip")
+    def fragile(x):
+        if x == 2:
+            raise ValueError("two")
+        return x
+
+    assert fragile.map(range(4)) == [0, 1, 3]
+    assert fragile.map(range(4), on_error="return")[2].args == ("two",)
+    assert fragile(1) == 1
+
+
+def test_decorated_module_function_under_spawn():
+    assert workfns.decorated_cube.map(range(5), workers=2, backend="process", start_method="spawn") == [
+        x**3 for x in range(5)
+    ]

@@ -1,0 +1,90 @@
+"""Ctrl-C and a killed parent: workers stop, nothing is left behind.
+
+Each test runs a real script in its own session (so a signal to its process
+group is exactly what a terminal's Ctrl-C sends) and watches its process tree
+with psutil."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+from conftest import PROCESS_BACKENDS
+
+TESTS_DIR = os.path.dirname(__file__)
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    sys.path[:0] = [{root!r}, {tests!r}]
+    import parmap
+
+    def slow(x):
+        time.sleep(0.2)
+        return x
+
+    if __name__ == "__main__":
+        print("started", flush=True)
+        parmap.map(slow, range(1000), workers=2, backend={backend!r}, chunksize=1)
+    """
+)
+
+
+def _start(tmp_path, backend):
+    script = tmp_path / "long_map.py"
+    script.write_text(SCRIPT.format(root=os.path.dirname(TESTS_DIR), tests=TESTS_DIR, backend=backend))
+    proc = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "started"
+    # Wait until the workers exist, so the signal lands mid-run.
+    parent = psutil.Process(proc.pid)
+    deadline = time.monotonic() + 10
+    while len(parent.children(recursive=True)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    return proc, parent.children(recursive=True)
+
+
+def _gone(processes, within):
+    _, alive = psutil.wait_procs(processes, timeout=within)
+    for proc in alive:
+        proc.kill()
+    return [p.pid for p in alive]
+
+
+@pytest.mark.timeout(40)
+@pytest.mark.parametrize("backend", PROCESS_BACKENDS)
+def test_ctrl_c_stops_everything(tmp_path, backend):
+    proc, workers = _start(tmp_path, backend)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    try:
+        _, stderr = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+    assert "KeyboardInterrupt" in stderr
+    assert proc.returncode != 0
+    assert _gone(workers, within=3) == []
+
+
+@pytest.mark.timeout(40)
+@pytest.mark.parametrize("backend", PROCESS_BACKENDS)
+def test_killed_parent_leaves_no_workers(tmp_path, backend):
+    proc, workers = _start(tmp_path, backend)
+    assert workers
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    proc.stdout.close()
+    proc.stderr.close()
+    assert _gone(workers, within=5) == []

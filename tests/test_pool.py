@@ -1,0 +1,114 @@
+"""parmap.Pool: warm workers, per-call overrides, submit(), a clear end."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+
+import pytest
+import workfns
+
+import parmap
+
+
+def test_workers_are_reused_between_calls(process_backend):
+    """The same worker processes serve consecutive calls (no new pool per call)."""
+    with parmap.Pool(workers=2, backend=process_backend) as pool:
+        calls = [set(pool.map(workfns.getpid, range(30), chunksize=1)) for _ in range(3)]
+    assert os.getpid() not in calls[0]
+    assert len(set().union(*calls)) <= 2
+
+
+def test_per_call_overrides(backend):
+    with parmap.Pool(workers=2, backend=backend, on_error="skip") as pool:
+        assert pool.map(workfns.raise_value_error, range(8)) == [0, 1, 2, 3, 4, 6, 7]
+        with pytest.raises(ValueError):
+            pool.map(workfns.raise_value_error, range(8), on_error="raise")
+        assert list(pool.imap(workfns.square, range(5), chunksize=2)) == [0, 1, 4, 9, 16]
+        assert pool.starmap(workfns.pack, [(1, 2), (3, 4)]) == [(1, 2), (3, 4)]
+
+
+def test_pool_level_options_are_not_per_call():
+    with parmap.Pool(workers=2, backend="thread") as pool, pytest.raises(TypeError, match="workers"):
+        pool.map(workfns.square, [1], workers=3)
+
+
+def test_submit_returns_a_future(backend):
+    with parmap.Pool(workers=2, backend=backend) as pool:
+        future = pool.submit(pow, 2, 10)
+        assert isinstance(future, concurrent.futures.Future)
+        assert future.result(timeout=30) == 1024
+        failing = pool.submit(workfns.raise_value_error, 5)
+        with pytest.raises(ValueError, match="bad item 5"):
+            failing.result(timeout=30)
+        keyword = pool.submit(sorted, [3, 1, 2], reverse=True)
+        assert keyword.result(timeout=30) == [3, 2, 1]
+
+
+@pytest.mark.timeout(30)
+def test_submit_survives_a_crash(process_backend):
+    with parmap.Pool(workers=2, backend=process_backend) as pool:
+        with pytest.raises(parmap.WorkerCrashedError):
+            pool.submit(workfns.sigkill_self, 5).result(timeout=20)
+        assert pool.submit(workfns.square, 7).result(timeout=20) == 49
+
+
+def test_closed_pool_says_so(backend):
+    pool = parmap.Pool(workers=2, backend=backend)
+    assert pool.map(workfns.square, [1, 2]) == [1, 4]
+    pool.close()
+    assert pool.closed
+    for use in (
+        lambda: pool.map(workfns.square, [1]),
+        lambda: pool.imap(workfns.square, [1]),
+        lambda: pool.submit(workfns.square, 1),
+    ):
+        with pytest.raises(parmap.PoolClosedError, match="closed"):
+            use()
+    pool.close()  # idempotent
+
+
+def test_leaving_the_block_stops_the_workers(process_backend):
+    import psutil
+
+    with parmap.Pool(workers=2, backend=process_backend) as pool:
+        assert os.getpid() not in set(pool.map(workfns.getpid, range(10), chunksize=1))
+        workers = [psutil.Process(pid) for pid in set(pool.map(workfns.getpid, range(10), chunksize=1))]
+    _, alive = psutil.wait_procs(workers, timeout=5)
+    assert alive == []
+
+
+def test_initializer_runs_once_per_worker(process_backend, tmp_marker_dir):
+    with parmap.Pool(
+        workers=2, backend=process_backend, initializer=workfns.count_init, initargs=(tmp_marker_dir,)
+    ) as pool:
+        pool.map(workfns.square, range(50), chunksize=1)
+        pool.map(workfns.square, range(50), chunksize=1)
+    files = os.listdir(tmp_marker_dir)
+    assert 1 <= len(files) <= 2
+    for name in files:
+        with open(os.path.join(tmp_marker_dir, name)) as f:
+            assert f.read() == "x"
+
+
+def test_imap_close_stops_the_work(backend):
+    with parmap.Pool(workers=2, backend=backend) as pool:
+        results = pool.imap(workfns.square, range(10_000), chunksize=1)
+        assert next(results) == 0
+        results.close()
+        assert pool.map(workfns.square, range(5)) == [0, 1, 4, 9, 16]  # the pool is still usable
+
+
+def test_imap_dropped_without_close(backend):
+    import gc
+
+    results = parmap.imap(workfns.square, range(10_000), workers=2, backend=backend, chunksize=1)
+    assert next(results) == 0
+    del results
+    gc.collect()  # the one-call pool stops its workers (no_orphans checks)
+
+
+def test_executor_as_backend_is_not_shut_down():
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as executor:
+        assert parmap.map(workfns.square, range(10), backend=executor) == [x * x for x in range(10)]
+        assert executor.submit(workfns.square, 3).result() == 9

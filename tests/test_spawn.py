@@ -1,0 +1,72 @@
+"""Lambdas, closures and __main__ functions under every start method, spawn included."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import parmap
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MP_BACKENDS = ["process", "pool", "apply_async"]
+
+
+@pytest.mark.parametrize("backend", MP_BACKENDS)
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+def test_lambda_and_closure(backend, start_method):
+    data = {"offset": 100}
+    results = parmap.map(lambda x: x + data["offset"], range(6), workers=2, backend=backend, start_method=start_method)
+    assert results == [x + 100 for x in range(6)]
+
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {root!r})
+    import parmap
+
+    state = {{}}
+
+    def remember():
+        state["ready"] = True
+
+    def ready(_):
+        return state.get("ready", False)
+
+    def triple(x):
+        return 3 * x
+
+    if __name__ == "__main__":
+        for method in ("fork", "spawn", "forkserver"):
+            for backend in ("process", "pool", "apply_async"):
+                opts = dict(workers=2, backend=backend, start_method=method)
+                assert parmap.map(lambda x: x * 2, range(5), **opts) == [0, 2, 4, 6, 8]
+                assert parmap.map(triple, range(5), **opts) == [0, 3, 6, 9, 12]
+                assert parmap.map(ready, range(4), initializer=remember, **opts) == [True] * 4, (method, backend)
+        assert parmap.map(lambda x: -x, range(3), workers=2, backend="fork") == [0, -1, -2]
+        print("all good")
+    """
+)
+
+
+@pytest.mark.timeout(120)
+def test_main_script_functions_and_lambdas(tmp_path):
+    script = tmp_path / "user_script.py"
+    script.write_text(SCRIPT.format(root=ROOT))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=110)
+    assert result.returncode == 0, result.stderr
+    assert "all good" in result.stdout
+
+
+def test_python_dash_c_lambda_under_spawn():
+    code = (
+        f"import sys; sys.path.insert(0, {ROOT!r}); import parmap;"
+        "print(parmap.map(lambda x: x + 1, range(3), workers=2, start_method='spawn'))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[1, 2, 3]"
