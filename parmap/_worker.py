@@ -2,8 +2,9 @@
 
 :func:`run_chunk` is shared by every backend (threads and the serial backend
 call it directly). :func:`worker_main` is the loop of the ``process`` and
-``fork`` backends' worker processes; the ``pool``, ``apply_async``,
-``dask`` and executor backends call :func:`run_encoded_chunk` instead.
+``fork`` backends' worker processes; the ``pool`` and ``apply_async``
+backends run :func:`~parmap.backends._mppool.run_pool_task`, and the ``dask``
+and executor backends :func:`~parmap.backends.executor.run_remote_chunk`.
 
 Wire format between the parent and a ``worker_main`` loop (one
 ``Connection`` each way, framed by ``send_bytes``/``recv_bytes``)::
@@ -288,29 +289,3 @@ def worker_main(conn: Any, status_array: Any, index: int, init_bytes: bytes | No
     except (EOFError, OSError):
         return  # the parent went away: nothing left to do
 
-
-_remote_functions = FunctionCache()
-
-
-def run_encoded_chunk(call_id: int, fn_bytes: bytes, header: tuple[Any, ...], items_bytes: bytes) -> bytes:
-    """Run one pickled chunk wherever an executor puts it; never raises.
-
-    The entry point for backends that hand work to someone else's workers
-    (a ``concurrent.futures`` executor, Dask). ``fn`` is cached per process
-    by call id, so a worker unpickles it once per call.
-    """
-    _, _, positions, stop_on_error, _track, star = header
-    fn = _remote_functions.get(call_id)
-    if fn is None:
-        try:
-            _remote_functions.add(call_id, fn_bytes)
-        except Exception as exc:
-            return encode_outcome(fatal_outcome(exc, "the function"), positions)
-        fn = _remote_functions.get(call_id)
-        assert fn is not None
-    try:
-        items = loads(items_bytes)
-    except Exception as exc:
-        return encode_outcome(fatal_outcome(exc, f"the items from #{positions[0]}"), positions)
-    outcome = run_chunk(fn, items, star=star, stop_on_error=stop_on_error, pickle_errors=True)
-    return encode_outcome(outcome, positions)

@@ -112,3 +112,11 @@ def test_executor_as_backend_is_not_shut_down():
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as executor:
         assert parmap.map(workfns.square, range(10), backend=executor) == [x * x for x in range(10)]
         assert executor.submit(workfns.square, 3).result() == 9
+
+
+def test_executor_backend_refuses_worker_options():
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as executor:
+        with pytest.raises(ValueError, match="initializer"):
+            parmap.map(workfns.square, [1], backend=executor, initializer=print)
+        with pytest.raises(ValueError, match="start_method"):
+            parmap.map(workfns.square, [1], backend=executor, start_method="spawn")

@@ -90,5 +90,11 @@ def create_backend(options: PoolOptions) -> tuple[Backend, bool]:
 
 
 def _no_start_method(options: PoolOptions, what: str) -> None:
+    """Options that only parmap-made workers can honour."""
     if options.start_method is not None:
-        raise ValueError(f"start_method cannot be used with {what} as backend")
+        raise ValueError(f"start_method cannot be used with {what} as backend: its workers are already made")
+    if options.initializer is not None:
+        raise ValueError(
+            f"initializer cannot be used with {what} as backend: parmap does not start its workers "
+            "(give the executor its own initializer)"
+        )
