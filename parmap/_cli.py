@@ -193,32 +193,60 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _loop(step: Step, reader: Reader, output: Output, options: dict[str, Any], args: argparse.Namespace) -> int:
-    ordered = not args.unordered
-    in_flight: dict[int, Item] = {}
+    in_flight: dict[int, Item] = {}  # pulled by the workers, not yet written; in input order
+    arrived: dict[int, Any] = {}  # results waiting for the items before them
 
     def feed() -> Iterator[Item]:
         for item in reader:
             in_flight[item.index] = item
             yield item
 
-    results = cast(Generator[Any, None, None], imap(step, feed(), ordered=ordered, on_error="return", **options))
+    def settle(index: int, result: Any) -> bool:
+        """Write or report one item's result; False to stop the run."""
+        item = in_flight.pop(index)
+        if isinstance(result, BaseException):
+            return _failed(item, result, output, args) == EXIT_OK
+        try:
+            line = encode_result(result[1], args.output_format)
+        except ResultError as exc:
+            return _failed(item, exc, output, args) == EXIT_OK
+        output.write(index, line)
+        return True
+
+    # Ordering happens here rather than in imap(ordered=True): the core's
+    # ordered delivery can wait forever once every record in its window has
+    # finished at the same moment (reported to the core's owners; see
+    # docs/cli.md). Until that is fixed, results that finish early wait in
+    # ``arrived``.
+    results = cast(Generator[Any, None, None], imap(step, feed(), ordered=False, on_error="return", **options))
     try:
         with closing(results):
             for result in results:
                 if isinstance(result, BaseException):
-                    item = _locate(result, in_flight, ordered)
-                    if _failed(item, result, output, args) != EXIT_OK:
+                    item = _locate(result, in_flight)
+                    if item is None:
+                        if _failed(None, result, output, args) != EXIT_OK:
+                            return EXIT_TASK_FAILED
+                        continue
+                    index = item.index
+                else:
+                    index = result[0]
+                if args.unordered:
+                    if not settle(index, result):
                         return EXIT_TASK_FAILED
                     continue
-                index, value = result
-                item = in_flight.pop(index)
-                try:
-                    line = encode_result(value, args.output_format)
-                except ResultError as exc:
-                    if _failed(item, exc, output, args) != EXIT_OK:
+                arrived[index] = result
+                while in_flight and (head := next(iter(in_flight))) in arrived:
+                    if not settle(head, arrived.pop(head)):
                         return EXIT_TASK_FAILED
-                    continue
-                output.write(index, line)
+            # Left over: items whose failure could not be told apart (already reported).
+            for item in list(in_flight.values()):
+                if item.index in arrived:
+                    if not settle(item.index, arrived.pop(item.index)):
+                        return EXIT_TASK_FAILED
+                else:
+                    in_flight.pop(item.index)
+                    output.skip(item.index)
     except BrokenPipeError:
         # Whoever read standard output (`| head`) has had enough; no message.
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -259,22 +287,19 @@ def _failed(item: Item | None, exc: BaseException, output: Output, args: argpars
     return EXIT_TASK_FAILED
 
 
-def _locate(exc: BaseException, in_flight: dict[int, Item], ordered: bool) -> Item | None:
-    """The item whose failure ``exc`` is."""
+def _locate(exc: BaseException, in_flight: dict[int, Item]) -> Item | None:
+    """The in-flight item whose failure ``exc`` is, or None if it cannot be told."""
     index = getattr(exc, _INDEX_ATTRIBUTE, None)
     if isinstance(index, int) and index in in_flight:
-        return in_flight.pop(index)
-    if ordered and in_flight:
-        # In order, and with one result per item, the oldest is the one.
-        return in_flight.pop(next(iter(in_flight)))
+        return in_flight[index]
     # A crash or timeout (or an exception that could not travel) carries no
     # index; parmap's message names the item by its repr, which names the line.
     text = "\n".join([str(exc), *getattr(exc, "__notes__", ())])
     for match in re.finditer(r"input line (\d+)", text):
         lineno = int(match.group(1))
-        for key, item in in_flight.items():
+        for item in in_flight.values():
             if item.lineno == lineno:
-                return in_flight.pop(key)
+                return item
     return None
 
 
@@ -378,7 +403,15 @@ def _say(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
 
 
+_MAIN_PID = os.getpid()
+
+
 def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    if os.getpid() != _MAIN_PID:
+        # A forked worker inherited this handler: die of the signal, quietly, as it would have.
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     raise _Terminated
 
 
