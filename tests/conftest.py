@@ -18,6 +18,8 @@ TIMEOUT_BACKENDS = PROCESS_BACKENDS
 
 # Long-lived helpers that multiprocessing starts once per interpreter, on purpose.
 _SINGLETON_HELPERS = ("multiprocessing.forkserver", "multiprocessing.resource_tracker")
+#: Processes owned by session-scoped fixtures (the shared Dask cluster), not by a test.
+SESSION_PIDS: set[int] = set()
 
 
 @pytest.fixture(params=LOCAL_BACKENDS)
@@ -41,7 +43,7 @@ def _children() -> dict[int, psutil.Process]:
                 continue
         except psutil.Error:
             continue
-        if any(helper in cmdline for helper in _SINGLETON_HELPERS):
+        if child.pid in SESSION_PIDS or any(helper in cmdline for helper in _SINGLETON_HELPERS):
             continue
         found[child.pid] = child
     return found
@@ -119,6 +121,8 @@ def dask_cluster():
 
     with dask.config.set(OWN_CLUSTER_CONFIG):
         cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0")
+    # Created on behalf of the session, possibly inside some test's no_orphans window.
+    SESSION_PIDS.update(p.pid for p in psutil.Process().children(recursive=True))
     try:
         yield cluster
     finally:

@@ -51,9 +51,9 @@ def test_unpicklable_function(process_backend):
         parmap.map(lambda x: (lock, x), [1, 2], workers=2, backend=process_backend)
 
 
-def test_user_exception_keeps_type_note_and_traceback(backend):
+def test_user_exception_keeps_type_note_and_traceback(any_backend):
     with pytest.raises(ValueError, match="bad item 5") as info:
-        parmap.map(workfns.raise_value_error, ITEMS, workers=2, backend=backend)
+        parmap.map(workfns.raise_value_error, ITEMS, workers=2, backend=any_backend)
     exc = info.value
     assert any("item #5" in note and "(5)" in note for note in exc.__notes__)
     assert isinstance(exc.__cause__, parmap.RemoteTraceback)
@@ -80,26 +80,26 @@ def test_error_policies_keep_every_other_result(process_backend, policy, fn):
 
 
 @pytest.mark.parametrize("policy", ["skip", "return"])
-def test_error_policies_in_process(backend, policy):
-    results = parmap.map(workfns.raise_value_error, ITEMS, workers=2, backend=backend, on_error=policy)
+def test_error_policies_in_process(any_backend, policy):
+    results = parmap.map(workfns.raise_value_error, ITEMS, workers=2, backend=any_backend, on_error=policy)
     expected_len = len(ITEMS) - (policy == "skip")
     assert len(results) == expected_len
 
 
-def test_imap_skip_and_return_stay_in_order(backend):
-    results = list(parmap.imap(workfns.raise_value_error, ITEMS, workers=2, backend=backend, on_error="skip"))
+def test_imap_skip_and_return_stay_in_order(any_backend):
+    results = list(parmap.imap(workfns.raise_value_error, ITEMS, workers=2, backend=any_backend, on_error="skip"))
     assert results == [x for x in ITEMS if x != workfns.BAD]
 
 
-def test_retries_rerun_failed_items(backend, tmp_marker_dir):
+def test_retries_rerun_failed_items(any_backend, tmp_marker_dir):
     fn = functools.partial(workfns.fail_first_time, tmp_marker_dir)
-    assert parmap.map(fn, range(8), workers=2, backend=backend, retries=1) == list(range(8))
+    assert parmap.map(fn, range(8), workers=2, backend=any_backend, retries=1) == list(range(8))
 
 
-def test_retries_exhausted_raise(backend, tmp_marker_dir):
+def test_retries_exhausted_raise(any_backend, tmp_marker_dir):
     fn = functools.partial(workfns.fail_first_time, tmp_marker_dir)
     with pytest.raises(RuntimeError, match="first attempt") as info:
-        parmap.map(fn, range(4), workers=2, backend=backend, retries=0)
+        parmap.map(fn, range(4), workers=2, backend=any_backend, retries=0)
     assert info.value.__notes__
 
 
@@ -137,13 +137,13 @@ def test_initializer_failure_is_reported(backend):
     assert any("initializer" in note for note in info.value.__notes__)
 
 
-def test_generator_error_propagates(backend):
+def test_generator_error_propagates(any_backend):
     def broken():
         yield 1
         raise KeyError("input broke")
 
     with pytest.raises(KeyError, match="input broke"):
-        parmap.map(workfns.square, broken(), workers=2, backend=backend)
+        parmap.map(workfns.square, broken(), workers=2, backend=any_backend)
 
 
 def test_process_backends_listed():

@@ -18,49 +18,49 @@ def add(a, b):
     return a + b
 
 
-def test_map_equals_serial(backend):
+def test_map_equals_serial(any_backend):
     items = list(range(257))
-    assert parmap.map(square, items, workers=2, backend=backend) == [square(x) for x in items]
+    assert parmap.map(square, items, workers=2, backend=any_backend) == [square(x) for x in items]
 
 
 @pytest.mark.parametrize("chunksize", [1, 3, 1000])
-def test_chunk_sizes(backend, chunksize):
+def test_chunk_sizes(any_backend, chunksize):
     items = range(100)
-    assert parmap.map(square, items, workers=3, backend=backend, chunksize=chunksize) == [x * x for x in items]
+    assert parmap.map(square, items, workers=3, backend=any_backend, chunksize=chunksize) == [x * x for x in items]
 
 
-def test_generator_input(backend):
-    assert parmap.map(square, (x for x in range(50)), workers=2, backend=backend) == [x * x for x in range(50)]
+def test_generator_input(any_backend):
+    assert parmap.map(square, (x for x in range(50)), workers=2, backend=any_backend) == [x * x for x in range(50)]
 
 
-def test_empty_input_starts_nothing(backend):
-    assert parmap.map(square, [], workers=2, backend=backend) == []
-    assert list(parmap.imap(square, iter([]), workers=2, backend=backend)) == []
+def test_empty_input_starts_nothing(any_backend):
+    assert parmap.map(square, [], workers=2, backend=any_backend) == []
+    assert list(parmap.imap(square, iter([]), workers=2, backend=any_backend)) == []
 
 
-def test_starmap(backend):
+def test_starmap(any_backend):
     pairs = [(i, i + 1) for i in range(30)]
-    assert parmap.starmap(add, pairs, workers=2, backend=backend) == [a + b for a, b in pairs]
+    assert parmap.starmap(add, pairs, workers=2, backend=any_backend) == [a + b for a, b in pairs]
 
 
-def test_lambda_closure_partial(backend):
+def test_lambda_closure_partial(any_backend):
     offset = 10
-    assert parmap.map(lambda x: x + offset, range(20), workers=2, backend=backend) == [x + 10 for x in range(20)]
-    assert parmap.map(functools.partial(add, 5), range(5), workers=2, backend=backend) == [5, 6, 7, 8, 9]
+    assert parmap.map(lambda x: x + offset, range(20), workers=2, backend=any_backend) == [x + 10 for x in range(20)]
+    assert parmap.map(functools.partial(add, 5), range(5), workers=2, backend=any_backend) == [5, 6, 7, 8, 9]
 
     def nested(x):
         return (x, offset)
 
-    assert parmap.map(nested, [1, 2], workers=2, backend=backend) == [(1, 10), (2, 10)]
+    assert parmap.map(nested, [1, 2], workers=2, backend=any_backend) == [(1, 10), (2, 10)]
 
 
-def test_imap_ordered_and_unordered(backend):
-    assert list(parmap.imap(square, range(40), workers=2, backend=backend)) == [x * x for x in range(40)]
-    unordered = list(parmap.imap(square, range(40), workers=2, backend=backend, ordered=False))
+def test_imap_ordered_and_unordered(any_backend):
+    assert list(parmap.imap(square, range(40), workers=2, backend=any_backend)) == [x * x for x in range(40)]
+    unordered = list(parmap.imap(square, range(40), workers=2, backend=any_backend, ordered=False))
     assert sorted(unordered) == [x * x for x in range(40)]
 
 
-def test_imap_endless_generator_is_lazy(backend):
+def test_imap_endless_generator_is_lazy(any_backend):
     pulled = 0
 
     def counting():
@@ -69,7 +69,7 @@ def test_imap_endless_generator_is_lazy(backend):
             pulled += 1
             yield i
 
-    results = parmap.imap(square, counting(), workers=2, backend=backend)
+    results = parmap.imap(square, counting(), workers=2, backend=any_backend)
     taken = []
     for value in results:
         taken.append(value)

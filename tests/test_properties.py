@@ -51,9 +51,9 @@ def _shaped(items, shape):
 
 @SETTINGS
 @given(items=st.lists(values, max_size=40), shape=shapes, chunksize=chunksizes, workers=st.integers(1, 3))
-def test_map_equals_serial(backend, items, shape, chunksize, workers):
+def test_map_equals_serial(any_backend, items, shape, chunksize, workers):
     expected = [workfns.describe(x) for x in items]
-    got = parmap.map(workfns.describe, _shaped(items, shape), workers=workers, backend=backend, chunksize=chunksize)
+    got = parmap.map(workfns.describe, _shaped(items, shape), workers=workers, backend=any_backend, chunksize=chunksize)
     assert got == expected
 
 
@@ -65,14 +65,14 @@ def test_map_equals_serial(backend, items, shape, chunksize, workers):
     workers=st.integers(1, 3),
     ordered=st.booleans(),
 )
-def test_imap_equals_serial(backend, items, shape, chunksize, workers, ordered):
+def test_imap_equals_serial(any_backend, items, shape, chunksize, workers, ordered):
     expected = [workfns.describe(x) for x in items]
     got = list(
         parmap.imap(
             workfns.describe,
             _shaped(items, shape),
             workers=workers,
-            backend=backend,
+            backend=any_backend,
             chunksize=chunksize,
             ordered=ordered,
         )
@@ -89,17 +89,17 @@ def test_imap_equals_serial(backend, items, shape, chunksize, workers, ordered):
     chunksize=chunksizes,
     workers=st.integers(1, 3),
 )
-def test_starmap_equals_serial(backend, items, chunksize, workers):
-    assert parmap.starmap(workfns.pack, items, workers=workers, backend=backend, chunksize=chunksize) == [
+def test_starmap_equals_serial(any_backend, items, chunksize, workers):
+    assert parmap.starmap(workfns.pack, items, workers=workers, backend=any_backend, chunksize=chunksize) == [
         workfns.pack(*args) for args in items
     ]
 
 
 @SETTINGS
 @given(start=st.integers(-50, 50), length=st.integers(0, 300), step=st.integers(1, 5), chunksize=chunksizes)
-def test_ranges(backend, start, length, step, chunksize):
+def test_ranges(any_backend, start, length, step, chunksize):
     items = range(start, start + length * step, step)
-    assert parmap.map(workfns.square, items, workers=2, backend=backend, chunksize=chunksize) == [
+    assert parmap.map(workfns.square, items, workers=2, backend=any_backend, chunksize=chunksize) == [
         x * x for x in items
     ]
 
