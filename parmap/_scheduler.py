@@ -32,6 +32,7 @@
 
 from __future__ import annotations
 
+import itertools
 import operator
 import queue
 from collections import deque
@@ -160,16 +161,9 @@ class Scheduler:
     def _next_record(self) -> Record | None:
         remaining = None if self._total is None else max(0, self._total - self._next_position)
         size = self._sizer.next_size(remaining)
-        # islice would hide the generator's own exception position; this does not.
-        items: list[Any] = []
-        append = items.append
-        source = self._source
-        for _ in range(size):
-            try:
-                append(next(source))
-            except StopIteration:
-                self._exhausted = True
-                break
+        items = list(itertools.islice(self._source, size))
+        if len(items) < size:
+            self._exhausted = True
         if not items:
             self._exhausted = True
             return None
@@ -233,13 +227,17 @@ class Scheduler:
     # -- absorbing results --------------------------------------------------------
     def _absorb(self, chunk: Chunk, result: ChunkOutcome | ChunkLost) -> None:
         record, offsets = chunk.tag
+        if isinstance(result, ChunkOutcome) and result.fatal is None:
+            self._sizer.observe(len(result.results), result.elapsed)
+            if offsets is None and not result.errors and len(result.results) == len(record.items):
+                self._settle_all(record, result.results)  # the common case: one step, not one per item
+                return
         offsets = list(range(len(chunk.items))) if offsets is None else offsets
         if isinstance(result, ChunkLost):
             self._lost(record, offsets, result)
             return
         if result.fatal is not None:
             raise result.fatal.rebuild()
-        self._sizer.observe(len(result.results), result.elapsed)
         errors = result.errors
         for j, value in enumerate(result.results):
             if j in errors:
@@ -266,15 +264,24 @@ class Scheduler:
         item = f"item #{record.start + offset} ({short_repr(record.items[offset])})"
         return lost_error(self._call, item, lost)
 
+    def _settle_all(self, record: Record, values: list[Any]) -> None:
+        record.values = values
+        self._progress_done += record.pending
+        record.pending = 0
+        self._record_done(record)
+
+    def _record_done(self, record: Record) -> None:
+        self._unfinished -= 1
+        if not self._in_order:
+            self._ready.append(record)
+
     def _settle(self, record: Record, offset: int, value: Any) -> None:
         if record.values[offset] is _UNSET:
             record.values[offset] = value
             record.pending -= 1
             self._progress_done += 1
             if record.pending == 0:
-                self._unfinished -= 1
-                if not self._in_order:
-                    self._ready.append(record)
+                self._record_done(record)
 
     def _item_failed(self, record: Record, offset: int, exc: BaseException, *, retryable: bool) -> None:
         attempts = record.attempts.get(offset, 0) + 1

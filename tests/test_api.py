@@ -74,7 +74,7 @@ def test_fn_is_sent_once_per_worker_not_per_item(process_backend, tmp_marker_dir
     assert 1 <= len(os.listdir(tmp_marker_dir)) <= 2
 
 
-def test_progress_counts_items(capsys, backend):
+def test_progress_counts_items(capsys, any_backend):
     parmap.map(workfns.square, range(20), workers=2, backend=any_backend, progress=True)
     err = capsys.readouterr().err
     assert "20/20" in err
