@@ -213,17 +213,17 @@ def _loop(step: Step, reader: Reader, output: Output, options: dict[str, Any], a
         output.write(index, line)
         return True
 
-    # Ordering happens here rather than in imap(ordered=True): the core's
-    # ordered delivery can wait forever once every record in its window has
-    # finished at the same moment (reported to the core's owners; see
-    # docs/cli.md). Until that is fixed, results that finish early wait in
-    # ``arrived``.
-    results = cast(Generator[Any, None, None], imap(step, feed(), ordered=False, on_error="return", **options))
+    # In input order, imap delivers results in the order feed() produced
+    # them, so a failure belongs to the oldest item in flight and memory stays
+    # bounded by imap's window. --unordered takes results as they finish and
+    # puts each back with its input index.
+    ordered = not args.unordered
+    results = cast(Generator[Any, None, None], imap(step, feed(), ordered=ordered, on_error="return", **options))
     try:
         with closing(results):
             for result in results:
                 if isinstance(result, BaseException):
-                    item = _locate(result, in_flight)
+                    item = in_flight[next(iter(in_flight))] if ordered else _locate(result, in_flight)
                     if item is None:
                         if _failed(None, result, output, args) != EXIT_OK:
                             return EXIT_TASK_FAILED
