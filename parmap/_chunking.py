@@ -9,6 +9,9 @@ An explicit ``chunksize`` is used as given. Otherwise the size adapts:
 * near the end of an input of known length no chunk takes more than
   1/(2·workers) of what is left, so the last chunks shrink and no worker is
   left holding a long tail while the others idle;
+* a chunk's items pickle to at most about :data:`MAX_CHUNK_BYTES`, so big
+  items (images, arrays) stream to the workers a few at a time instead of
+  in one huge message that the workers wait for;
 * an input of unknown length never gets chunks above
   :data:`MAX_UNSIZED_CHUNK`, which bounds what ``imap`` pulls ahead.
 """
@@ -28,6 +31,10 @@ MAX_UNSIZED_CHUNK = 2048
 # first chunks are all overhead anyway (benchmarks/bench.py, W1-W3).
 INITIAL_SHARE = 64
 MAX_INITIAL_CHUNK = 64
+# Big items travel a few at a time: one pickled chunk stays under this, so the
+# first worker starts on its items while the next chunk is still being pickled
+# (benchmark W5in, 200 x 1 MiB items).
+MAX_CHUNK_BYTES = 4 * 1024 * 1024
 # Weight of the newest measurement in the running per-item cost: one chunk
 # holding a heavy item (40x the others in W3) must shrink the next chunks at
 # once, and one cheap chunk must not blow them up (benchmark W3).
@@ -42,6 +49,7 @@ class ChunkSizer:
         self._workers = workers
         self._total = total
         self._cost: float | None = None  # seconds per item
+        self._item_bytes: float | None = None  # pickled bytes per item
 
     def next_size(self, remaining: int | None) -> int:
         """The size of the next chunk, given how many items remain (if known)."""
@@ -54,6 +62,8 @@ class ChunkSizer:
                 size = min(MAX_INITIAL_CHUNK, max(1, self._total // (self._workers * INITIAL_SHARE)))
         else:
             size = int(TARGET_CHUNK_SECONDS / self._cost) if self._cost > 0 else MAX_UNSIZED_CHUNK * 64
+        if self._item_bytes:
+            size = min(size, int(MAX_CHUNK_BYTES / self._item_bytes))
         if remaining is None:
             size = min(size, MAX_UNSIZED_CHUNK)
         else:
@@ -66,3 +76,10 @@ class ChunkSizer:
             return
         cost = seconds / items
         self._cost = cost if self._cost is None else SMOOTHING * cost + (1 - SMOOTHING) * self._cost
+
+    def observe_bytes(self, items: int, nbytes: int) -> None:
+        """A chunk of ``items`` items pickled to ``nbytes`` bytes."""
+        if self._fixed is not None or items <= 0:
+            return
+        size = nbytes / items
+        self._item_bytes = size if self._item_bytes is None else SMOOTHING * size + (1 - SMOOTHING) * self._item_bytes

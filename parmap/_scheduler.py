@@ -181,6 +181,8 @@ class Scheduler:
         chunk = Chunk(self._call, positions, items, tag=(record, offsets))
         try:
             self._backend.submit(chunk, self._on_done)
+            if chunk.nbytes:
+                self._sizer.observe_bytes(len(items), chunk.nbytes)
         except SerializationError as exc:
             position = getattr(exc, "position", None)
             if position is None:

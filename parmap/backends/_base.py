@@ -84,9 +84,13 @@ class Chunk:
     items: list[Any]
     #: Whatever the scheduler wants back with the result; backends ignore it.
     tag: Any = None
+    #: The pickled size of the items, once a backend has pickled them.
+    nbytes: int = 0
 
     def items_bytes(self) -> bytes:
-        return dumps_data(self.items, "item", self.positions)
+        data = dumps_data(self.items, "item", self.positions)
+        self.nbytes = len(data)
+        return data
 
     def header(self) -> tuple[Any, ...]:
         call = self.call
