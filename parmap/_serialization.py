@@ -67,8 +67,39 @@ def dumps_function(fn: object, *, local: bool = False, what: str = "the function
     try:
         data: bytes = cloudpickle.dumps(fn, protocol=PROTOCOL)
     except Exception as exc:
-        raise SerializationError(f"{what} {short_repr(fn)} cannot be serialised: {type(exc).__name__}: {exc}") from exc
+        raise _function_error(fn, what, exc) from exc
     return data
+
+
+def check_function(fn: object, *, local: bool = False, what: str = "the function") -> None:
+    """Raise what :func:`dumps_function` would raise, without keeping the bytes.
+
+    For workers that inherit ``fn`` by ``fork`` instead of receiving it: the
+    call must still fail the same way on every backend when ``fn`` cannot
+    travel. Pickling into a sink costs a walk of the object graph; a large
+    captured buffer is handed to the sink as is, never copied.
+    """
+    if local and _main_is_importable():
+        try:
+            pickle.Pickler(_Discard(), protocol=PROTOCOL).dump(fn)
+            return
+        except Exception:  # noqa: S110 - a lambda or closure: by value below
+            pass
+    try:
+        cloudpickle.CloudPickler(_Discard(), protocol=PROTOCOL).dump(fn)
+    except Exception as exc:
+        raise _function_error(fn, what, exc) from exc
+
+
+class _Discard:
+    """A file that keeps nothing."""
+
+    def write(self, data: Any) -> int:
+        return len(data)
+
+
+def _function_error(fn: object, what: str, exc: BaseException) -> SerializationError:
+    return SerializationError(f"{what} {short_repr(fn)} cannot be serialised: {type(exc).__name__}: {exc}")
 
 
 def _main_is_importable() -> bool:

@@ -9,7 +9,8 @@ and executor backends :func:`~parmap.backends.executor.run_remote_chunk`.
 Wire format between the parent and a ``worker_main`` loop (one
 ``Connection`` each way, framed by ``send_bytes``/``recv_bytes``)::
 
-    parent -> worker   ("fn", call_id, fn_bytes)          once per worker per call
+    parent -> worker   ("fn", call_id, fn_bytes)          once per worker per call,
+                                                          unless forked with it
                        ("chunk", call_id, positions, stop_on_error, track) + items bytes
                        ("forget", call_id)                 a call ended
                        None                                exit
@@ -155,8 +156,8 @@ def decode_outcome(data: bytes) -> ChunkOutcome:
 class FunctionCache:
     """The functions of the calls a worker has seen, loaded once each."""
 
-    def __init__(self) -> None:
-        self._functions: dict[int, Callable[..., Any]] = {}
+    def __init__(self, inherited: dict[int, Callable[..., Any]] | None = None) -> None:
+        self._functions: dict[int, Callable[..., Any]] = dict(inherited or {})
 
     def add(self, call_id: int, fn_bytes: bytes) -> None:
         self._functions[call_id] = loads(fn_bytes)
@@ -237,13 +238,23 @@ def run_initializer(init_bytes: bytes | None) -> ErrorInfo | None:
     return None
 
 
-def worker_main(conn: Any, status_array: Any, index: int, init_bytes: bytes | None) -> None:
-    """The loop of a ``process``/``fork`` worker; returns when told to or on EOF."""
+def worker_main(
+    conn: Any,
+    status_array: Any,
+    index: int,
+    init_bytes: bytes | None,
+    inherited: dict[int, Callable[..., Any]] | None = None,
+) -> None:
+    """The loop of a ``process``/``fork`` worker; returns when told to or on EOF.
+
+    ``inherited``: functions of calls already under way when this worker was
+    forked, keyed by call id; the parent sends no ``fn`` message for those.
+    """
     prepare_worker_process()
     status = StatusSlot(status_array, index)
     status.claim()
     init_error = run_initializer(init_bytes)
-    functions = FunctionCache()
+    functions = FunctionCache(inherited)
     load_error: BaseException = RuntimeError("the function never arrived")
     recv, send = conn.recv_bytes, conn.send_bytes
     try:

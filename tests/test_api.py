@@ -71,7 +71,29 @@ def test_fn_is_sent_once_per_worker_not_per_item(process_backend, tmp_marker_dir
 
     fn = workfns.CountingFn(tmp_marker_dir)
     assert parmap.map(fn, range(200), workers=2, backend=process_backend, chunksize=1) == list(range(200))
-    assert 1 <= len(os.listdir(tmp_marker_dir)) <= 2
+    assert len(os.listdir(tmp_marker_dir)) <= 2  # none at all where workers fork with fn in memory
+
+
+@pytest.mark.parametrize(("backend", "start_method"), [("fork", None), ("process", "fork")])
+def test_forked_workers_inherit_fn_instead_of_receiving_it(backend, start_method, tmp_marker_dir):
+    import os
+
+    fn = workfns.CountingFn(tmp_marker_dir)
+    with parmap.Pool(workers=2, backend=backend, start_method=start_method) as pool:
+        # Workers start with this call under way: fork hands them fn as is.
+        assert pool.map(fn, range(50), chunksize=1) == list(range(50))
+        assert os.listdir(tmp_marker_dir) == []
+        # Warm workers forked before this call must be sent it, once each.
+        assert pool.map(workfns.CountingFn(tmp_marker_dir), range(50), chunksize=1) == list(range(50))
+        assert 1 <= len(os.listdir(tmp_marker_dir)) <= 2
+
+
+def test_unpicklable_fn_fails_alike_when_workers_would_inherit_it():
+    import threading
+
+    lock = threading.Lock()
+    with pytest.raises(parmap.SerializationError, match="the function"):
+        parmap.map(lambda x: (lock, x)[1], range(4), workers=2, backend="fork")
 
 
 def test_progress_counts_items(capsys, any_backend):

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .._serialization import dumps_data, dumps_function
+from .._serialization import check_function, dumps_data, dumps_function
 from .._worker import ChunkOutcome
 
 __all__ = ["Backend", "Call", "Capabilities", "Chunk", "ChunkLost", "ChunkOutcome", "Done"]
@@ -59,6 +59,7 @@ class Call:
     id: int = field(default_factory=lambda: next(_call_ids))
     _fn_bytes: bytes | None = None
     _local_fn_bytes: bytes | None = None
+    _local_checked: bool = False
 
     @property
     def fn_bytes(self) -> bytes:
@@ -73,6 +74,12 @@ class Call:
         if self._local_fn_bytes is None:
             self._local_fn_bytes = dumps_function(self.fn, local=True)
         return self._local_fn_bytes
+
+    def check_local(self) -> None:
+        """Raise now if ``fn`` could not travel to a local worker (see ``check_function``)."""
+        if self._local_fn_bytes is None and not self._local_checked:
+            check_function(self.fn, local=True)
+            self._local_checked = True
 
 
 @dataclass(eq=False, slots=True)

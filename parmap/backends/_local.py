@@ -17,6 +17,12 @@ an item's ``timeout`` deadline is due; it never polls. A worker's death wakes
 it through the sentinel: the worker's chunk is reported as :class:`ChunkLost`
 and a replacement is started, so one crash costs one chunk, not the pool.
 
+A worker started by ``fork`` while a call is under way inherits that call's
+``fn`` with the rest of the parent's memory, so a function that captured
+10 MB is never pickled for it nor copied through its pipe (benchmark W7);
+the parent still checks that ``fn`` *could* be pickled, so a call fails the
+same way under every start method.
+
 Subclasses say how a worker process is started and reaped
 (:class:`~parmap.backends.process.ProcessBackend` uses ``multiprocessing``
 contexts, :class:`~parmap.backends.fork.ForkBackend` raw ``os.fork``).
@@ -37,8 +43,8 @@ from typing import Any
 
 import cloudpickle
 
-from .._errors import PoolClosedError
-from .._serialization import PROTOCOL, dumps_function
+from .._errors import PoolClosedError, SerializationError
+from .._serialization import PROTOCOL, ErrorInfo, dumps_function
 from .._worker import SLOT_WIDTH, decode_outcome
 from ._base import Backend, Call, Capabilities, Chunk, ChunkLost, ChunkOutcome, Done
 
@@ -85,6 +91,8 @@ class LocalWorkers(Backend):
     """A fixed number of worker processes, replaced when they die."""
 
     capabilities = Capabilities(isolated=True, can_timeout=True)
+    #: Workers are started by ``fork``: they inherit what the parent holds.
+    forks_workers = True
 
     def __init__(self, workers: int, initializer: Callable[..., Any] | None, initargs: tuple[Any, ...]) -> None:
         self.workers = workers
@@ -106,8 +114,12 @@ class LocalWorkers(Backend):
         """Shared doubles visible to the workers (three per worker)."""
 
     @abc.abstractmethod
-    def _start_worker(self, index: int) -> WorkerProcess:
-        """Start worker ``index``; runs on the dispatcher thread."""
+    def _start_worker(self, index: int, inherited: dict[int, Callable[..., Any]]) -> WorkerProcess:
+        """Start worker ``index``; runs on the dispatcher thread.
+
+        ``inherited`` (empty unless :attr:`forks_workers`): the functions of
+        the calls under way, by call id, for the forked worker to start with.
+        """
 
     @abc.abstractmethod
     def _reap(self, worker: WorkerProcess) -> int | None:
@@ -115,7 +127,12 @@ class LocalWorkers(Backend):
 
     # -- the Backend interface (caller threads) ------------------------
     def submit(self, chunk: Chunk, done: Done) -> None:
-        chunk.call.local_fn_bytes  # noqa: B018 - pickle fn here, where its error belongs
+        # Fail here, in the caller, if fn cannot travel; forked workers may
+        # never need its bytes, so only check then.
+        if self.forks_workers:
+            chunk.call.check_local()
+        else:
+            chunk.call.local_fn_bytes  # noqa: B018 - pickled once, sent per worker
         queued = _Queued(chunk, done, chunk.items_bytes())
         with self._lock:
             if self._closing:
@@ -164,7 +181,7 @@ class LocalWorkers(Backend):
     def _dispatch_loop(self) -> None:
         try:
             for index in range(self.workers):
-                self._procs[index] = self._start_worker(index)
+                self._procs[index] = self._start(index)
             while True:
                 with self._lock:
                     closing, kill = self._closing, self._kill
@@ -191,12 +208,19 @@ class LocalWorkers(Backend):
                 queued = self._pending.popleft()
                 ended = self._ended_calls & worker.known_calls
             call = queued.chunk.call
+            if call.id not in worker.known_calls:
+                try:
+                    fn_bytes = call.local_fn_bytes
+                except SerializationError as exc:  # checked in submit: only a fickle __reduce__ lands here
+                    queued.done(queued.chunk, ChunkOutcome([], fatal=ErrorInfo.capture(exc, pickle_it=False)))
+                    self._wake()  # this worker is still idle: come round again
+                    continue
             try:
                 for call_id in ended:
                     worker.conn.send_bytes(cloudpickle.dumps(("forget", call_id)))
                     worker.known_calls.discard(call_id)
                 if call.id not in worker.known_calls:
-                    worker.conn.send_bytes(cloudpickle.dumps(("fn", call.id, call.local_fn_bytes), protocol=PROTOCOL))
+                    worker.conn.send_bytes(cloudpickle.dumps(("fn", call.id, fn_bytes), protocol=PROTOCOL))
                     worker.known_calls.add(call.id)
                 worker.chunk, worker.done, worker.sent_at = queued.chunk, queued.done, time.monotonic()
                 worker.conn.send_bytes(cloudpickle.dumps(queued.chunk.header(), protocol=PROTOCOL))
@@ -278,7 +302,19 @@ class LocalWorkers(Backend):
         if self._startup_failures >= MAX_STARTUP_FAILURES:
             self._fail_pending(exitcode)
             self._startup_failures = 0
-        self._procs[worker.index] = self._start_worker(worker.index)
+        self._procs[worker.index] = self._start(worker.index)
+
+    def _start(self, index: int) -> WorkerProcess:
+        inherited: dict[int, Callable[..., Any]] = {}
+        if self.forks_workers:
+            with self._lock:
+                chunks = [q.chunk for q in self._pending]
+                ended = set(self._ended_calls)
+            chunks += [w.chunk for w in self._procs if w is not None and w.chunk is not None]
+            inherited = {c.call.id: c.call.fn for c in chunks if c.call.id not in ended}
+        worker = self._start_worker(index, inherited)
+        worker.known_calls.update(inherited)
+        return worker
 
     def _fail_pending(self, exitcode: int | None) -> None:
         with self._lock:

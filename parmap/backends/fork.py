@@ -37,7 +37,7 @@ class ForkBackend(LocalWorkers):
         buffer = mmap.mmap(-1, size * 8)
         return memoryview(buffer).cast("d")
 
-    def _start_worker(self, index: int) -> WorkerProcess:
+    def _start_worker(self, index: int, inherited: dict[int, Callable[..., Any]]) -> WorkerProcess:
         parent_conn, child_conn = Pipe(duplex=True)
         sentinel_r, sentinel_w = os.pipe()
         pid = os.fork()
@@ -47,7 +47,7 @@ class ForkBackend(LocalWorkers):
                 os.close(sentinel_r)
                 parent_conn.close()
                 self._close_inherited()
-                worker_main(child_conn, self._status, index, self._init_bytes)
+                worker_main(child_conn, self._status, index, self._init_bytes, inherited)
             except BaseException:
                 code = 1
             finally:

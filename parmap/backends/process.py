@@ -29,15 +29,17 @@ class ProcessBackend(LocalWorkers):
         super().__init__(workers, initializer, initargs)
         self.start_method = start_method or default_start_method()
         self._ctx: Any = multiprocessing.get_context(self.start_method)
+        # Only a forked child receives Process args without pickling them.
+        self.forks_workers = self.start_method == "fork"
 
     def _make_status_array(self, size: int) -> Any:
         return self._ctx.RawArray("d", size)
 
-    def _start_worker(self, index: int) -> WorkerProcess:
+    def _start_worker(self, index: int, inherited: dict[int, Callable[..., Any]]) -> WorkerProcess:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(
             target=worker_main,
-            args=(child_conn, self._status, index, self._init_bytes),
+            args=(child_conn, self._status, index, self._init_bytes, inherited),
             name=f"parmap-worker-{index}",
             daemon=True,
         )
