@@ -143,11 +143,10 @@ def imap(
         ordered=ordered,
     )
     try:
-        results = pool.imap(fn, items)
+        return pool._imap(fn, items, {}, owned=True)
     except BaseException:
         pool.terminate()
         raise
-    return _owning(pool, results)
 
 
 def _run_once(pool: Pool, work: Callable[[], list[R]]) -> list[R]:
@@ -158,16 +157,3 @@ def _run_once(pool: Pool, work: Callable[[], list[R]]) -> list[R]:
         raise
     pool.close()
     return result
-
-
-def _owning(pool: Pool, results: Iterator[R]) -> Iterator[R]:
-    """Yield from ``results``; the pool lives exactly as long as this iterator."""
-    finished = False
-    try:
-        yield from results
-        finished = True
-    finally:
-        if finished:
-            pool.close()
-        else:
-            pool.terminate()

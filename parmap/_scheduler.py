@@ -105,6 +105,7 @@ class Scheduler:
         self._ready: deque[Record] = deque()  # finished, for out-of-order delivery
         self._retries: deque[tuple[Record, list[int]]] = deque()
         self._progress_done = 0
+        self._taken = 0  # items in records handed to the consumer
         self._failure: tuple[int, BaseException] | None = None  # earliest, for on_error="raise"
 
     # -- driving -------------------------------------------------------------
@@ -117,6 +118,7 @@ class Scheduler:
                 delivered = False
                 for record in self._deliverable():
                     delivered = True
+                    self._taken += len(record.items)
                     yield record
                 if delivered:
                     continue  # delivering freed window slots: fill them before blocking
@@ -160,7 +162,7 @@ class Scheduler:
 
     def _next_record(self) -> Record | None:
         remaining = None if self._total is None else max(0, self._total - self._next_position)
-        size = self._sizer.next_size(remaining)
+        size = self._sizer.next_size(remaining, self._taken)
         items = list(itertools.islice(self._source, size))
         if len(items) < size:
             self._exhausted = True

@@ -79,3 +79,16 @@ def test_imap_endless_generator_is_lazy(any_backend):
     assert taken == [x * x for x in range(100)]
     # A few chunks per worker in flight at most (chunks of unknown-length input <= 2048).
     assert pulled <= 100 + 5 * 2048
+
+
+def test_imap_pull_ahead_stays_a_fraction_of_what_was_taken():
+    # A long stream of tiny tasks gets bigger chunks as the consumer keeps
+    # up, but the input pulled ahead stays bounded by what it has taken.
+    source = (x for x in range(10**9))  # no length hint: the unsized rule
+    results = parmap.imap(square, source, workers=2, backend="process")
+    taken = 150_000
+    head = list(itertools.islice(results, taken))
+    results.close()
+    pulled = next(source)  # the next item nobody pulled
+    assert head[-1] == (taken - 1) ** 2
+    assert pulled - taken <= 6 * max(2048, taken // 8)

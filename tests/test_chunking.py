@@ -1,0 +1,56 @@
+"""The chunk-size rules, checked on the sizer itself (no workers needed)."""
+
+from __future__ import annotations
+
+from parmap._chunking import (
+    MAX_CHUNK_BYTES,
+    MAX_GROWN_UNSIZED_CHUNK,
+    MAX_UNSIZED_CHUNK,
+    TARGET_CHUNK_SECONDS,
+    ChunkSizer,
+)
+
+TINY = 1e-7  # seconds per item: a task that wants huge chunks
+
+
+def test_explicit_chunksize_is_used_as_given():
+    sizer = ChunkSizer(7, workers=2, total=1000)
+    sizer.observe(7, 10.0)
+    assert sizer.next_size(3) == 7
+
+
+def test_chunks_aim_at_the_target_duration():
+    sizer = ChunkSizer(None, workers=2, total=None)
+    sizer.observe(10, 10 * 0.001)  # 1 ms per item
+    assert sizer.next_size(None) == round(TARGET_CHUNK_SECONDS / 0.001)
+
+
+def test_chunks_shrink_towards_the_end_of_a_sized_input():
+    sizer = ChunkSizer(None, workers=2, total=1_000_000)
+    sizer.observe(1000, 1000 * TINY / 100)
+    assert sizer.next_size(1_000_000) == 1_000_000 // 4
+    assert sizer.next_size(400) == 100
+    assert sizer.next_size(3) == 1
+
+
+def test_unsized_input_starts_small_and_grows_with_what_was_taken():
+    sizer = ChunkSizer(None, workers=2, total=None)
+    assert sizer.next_size(None) == 1  # nothing measured yet
+    sizer.observe(1000, 1000 * TINY)
+    assert sizer.next_size(None, taken=0) == MAX_UNSIZED_CHUNK
+    assert sizer.next_size(None, taken=10_000) == MAX_UNSIZED_CHUNK
+    assert sizer.next_size(None, taken=160_000) == 20_000
+    assert sizer.next_size(None, taken=10**9) == MAX_GROWN_UNSIZED_CHUNK
+
+
+def test_slow_items_are_not_batched_up_by_growth():
+    sizer = ChunkSizer(None, workers=2, total=None)
+    sizer.observe(2, 2 * 0.5)
+    assert sizer.next_size(None, taken=10**9) == 1
+
+
+def test_big_items_travel_a_few_at_a_time():
+    sizer = ChunkSizer(None, workers=2, total=None)
+    sizer.observe(1000, 1000 * TINY)
+    sizer.observe_bytes(4, 4 * 1024 * 1024)  # 1 MiB per item
+    assert sizer.next_size(None, taken=10**9) == MAX_CHUNK_BYTES // (1024 * 1024)
