@@ -31,6 +31,7 @@ contexts, :class:`~parmap.backends.fork.ForkBackend` raw ``os.fork``).
 from __future__ import annotations
 
 import abc
+import mmap
 import os
 import signal
 import threading
@@ -109,9 +110,14 @@ class LocalWorkers(Backend):
         self._status: Any = None
 
     # -- subclass hooks -------------------------------------------------
-    @abc.abstractmethod
     def _make_status_array(self, size: int) -> Any:
-        """Shared doubles visible to the workers (three per worker)."""
+        """Shared doubles visible to the workers (three per worker).
+
+        An anonymous shared mapping survives fork and needs no file, nor
+        ``multiprocessing.sharedctypes`` and the ~5 ms of imports behind it
+        (benchmark W4); workers started otherwise need a subclass's own.
+        """
+        return memoryview(mmap.mmap(-1, size * 8)).cast("d")
 
     @abc.abstractmethod
     def _start_worker(self, index: int, inherited: dict[int, Callable[..., Any]]) -> WorkerProcess:

@@ -8,7 +8,6 @@ a sentinel for :func:`multiprocessing.connection.wait`).
 
 from __future__ import annotations
 
-import mmap
 import os
 import sys
 from collections.abc import Callable
@@ -31,11 +30,6 @@ class ForkBackend(LocalWorkers):
         if not hasattr(os, "fork"):
             raise ValueError("backend='fork' needs os.fork(), which this platform lacks")
         super().__init__(workers, initializer, initargs)
-
-    def _make_status_array(self, size: int) -> Any:
-        # An anonymous shared mapping survives fork and needs no file.
-        buffer = mmap.mmap(-1, size * 8)
-        return memoryview(buffer).cast("d")
 
     def _start_worker(self, index: int, inherited: dict[int, Callable[..., Any]]) -> WorkerProcess:
         parent_conn, child_conn = Pipe(duplex=True)

@@ -33,7 +33,9 @@ class ProcessBackend(LocalWorkers):
         self.forks_workers = self.start_method == "fork"
 
     def _make_status_array(self, size: int) -> Any:
-        return self._ctx.RawArray("d", size)
+        if self.forks_workers:
+            return super()._make_status_array(size)
+        return self._ctx.RawArray("d", size)  # spawn/forkserver: passed by file descriptor
 
     def _start_worker(self, index: int, inherited: dict[int, Callable[..., Any]]) -> WorkerProcess:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
