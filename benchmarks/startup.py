@@ -86,8 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             times[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
     print(
-        f"# start-up + a 10-item map, workers={args.workers}, "
-        f"{args.reps} fresh processes each, {os.cpu_count()} CPUs\n"
+        f"# start-up + a 10-item map, workers={args.workers}, {args.reps} fresh processes each, {os.cpu_count()} CPUs\n"
     )
     print("| how the workers start | median | min - max |")
     print("| --- | ---: | ---: |")

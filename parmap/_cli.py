@@ -133,12 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("target", metavar="TARGET", help="module:function or path/to/file.py:function")
     parser.add_argument("input", metavar="INPUT", nargs="?", help="input file; '-' or absent: standard input")
     parser.add_argument(
-        "--input-format", choices=INPUT_FORMATS, default="lines",
+        "--input-format",
+        choices=INPUT_FORMATS,
+        default="lines",
         help="lines: each line is a str item (default); jsonl: each line is JSON; csv: each row is a dict",
     )
     parser.add_argument("-o", "--output", metavar="PATH", help="output file (default: standard output)")
     parser.add_argument(
-        "--output-format", choices=OUTPUT_FORMATS, default="jsonl",
+        "--output-format",
+        choices=OUTPUT_FORMATS,
+        default="jsonl",
         help="jsonl: each result as JSON (default); lines: str(result)",
     )
     parser.add_argument("--unordered", action="store_true", help="write results as they finish, not in input order")
@@ -148,15 +152,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=_positive_float, metavar="SECONDS", help="fail an item that runs longer")
     parser.add_argument("--retries", type=_non_negative_int, default=0, metavar="N", help="retry a failed item N times")
     parser.add_argument(
-        "--on-error", choices=("raise", "skip"), default="raise",
+        "--on-error",
+        choices=("raise", "skip"),
+        default="raise",
         help="raise: stop at the first failed item (default); skip: report it on stderr and go on",
     )
     parser.add_argument(
-        "--resume", action="store_true",
+        "--resume",
+        action="store_true",
         help="with -o: continue an interrupted run, keeping the results already in the output",
     )
     parser.add_argument(
-        "--progress", action=argparse.BooleanOptionalAction, default=None,
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="show a progress bar on stderr (default: when stderr is a terminal)",
     )
     parser.add_argument("--version", action="version", version=f"parmap {__version__}")

@@ -49,9 +49,7 @@ class ParallelFunction(Generic[P, R]):
 @overload
 def parallel(fn: Callable[P, R], /) -> ParallelFunction[P, R]: ...
 @overload
-def parallel(
-    fn: None = None, /, **options: Any
-) -> Callable[[Callable[P, R]], ParallelFunction[P, R]]: ...
+def parallel(fn: None = None, /, **options: Any) -> Callable[[Callable[P, R]], ParallelFunction[P, R]]: ...
 
 
 def parallel(fn: Callable[P, R] | None = None, /, **options: Any) -> Any:

@@ -24,12 +24,8 @@ OnError = Literal["raise", "skip", "return"]
 ON_ERROR_CHOICES: tuple[str, ...] = ("raise", "skip", "return")
 START_METHODS: tuple[str, ...] = ("fork", "spawn", "forkserver")
 
-CALL_OPTION_NAMES = frozenset(
-    {"chunksize", "progress", "timeout", "retries", "on_error", "ordered"}
-)
-POOL_OPTION_NAMES = frozenset(
-    {"workers", "backend", "start_method", "initializer", "initargs", "address"}
-)
+CALL_OPTION_NAMES = frozenset({"chunksize", "progress", "timeout", "retries", "on_error", "ordered"})
+POOL_OPTION_NAMES = frozenset({"workers", "backend", "start_method", "initializer", "initargs", "address"})
 
 
 def default_workers() -> int:
@@ -100,9 +96,7 @@ def _check_start_method(value: object) -> str | None:
     if value is None:
         return None
     if value not in START_METHODS:
-        raise ValueError(
-            f"start_method must be one of 'fork', 'spawn', 'forkserver' or None, got {value!r}"
-        )
+        raise ValueError(f"start_method must be one of 'fork', 'spawn', 'forkserver' or None, got {value!r}")
     import multiprocessing
 
     if value not in multiprocessing.get_all_start_methods():

@@ -251,4 +251,3 @@ class _Bound:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_Bound, (self.fn, self.args, self.kwargs))
-

@@ -206,9 +206,7 @@ def encode_result(value: Any, fmt: str) -> bytes:
         text = value if isinstance(value, str) else str(value)
         if "\n" in text or "\r" in text:
             # One result per line is what lets --resume count results.
-            raise ResultError(
-                f"the result {short_repr(text)} contains a line break; use --output-format jsonl"
-            )
+            raise ResultError(f"the result {short_repr(text)} contains a line break; use --output-format jsonl")
     try:
         return (text + "\n").encode("utf-8")
     except UnicodeEncodeError as exc:

@@ -295,9 +295,7 @@ class Scheduler:
             return
         if not isinstance(exc, ParmapError) or isinstance(exc, TaskError):
             tries = f" on each of {attempts} attempts" if attempts > 1 else ""
-            exc.add_note(
-                f"parmap: raised by item #{record.start + offset} ({short_repr(record.items[offset])}){tries}"
-            )
+            exc.add_note(f"parmap: raised by item #{record.start + offset} ({short_repr(record.items[offset])}){tries}")
         policy = self._options.on_error
         if policy == "raise":
             position = record.start + offset

@@ -141,8 +141,7 @@ def encode_outcome(outcome: ChunkOutcome, positions: Sequence[int]) -> bytes:
                     info.payload = None
                 return dumps_data([outcome], "the result of item", positions)  # type: ignore[list-item]
             error = SerializationError(
-                f"the result of item #{positions[bad]} cannot be serialised: "
-                f"{type(exc).__name__}: {exc}"
+                f"the result of item #{positions[bad]} cannot be serialised: {type(exc).__name__}: {exc}"
             )
             outcome.results[bad] = None
             outcome.errors[bad] = ErrorInfo.capture(error, pickle_it=True)
@@ -299,4 +298,3 @@ def worker_main(
             send(encode_outcome(outcome, positions))
     except (EOFError, OSError):
         return  # the parent went away: nothing left to do
-

@@ -26,7 +26,7 @@ from parmap._target import TargetFunction, parse_target
 
 REPO = Path(__file__).resolve().parents[1]
 
-TARGETS = '''
+TARGETS = """
 import os
 import time
 
@@ -83,7 +83,7 @@ def two_lines(x):
 
 def point(x):
     return Point(x)
-'''
+"""
 
 _started: list[subprocess.Popen[bytes]] = []
 

@@ -33,9 +33,7 @@ class SerialBackend(Backend):
                 exc.add_note("parmap: raised by the initializer")
                 raise
         call = chunk.call
-        outcome = run_chunk(
-            call.fn, chunk.items, star=call.star, stop_on_error=call.stop_on_error, pickle_errors=False
-        )
+        outcome = run_chunk(call.fn, chunk.items, star=call.star, stop_on_error=call.stop_on_error, pickle_errors=False)
         done(chunk, outcome)
 
     def close(self, kill: bool = False) -> None:
