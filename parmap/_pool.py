@@ -88,6 +88,10 @@ class Pool:
         """
         return self._imap(fn, items, overrides)
 
+    def imap_unordered(self, fn: Callable[[T], R], items: Iterable[T], **overrides: Any) -> Iterator[R]:
+        """``imap(fn, items, ordered=False)``, under ``multiprocessing.Pool``'s name for it."""
+        return self._imap(fn, items, {**overrides, "ordered": False})
+
     def _imap(
         self, fn: Callable[..., Any], items: Iterable[Any], overrides: Mapping[str, Any], *, owned: bool = False
     ) -> Iterator[Any]:
@@ -131,6 +135,16 @@ class Pool:
     def terminate(self) -> None:
         """Stop the workers now; pending futures are cancelled."""
         self._shutdown(kill=True)
+
+    def join(self) -> None:
+        """Return once the workers are gone; for ``close(); join()`` written for ``multiprocessing``.
+
+        ``close()`` and ``terminate()`` already wait, so after either this
+        returns at once. Before them it raises ``ValueError``, as
+        ``multiprocessing.Pool.join`` does: nothing would ever stop the workers.
+        """
+        if not self._closed:
+            raise ValueError("join() on a parmap.Pool that is still open: call close() or terminate() first")
 
     def __enter__(self) -> Pool:
         self._check_open()

@@ -120,3 +120,23 @@ def test_executor_backend_refuses_worker_options():
             parmap.map(workfns.square, [1], backend=executor, initializer=print)
         with pytest.raises(ValueError, match="start_method"):
             parmap.map(workfns.square, [1], backend=executor, start_method="spawn")
+
+
+@pytest.mark.parametrize("backend", ["process", "fork"])
+def test_workers_start_only_as_work_needs_them(backend):
+    # parmap's own workers start on demand: two items never cost eight processes.
+    assert max(parmap.map(workfns.siblings_after_a_pause, range(2), workers=8, backend=backend, chunksize=1)) <= 2
+    with parmap.Pool(workers=8, backend=backend) as pool:
+        assert pool.submit(workfns.siblings_after_a_pause, None).result() == 1
+        # A big enough job still gets every worker.
+        assert len(set(pool.map(workfns.getpid, range(400), chunksize=1))) >= 2
+
+
+def test_multiprocessing_idioms_imap_unordered_close_join():
+    pool = parmap.Pool(workers=2, backend="process")
+    assert sorted(pool.imap_unordered(workfns.square, range(20), chunksize=3)) == [x * x for x in range(20)]
+    with pytest.raises(ValueError, match="still open"):
+        pool.join()
+    pool.close()
+    pool.join()
+    assert pool.closed

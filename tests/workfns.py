@@ -141,3 +141,11 @@ class CountingFn:
         path = os.path.join(self.marker_dir, f"unpickled-{os.getpid()}-{time.monotonic_ns()}")
         with open(path, "w"):
             pass
+
+
+def siblings_after_a_pause(_):
+    """How many worker processes the parent has while this item runs."""
+    import psutil
+
+    time.sleep(0.3)
+    return len(psutil.Process(os.getppid()).children())

@@ -186,8 +186,6 @@ class LocalWorkers(Backend):
 
     def _dispatch_loop(self) -> None:
         try:
-            for index in range(self.workers):
-                self._procs[index] = self._start(index)
             while True:
                 with self._lock:
                     closing, kill = self._closing, self._kill
@@ -195,11 +193,24 @@ class LocalWorkers(Backend):
                     return
                 if closing and not self._busy():
                     return
+                self._grow()
                 self._send_work()
                 self._watch(self._next_deadline())
         finally:
             self._stop_all()
             self._close_wake_pipe()
+
+    def _grow(self) -> None:
+        """Start workers as queued chunks need them, up to ``workers``: a
+        three-item map on a 16-CPU machine starts three processes, not 16."""
+        while True:
+            idle = sum(1 for w in self._procs if w is not None and w.chunk is None)
+            with self._lock:
+                waiting = 0 if self._closing else len(self._pending)
+            unstarted = [i for i, w in enumerate(self._procs) if w is None]
+            if waiting <= idle or not unstarted:
+                return
+            self._procs[unstarted[0]] = self._start(unstarted[0])
 
     def _busy(self) -> bool:
         return any(w is not None and w.chunk is not None for w in self._procs)
