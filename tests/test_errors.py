@@ -19,6 +19,7 @@ CRASH_MATRIX = [
     pytest.param(workfns.raise_value_error, {}, ValueError, "bad item 5", id="raise"),
     pytest.param(workfns.sigkill_self, {}, parmap.WorkerCrashedError, "SIGKILL", id="sigkill"),
     pytest.param(workfns.exit_3, {}, parmap.WorkerCrashedError, "exit code 3", id="os._exit"),
+    pytest.param(workfns.sys_exit_3, {}, parmap.WorkerCrashedError, "exit code 3", id="sys.exit"),
     pytest.param(workfns.segfault, {}, parmap.WorkerCrashedError, "SIGSEGV", id="segfault"),
     pytest.param(workfns.raise_unpicklable, {}, parmap.TaskError, "UnpicklableError", id="unpicklable-exception"),
     pytest.param(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -45,6 +46,12 @@ def sigkill_self(x):
 def exit_3(x):
     if x == BAD:
         os._exit(3)
+    return x
+
+
+def sys_exit_3(x):
+    if x == BAD:
+        sys.exit(3)
     return x
 
 
