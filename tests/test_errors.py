@@ -149,3 +149,12 @@ def test_generator_error_propagates(any_backend):
 
 def test_process_backends_listed():
     assert set(PROCESS_BACKENDS) <= set(parmap.BACKEND_NAMES)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("backend", ["pool", "apply_async"])
+def test_pool_shuts_down_though_a_worker_died_holding_the_result_lock(backend):
+    # multiprocessing.Pool.terminate() blocks for ever on a lock a killed
+    # worker held; parmap frees it once every worker is dead.
+    with pytest.raises(parmap.WorkerCrashedError, match="item #0"):
+        parmap.map(workfns.die_holding_result_lock, range(8), workers=2, backend=backend, chunksize=1)

@@ -151,8 +151,27 @@ class CountingFn:
 
 
 def siblings_after_a_pause(_):
-    """How many worker processes the parent has while this item runs."""
+    """How many forked workers the parent has while this item runs.
+
+    Forks share the parent's command line; multiprocessing's helper
+    processes (forkserver, resource tracker) do not, and are not counted.
+    """
     import psutil
 
     time.sleep(0.3)
-    return len(psutil.Process(os.getppid()).children())
+    parent = psutil.Process(os.getppid())
+    return sum(1 for child in parent.children() if child.cmdline() == parent.cmdline())
+
+
+def die_holding_result_lock(x):
+    """On a multiprocessing.Pool worker: take the pool's result-queue lock,
+    then SIGKILL yourself, as the OOM killer may strike mid-send."""
+    if x == 0:
+        frame = sys._getframe()
+        while frame is not None and "outqueue" not in frame.f_locals:
+            frame = frame.f_back
+        if frame is not None:
+            frame.f_locals["outqueue"]._wlock.acquire()
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(0.05)
+    return x

@@ -51,6 +51,9 @@ INLINE_FUNCTION_BYTES = 64 * 1024
 # one; while chunks are in flight the monitor looks at its worker list this
 # often, so a death it had no sentinel for is still reported within ~1 s.
 RESCAN_SECONDS = 0.25
+# How long ``Pool.terminate()`` may take before parmap frees what killed
+# workers left locked (see ``_terminate``); a healthy terminate takes ms.
+TERMINATE_GRACE_SECONDS = 1.0
 # The most calls' functions a pool worker keeps loaded.
 FUNCTION_CACHE_SIZE = 4
 
@@ -398,13 +401,62 @@ class MPPoolBackend(Backend):
         pool = self._pool
         try:
             self._stop_feeding()
-            pool.terminate()
-            pool.join()
+            _terminate(pool)
             self._after_shutdown()
         finally:
             self._close_wake_pipe()
             if self._tmpdir is not None:
                 self._tmpdir.cleanup()
+
+
+def _terminate(pool: Any) -> None:
+    """``pool.terminate(); pool.join()``, proof against the locks of dead workers.
+
+    A pool worker holds the task queue's read lock while it waits for a task
+    and the result queue's write lock while it sends a result. One killed
+    right then (by ``terminate()`` itself, by a ``timeout``, by the OOM
+    killer) leaves that lock held for ever, and ``terminate()`` blocks on it
+    for ever. So terminate runs on a thread, and while it takes too long the
+    workers are killed and reaped, results nobody will read are drained, and
+    a lock still held once no worker is alive is released: only a dead
+    worker can be holding it.
+    """
+    finished = threading.Event()
+
+    def run() -> None:
+        try:
+            pool.terminate()
+            pool.join()
+        finally:
+            finished.set()
+
+    threading.Thread(target=run, name="parmap-pool-terminate", daemon=True).start()
+    while not finished.wait(TERMINATE_GRACE_SECONDS):
+        _unwedge(pool)
+
+
+def _unwedge(pool: Any) -> None:
+    workers = list(pool._pool)
+    for process in workers:
+        if process.exitcode is None:
+            process.kill()
+    for process in workers:
+        process.join(timeout=1.0)
+    if any(process.exitcode is None for process in workers):
+        return  # not dead yet: their locks may still be theirs
+    if not pool._result_handler.is_alive():
+        reader = pool._outqueue._reader
+        while reader.poll():  # a sender blocked on a full pipe can finish
+            reader.recv_bytes()
+    time.sleep(0.1)  # a thread that was sending lets go of its lock by now
+    for lock in (pool._inqueue._rlock, pool._outqueue._wlock):
+        if lock.acquire(block=False):
+            lock.release()
+        else:
+            try:
+                lock.release()
+            except ValueError:  # let go of in the meantime
+                pass
 
 
 def _exitcode(process: Any) -> int | None:
