@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import importlib
+import sys
+import types
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
@@ -17,7 +20,9 @@ class ParallelFunction(Generic[P, R]):
     """A function with ``.map``, ``.imap`` and ``.starmap``; calling it runs it here.
 
     Made by :func:`parallel`. It keeps the wrapped function's name, docstring
-    and signature.
+    and signature, binds like a function when it decorates a method
+    (``obj.method.map(items)`` calls ``method(obj, item)``), and pickles by
+    reference to its module, as the function it replaced did.
     """
 
     def __init__(self, fn: Callable[P, R], options: dict[str, Any]) -> None:
@@ -28,22 +33,59 @@ class ParallelFunction(Generic[P, R]):
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         return self.__wrapped__(*args, **kwargs)
 
+    def __get__(self, instance: object, owner: type | None = None) -> Any:
+        if instance is None:
+            return self
+        return ParallelFunction(types.MethodType(self.__wrapped__, instance), self._options)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        if self._named() and self.__module__ != "__main__":  # a remote worker's __main__ is not the script
+            return (_import, (self.__module__, self.__qualname__))  # type: ignore[attr-defined]
+        return (ParallelFunction, (self.__wrapped__, self._options))
+
     def map(self, items: Iterable[Any], **options: Any) -> list[R]:
         """Map the function over ``items`` in parallel; keywords override the decorator's."""
-        return _api.map(self.__wrapped__, items, **{**self._options, **options})
+        return _api.map(self._travelling(), items, **{**self._options, **options})
 
     def imap(self, items: Iterable[Any], **options: Any) -> Iterator[R]:
         """Lazily map the function over ``items``; keywords override the decorator's."""
-        return _api.imap(self.__wrapped__, items, **{**self._options, **options})
+        return _api.imap(self._travelling(), items, **{**self._options, **options})
 
     def starmap(self, items: Iterable[Iterable[Any]], **options: Any) -> list[R]:
         """``fn(*args)`` for each tuple in ``items``, in parallel."""
         options = {**self._options, **options}
         options.pop("ordered", None)
-        return _api.starmap(self.__wrapped__, items, **options)
+        return _api.starmap(self._travelling(), items, **options)
+
+    def _travelling(self) -> Callable[..., Any]:
+        # The decorated function's module attribute is this object, so the
+        # bare function cannot be pickled by name; this object can, and a
+        # worker that imports the module then shares its globals (with the
+        # state an initializer set up there).
+        return self if self._named() else self.__wrapped__
+
+    def _named(self) -> bool:
+        """True when ``module.qualname`` is this object, so pickle finds it by name."""
+        return _module_attribute(self.__module__, getattr(self, "__qualname__", "")) is self
 
     def __repr__(self) -> str:
         return f"<parmap.parallel {getattr(self.__wrapped__, '__qualname__', self.__wrapped__)!r}>"
+
+
+def _module_attribute(module: str, qualname: str) -> Any:
+    """``module.qualname`` if that module is loaded, else None."""
+    target: Any = sys.modules.get(module)
+    for name in qualname.split("."):
+        target = getattr(target, name, None)
+    return target
+
+
+def _import(module: str, qualname: str) -> Any:
+    """``module.qualname``, importing the module: how a pickled one is found."""
+    target: Any = importlib.import_module(module)
+    for name in qualname.split("."):
+        target = getattr(target, name)
+    return target
 
 
 @overload

@@ -43,3 +43,27 @@ def test_decorated_module_function_under_spawn():
     assert workfns.decorated_cube.map(range(5), workers=2, backend="process", start_method="spawn") == [
         x**3 for x in range(5)
     ]
+
+
+def test_decorated_method_binds_like_a_function(backend):
+    scaler = workfns.Scaler(3)
+    assert scaler.scale(2) == 6
+    assert scaler.scale.map(range(5), backend=backend) == [0, 3, 6, 9, 12]
+    assert workfns.Scaler.scale(scaler, 4) == 12
+
+
+def test_decorated_function_pickles_by_name():
+    import pickle
+
+    assert pickle.loads(pickle.dumps(workfns.decorated_cube)) is workfns.decorated_cube
+    # ... so it also works as the fn of another call, under spawn too.
+    assert parmap.map(workfns.decorated_cube, [2], workers=1, backend="process", start_method="spawn") == [8]
+
+
+def test_decorated_function_sees_the_state_its_initializer_set(process_backend):
+    # Sent by name, the function runs against the worker's own module, whose
+    # globals the initializer changed; a by-value copy would see "unset".
+    results = workfns.decorated_read_setting.map(
+        range(4), workers=2, backend=process_backend, initializer=workfns.set_setting, initargs=("set",)
+    )
+    assert results == ["set"] * 4

@@ -175,3 +175,28 @@ def die_holding_result_lock(x):
         os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(0.05)
     return x
+
+
+class Scaler:
+    """A class with a decorated method, to check ``obj.method.map``."""
+
+    def __init__(self, factor):
+        self.factor = factor
+
+    @parmap.parallel(workers=2)
+    def scale(self, x):
+        return x * self.factor
+
+
+SETTING = "unset"
+
+
+def set_setting(value):
+    """An initializer that changes this module's state in each worker."""
+    global SETTING
+    SETTING = value
+
+
+@parmap.parallel
+def decorated_read_setting(_):
+    return SETTING
