@@ -54,6 +54,10 @@ RESCAN_SECONDS = 0.25
 # How long ``Pool.terminate()`` may take before parmap frees what killed
 # workers left locked (see ``_terminate``); a healthy terminate takes ms.
 TERMINATE_GRACE_SECONDS = 1.0
+# ... and how many such rounds before giving up on the pool's threads: by
+# then every worker is dead and reaped, and a stuck daemon thread of a
+# discarded pool is better than a caller that never returns.
+TERMINATE_ROUNDS = 10
 # The most calls' functions a pool worker keeps loaded.
 FUNCTION_CACHE_SIZE = 4
 
@@ -431,7 +435,9 @@ def _terminate(pool: Any) -> None:
             finished.set()
 
     threading.Thread(target=run, name="parmap-pool-terminate", daemon=True).start()
-    while not finished.wait(TERMINATE_GRACE_SECONDS):
+    for _ in range(TERMINATE_ROUNDS):
+        if finished.wait(TERMINATE_GRACE_SECONDS):
+            return
         _unwedge(pool)
 
 
