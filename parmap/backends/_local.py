@@ -203,14 +203,14 @@ class LocalWorkers(Backend):
     def _grow(self) -> None:
         """Start workers as queued chunks need them, up to ``workers``: a
         three-item map on a 16-CPU machine starts three processes, not 16."""
-        while True:
+        while None in self._procs:  # once all have started: nothing to count, every loop
             idle = sum(1 for w in self._procs if w is not None and w.chunk is None)
             with self._lock:
                 waiting = 0 if self._closing else len(self._pending)
-            unstarted = [i for i, w in enumerate(self._procs) if w is None]
-            if waiting <= idle or not unstarted:
+            if waiting <= idle:
                 return
-            self._procs[unstarted[0]] = self._start(unstarted[0])
+            index = self._procs.index(None)
+            self._procs[index] = self._start(index)
 
     def _busy(self) -> bool:
         return any(w is not None and w.chunk is not None for w in self._procs)
