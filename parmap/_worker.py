@@ -6,12 +6,14 @@ call it directly). :func:`worker_main` is the loop of the ``process`` and
 backends run :func:`~parmap.backends._mppool.run_pool_task`, and the ``dask``
 and executor backends :func:`~parmap.backends.executor.run_remote_chunk`.
 
-Wire format between the parent and a ``worker_main`` loop (one
-``Connection`` each way, framed by ``send_bytes``/``recv_bytes``)::
+Wire format between the parent and a ``worker_main`` loop (a duplex
+``Connection``, messages framed by ``send_bytes``/``recv_bytes``; a chunk's
+items follow their header raw, see :mod:`parmap._wire`)::
 
     parent -> worker   ("fn", call_id, fn_bytes)          once per worker per call,
                                                           unless forked with it
-                       ("chunk", call_id, positions, stop_on_error, track) + items bytes
+                       ("chunk", call_id, positions, stop_on_error, track, star, size)
+                       + ``size`` raw bytes: the pickled items
                        ("forget", call_id)                 a call ended
                        None                                exit
     worker -> parent   outcome bytes                       one per chunk, in order
@@ -38,6 +40,7 @@ from typing import Any
 from . import _context
 from ._errors import SerializationError
 from ._serialization import ErrorInfo, dumps_data, find_unpicklable, loads
+from ._wire import recv_exactly
 
 # Status slots let the parent see which item a worker is running and since
 # when (for timeouts) without any message per item: three doubles per slot in
@@ -272,8 +275,8 @@ def worker_main(
             if kind == "forget":
                 functions.forget(message[1])
                 continue
-            _, call_id, positions, stop_on_error, track, star = message
-            items_bytes = recv()
+            _, call_id, positions, stop_on_error, track, star, size = message
+            items_bytes = recv_exactly(conn, size)
             if init_error is not None:
                 send(encode_outcome(ChunkOutcome([], fatal=init_error), positions))
                 continue

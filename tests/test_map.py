@@ -54,6 +54,22 @@ def test_lambda_closure_partial(any_backend):
     assert parmap.map(nested, [1, 2], workers=2, backend=any_backend) == [(1, 10), (2, 10)]
 
 
+def digest(data):
+    return (type(data).__name__, len(data), bytes(data[:3]), bytes(data[-3:]))
+
+
+def test_large_items_and_results(any_backend):
+    # Big bytes items travel by reference to the socket on process/fork:
+    # mixed with small and mutable ones they must still arrive intact.
+    items = [bytes([i]) * (300_000 + i) for i in range(6)]
+    items[2] = bytearray(b"ab" * 100_000)
+    items[4] = b"tiny"
+    expected = [digest(x) for x in items]
+    assert parmap.map(digest, items, workers=2, backend=any_backend, chunksize=2) == expected
+    back = parmap.map(bytes, [3, 200_000], workers=2, backend=any_backend)
+    assert back == [bytes(3), bytes(200_000)]
+
+
 def test_imap_ordered_and_unordered(any_backend):
     assert list(parmap.imap(square, range(40), workers=2, backend=any_backend)) == [x * x for x in range(40)]
     unordered = list(parmap.imap(square, range(40), workers=2, backend=any_backend, ordered=False))

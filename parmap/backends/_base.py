@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .._serialization import check_function, dumps_data, dumps_function
+from .._serialization import Pickled, check_function, dump_data, dumps_function
 from .._worker import ChunkOutcome
 
 __all__ = ["Backend", "Call", "Capabilities", "Chunk", "ChunkLost", "ChunkOutcome", "Done"]
@@ -94,10 +94,15 @@ class Chunk:
     #: The pickled size of the items, once a backend has pickled them.
     nbytes: int = 0
 
+    def pickled_items(self) -> Pickled:
+        """The items pickled in parts (see :class:`~parmap._serialization.Pickled`)."""
+        pickled = dump_data(self.items, "item", self.positions)
+        self.nbytes = pickled.nbytes
+        return pickled
+
     def items_bytes(self) -> bytes:
-        data = dumps_data(self.items, "item", self.positions)
-        self.nbytes = len(data)
-        return data
+        """The items pickled as one ``bytes`` object."""
+        return self.pickled_items().getvalue()
 
     def header(self) -> tuple[Any, ...]:
         call = self.call

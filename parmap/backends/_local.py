@@ -45,7 +45,8 @@ from typing import Any
 import cloudpickle
 
 from .._errors import PoolClosedError, SerializationError
-from .._serialization import PROTOCOL, ErrorInfo, dumps_function
+from .._serialization import PROTOCOL, ErrorInfo, Pickled, dumps_function
+from .._wire import send_parts
 from .._worker import SLOT_WIDTH, decode_outcome
 from ._base import Backend, Call, Capabilities, Chunk, ChunkLost, ChunkOutcome, Done
 
@@ -76,7 +77,7 @@ class WorkerProcess:
 class _Queued:
     chunk: Chunk
     done: Done
-    items: bytes
+    items: Pickled
 
 
 def pickle_initializer(
@@ -139,7 +140,7 @@ class LocalWorkers(Backend):
             chunk.call.check_local()
         else:
             chunk.call.local_fn_bytes  # noqa: B018 - pickled once, sent per worker
-        queued = _Queued(chunk, done, chunk.items_bytes())
+        queued = _Queued(chunk, done, chunk.pickled_items())
         with self._lock:
             if self._closing:
                 raise PoolClosedError("this pool is closed")
@@ -240,8 +241,9 @@ class LocalWorkers(Backend):
                     worker.conn.send_bytes(cloudpickle.dumps(("fn", call.id, fn_bytes), protocol=PROTOCOL))
                     worker.known_calls.add(call.id)
                 worker.chunk, worker.done, worker.sent_at = queued.chunk, queued.done, time.monotonic()
-                worker.conn.send_bytes(cloudpickle.dumps(queued.chunk.header(), protocol=PROTOCOL))
-                worker.conn.send_bytes(queued.items)
+                header = (*queued.chunk.header(), queued.items.nbytes)
+                worker.conn.send_bytes(cloudpickle.dumps(header, protocol=PROTOCOL))
+                send_parts(worker.conn, queued.items.parts)
             except OSError:
                 # The worker died under us; its sentinel reports the chunk.
                 worker.chunk, worker.done = queued.chunk, queued.done

@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from multiprocessing.connection import Pipe
 from typing import Any
 
+from .._wire import worker_pipe
 from .._worker import worker_main
 from ._local import LocalWorkers, WorkerProcess
 
@@ -32,7 +32,7 @@ class ForkBackend(LocalWorkers):
         super().__init__(workers, initializer, initargs)
 
     def _start_worker(self, index: int, inherited: dict[int, Callable[..., Any]]) -> WorkerProcess:
-        parent_conn, child_conn = Pipe(duplex=True)
+        parent_conn, child_conn = worker_pipe()
         sentinel_r, sentinel_w = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: never return into the parent's stack

@@ -12,6 +12,7 @@ import multiprocessing
 from collections.abc import Callable
 from typing import Any
 
+from .._wire import worker_pipe
 from .._worker import worker_main
 from ._local import LocalWorkers, WorkerProcess
 
@@ -38,7 +39,7 @@ class ProcessBackend(LocalWorkers):
         return self._ctx.RawArray("d", size)  # spawn/forkserver: passed by file descriptor
 
     def _start_worker(self, index: int, inherited: dict[int, Callable[..., Any]]) -> WorkerProcess:
-        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+        parent_conn, child_conn = worker_pipe()
         process = self._ctx.Process(
             target=worker_main,
             args=(child_conn, self._status, index, self._init_bytes, inherited),

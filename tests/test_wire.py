@@ -1,0 +1,90 @@
+"""The parent-worker byte stream: pickled parts, raw payloads, socket buffers."""
+
+from __future__ import annotations
+
+import pickle
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+from parmap import _wire
+from parmap._serialization import dump_data
+from parmap._wire import SOCKET_BUFFER_BYTES, recv_exactly, send_parts, worker_pipe
+
+
+def test_big_bytes_are_pickled_by_reference_and_the_rest_copied():
+    big = b"x" * 200_000
+    mutable = bytearray(b"y" * 200_000)
+    pickled = dump_data([big, 7, mutable], "item", [0, 1, 2])
+    assert any(part is big for part in pickled.parts)
+    assert pickled.nbytes == sum(len(p) for p in pickled.parts)
+    mutable[:3] = b"zzz"  # after pickling: must not leak into what was pickled
+    assert pickle.loads(pickled.getvalue()) == [big, 7, bytearray(b"y" * 200_000)]
+
+
+def test_parts_arrive_whole_through_a_socket_smaller_than_them():
+    # Many parts (more than one writev takes) and more bytes than the socket
+    # buffers hold, so the writer is cut short and must resume mid-part.
+    parts = [bytes([i % 251]) * (i * 97 % 5000) for i in range(3 * _wire._PARTS_PER_WRITE)]
+    parts.append(b"z" * (3 * SOCKET_BUFFER_BYTES))
+    expected = b"".join(parts)
+    parent, child = worker_pipe()
+    received: list[bytes | bytearray] = []
+    reader = threading.Thread(target=lambda: received.append(recv_exactly(child, len(expected))))
+    reader.start()
+    try:
+        send_parts(parent, parts)
+    finally:
+        reader.join(timeout=30)
+        parent.close()
+        child.close()
+    assert bytes(received[0]) == expected
+
+
+def test_a_payload_cut_short_is_an_eof():
+    parent, child = worker_pipe()
+    send_parts(parent, [b"abc"])
+    parent.close()
+    with pytest.raises(EOFError):
+        recv_exactly(child, 10)
+    child.close()
+
+
+def test_worker_sockets_hold_a_whole_chunk_where_the_kernel_allows():
+    limit = Path("/proc/sys/net/core/wmem_max")
+    if not limit.exists():
+        pytest.skip("the kernel's send buffer limit is Linux-only")
+    wanted = min(SOCKET_BUFFER_BYTES, int(limit.read_text()))
+    for end in worker_pipe():
+        sock = socket.socket(fileno=end.fileno())
+        try:
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= wanted
+        finally:
+            sock.detach()
+            end.close()
+
+
+def test_short_writes_resume_where_they_stopped(monkeypatch):
+    # A signal can cut a blocking write short; make every write a short one.
+    real_writev = _wire.os.writev
+
+    def short_writev(fd, views):
+        budget, taken = 1000, []
+        for view in views:
+            taken.append(view[:budget])
+            budget -= len(taken[-1])
+            if not budget:
+                break
+        return real_writev(fd, taken)
+
+    monkeypatch.setattr(_wire.os, "writev", short_writev)
+    parts = [b"a" * 2500, b"b", b"", b"c" * 999, b"d" * 4001]
+    parent, child = worker_pipe()
+    try:
+        send_parts(parent, parts)
+        assert bytes(recv_exactly(child, sum(map(len, parts)))) == b"".join(parts)
+    finally:
+        parent.close()
+        child.close()
