@@ -1,12 +1,12 @@
 """The byte stream between the parent and one of its own worker processes.
 
-Small messages (headers, the function, outcomes) go through the
-:class:`~multiprocessing.connection.Connection` API. A chunk's items, the
-one payload that can be megabytes, goes raw right after the header that
-announces its length: the parent hands the kernel the pickler's parts in one
-vectored write (no joined copy), and the worker reads them straight into one
-buffer (no growing ``BytesIO``). Benchmark W5in (200 x 1 MiB ``bytes``
-items) takes about half the time it took as a ``send_bytes`` message.
+Control messages (a chunk's header, the function) go through the
+:class:`~multiprocessing.connection.Connection` API. The two payloads that
+can be megabytes, a chunk's items and its outcome, are *framed* instead: a
+length, then the pickler's parts handed to the kernel in one vectored write
+(never joined into one copy), read on the far side straight into one buffer
+(no growing ``BytesIO``). Benchmark W5in (200 x 1 MiB ``bytes`` items)
+takes about half the time it took as ``send_bytes`` messages.
 
 Where vectored I/O is missing (Windows), the payload is an ordinary
 ``send_bytes`` message instead; both ends make the same choice.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 from collections.abc import Sequence
 from multiprocessing.connection import Connection, Pipe
 
@@ -32,6 +33,7 @@ SOCKET_BUFFER_BYTES = MAX_CHUNK_BYTES
 _PARTS_PER_WRITE = 256
 
 _VECTORED = hasattr(os, "writev") and hasattr(os, "readv")
+_LENGTH = struct.Struct("!Q")
 
 
 def worker_pipe() -> tuple[Connection, Connection]:
@@ -51,13 +53,15 @@ def worker_pipe() -> tuple[Connection, Connection]:
     return ends
 
 
-def send_parts(conn: Connection, parts: Sequence[bytes]) -> None:
-    """Write ``parts`` back to back; the reader must know their total length."""
+def send_framed(conn: Connection, parts: Sequence[bytes]) -> None:
+    """Send ``parts`` as one payload, read whole by :func:`recv_framed`."""
     if not _VECTORED:
         conn.send_bytes(b"".join(parts))
         return
-    fd = conn.fileno()
     views = [memoryview(part) for part in parts if part]
+    size = sum(view.nbytes for view in views)
+    views.insert(0, memoryview(_LENGTH.pack(size)))
+    fd = conn.fileno()
     first = 0
     while first < len(views):
         written = os.writev(fd, views[first : first + _PARTS_PER_WRITE])
@@ -69,13 +73,17 @@ def send_parts(conn: Connection, parts: Sequence[bytes]) -> None:
             views[first] = views[first][written:]
 
 
-def recv_exactly(conn: Connection, size: int) -> bytes | bytearray:
-    """Read what :func:`send_parts` wrote, ``size`` bytes in all."""
+def recv_framed(conn: Connection) -> bytes | bytearray:
+    """One payload sent by :func:`send_framed`."""
     if not _VECTORED:
         return conn.recv_bytes()
+    (size,) = _LENGTH.unpack(_read_exactly(conn.fileno(), _LENGTH.size))
+    return _read_exactly(conn.fileno(), size)
+
+
+def _read_exactly(fd: int, size: int) -> bytearray:
     buffer = bytearray(size)
     view = memoryview(buffer)
-    fd = conn.fileno()
     got = 0
     while got < size:
         n = os.readv(fd, [view[got:]])

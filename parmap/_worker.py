@@ -7,16 +7,16 @@ backends run :func:`~parmap.backends._mppool.run_pool_task`, and the ``dask``
 and executor backends :func:`~parmap.backends.executor.run_remote_chunk`.
 
 Wire format between the parent and a ``worker_main`` loop (a duplex
-``Connection``, messages framed by ``send_bytes``/``recv_bytes``; a chunk's
-items follow their header raw, see :mod:`parmap._wire`)::
+``Connection``: control messages by ``send_bytes``/``recv_bytes``, the
+payloads that can be large framed by :mod:`parmap._wire`)::
 
     parent -> worker   ("fn", call_id, fn_bytes)          once per worker per call,
                                                           unless forked with it
-                       ("chunk", call_id, positions, stop_on_error, track, star, size)
-                       + ``size`` raw bytes: the pickled items
+                       ("chunk", call_id, positions, stop_on_error, track, star)
+                       + the pickled items, framed
                        ("forget", call_id)                 a call ended
                        None                                exit
-    worker -> parent   outcome bytes                       one per chunk, in order
+    worker -> parent   the pickled outcome, framed         one per chunk, in order
 
 A worker runs one chunk at a time and the parent sends a chunk only to an
 idle worker, so neither side can block writing while the other is writing
@@ -39,8 +39,8 @@ from typing import Any
 
 from . import _context
 from ._errors import SerializationError
-from ._serialization import ErrorInfo, dumps_data, find_unpicklable, loads
-from ._wire import recv_exactly
+from ._serialization import ErrorInfo, Pickled, dump_data, find_unpicklable, loads
+from ._wire import recv_framed, send_framed
 
 # Status slots let the parent see which item a worker is running and since
 # when (for timeouts) without any message per item: three doubles per slot in
@@ -131,18 +131,18 @@ def _marking(source: Any, status: StatusSlot) -> Any:
         yield item
 
 
-def encode_outcome(outcome: ChunkOutcome, positions: Sequence[int]) -> bytes:
+def pickle_outcome(outcome: ChunkOutcome, positions: Sequence[int]) -> Pickled:
     """Pickle an outcome; a result that will not pickle becomes that item's error."""
     while True:
         try:
-            return dumps_data([outcome], "the result of item", positions)  # type: ignore[list-item]
+            return dump_data([outcome], "the result of item", positions)  # type: ignore[list-item]
         except SerializationError:
             bad, exc = find_unpicklable(outcome.results)
             if bad is None:
                 # Not a result: something in the errors themselves; drop payloads.
                 for info in outcome.errors.values():
                     info.payload = None
-                return dumps_data([outcome], "the result of item", positions)  # type: ignore[list-item]
+                return dump_data([outcome], "the result of item", positions)  # type: ignore[list-item]
             error = SerializationError(
                 f"the result of item #{positions[bad]} cannot be serialised: {type(exc).__name__}: {exc}"
             )
@@ -150,7 +150,12 @@ def encode_outcome(outcome: ChunkOutcome, positions: Sequence[int]) -> bytes:
             outcome.errors[bad] = ErrorInfo.capture(error, pickle_it=True)
 
 
-def decode_outcome(data: bytes) -> ChunkOutcome:
+def encode_outcome(outcome: ChunkOutcome, positions: Sequence[int]) -> bytes:
+    """:func:`pickle_outcome` as one ``bytes`` object."""
+    return pickle_outcome(outcome, positions).getvalue()
+
+
+def decode_outcome(data: bytes | bytearray) -> ChunkOutcome:
     outcome: ChunkOutcome = loads(data)[0]
     return outcome
 
@@ -258,7 +263,11 @@ def worker_main(
     init_error = run_initializer(init_bytes)
     functions = FunctionCache(inherited)
     load_error: BaseException = RuntimeError("the function never arrived")
-    recv, send = conn.recv_bytes, conn.send_bytes
+    recv = conn.recv_bytes
+
+    def send(outcome: ChunkOutcome, positions: Sequence[int]) -> None:
+        send_framed(conn, pickle_outcome(outcome, positions).parts)
+
     try:
         while True:
             message = loads(recv())
@@ -275,19 +284,19 @@ def worker_main(
             if kind == "forget":
                 functions.forget(message[1])
                 continue
-            _, call_id, positions, stop_on_error, track, star, size = message
-            items_bytes = recv_exactly(conn, size)
+            _, call_id, positions, stop_on_error, track, star = message
+            items_bytes = recv_framed(conn)
             if init_error is not None:
-                send(encode_outcome(ChunkOutcome([], fatal=init_error), positions))
+                send(ChunkOutcome([], fatal=init_error), positions)
                 continue
             fn = functions.get(call_id)
             if fn is None:
-                send(encode_outcome(fatal_outcome(load_error, "the function"), positions))
+                send(fatal_outcome(load_error, "the function"), positions)
                 continue
             try:
                 items = loads(items_bytes)
             except Exception as exc:
-                send(encode_outcome(fatal_outcome(exc, f"the items from #{positions[0]}"), positions))
+                send(fatal_outcome(exc, f"the items from #{positions[0]}"), positions)
                 continue
             outcome = run_chunk(
                 fn,
@@ -298,6 +307,6 @@ def worker_main(
                 status=status if track else None,
             )
             del items
-            send(encode_outcome(outcome, positions))
+            send(outcome, positions)
     except (EOFError, OSError):
         return  # the parent went away: nothing left to do

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import socket
 import threading
@@ -11,7 +12,7 @@ import pytest
 
 from parmap import _wire
 from parmap._serialization import dump_data
-from parmap._wire import SOCKET_BUFFER_BYTES, recv_exactly, send_parts, worker_pipe
+from parmap._wire import SOCKET_BUFFER_BYTES, recv_framed, send_framed, worker_pipe
 
 
 def test_big_bytes_are_pickled_by_reference_and_the_rest_copied():
@@ -32,10 +33,10 @@ def test_parts_arrive_whole_through_a_socket_smaller_than_them():
     expected = b"".join(parts)
     parent, child = worker_pipe()
     received: list[bytes | bytearray] = []
-    reader = threading.Thread(target=lambda: received.append(recv_exactly(child, len(expected))))
+    reader = threading.Thread(target=lambda: received.append(recv_framed(child)))
     reader.start()
     try:
-        send_parts(parent, parts)
+        send_framed(parent, parts)
     finally:
         reader.join(timeout=30)
         parent.close()
@@ -43,12 +44,25 @@ def test_parts_arrive_whole_through_a_socket_smaller_than_them():
     assert bytes(received[0]) == expected
 
 
-def test_a_payload_cut_short_is_an_eof():
+def test_payloads_keep_their_boundaries():
     parent, child = worker_pipe()
-    send_parts(parent, [b"abc"])
+    try:
+        send_framed(parent, [b"ab", b"", b"c"])
+        send_framed(parent, [])
+        send_framed(parent, [b"d" * 70_000])
+        assert [bytes(recv_framed(child)) for _ in range(3)] == [b"abc", b"", b"d" * 70_000]
+    finally:
+        parent.close()
+        child.close()
+
+
+def test_a_payload_cut_short_is_an_eof():
+    # A worker killed mid-send leaves a frame shorter than its length says.
+    parent, child = worker_pipe()
+    os.write(parent.fileno(), _wire._LENGTH.pack(10) + b"abc")
     parent.close()
     with pytest.raises(EOFError):
-        recv_exactly(child, 10)
+        recv_framed(child)
     child.close()
 
 
@@ -83,8 +97,8 @@ def test_short_writes_resume_where_they_stopped(monkeypatch):
     parts = [b"a" * 2500, b"b", b"", b"c" * 999, b"d" * 4001]
     parent, child = worker_pipe()
     try:
-        send_parts(parent, parts)
-        assert bytes(recv_exactly(child, sum(map(len, parts)))) == b"".join(parts)
+        send_framed(parent, parts)
+        assert bytes(recv_framed(child)) == b"".join(parts)
     finally:
         parent.close()
         child.close()

@@ -46,7 +46,7 @@ import cloudpickle
 
 from .._errors import PoolClosedError, SerializationError
 from .._serialization import PROTOCOL, ErrorInfo, Pickled, dumps_function
-from .._wire import send_parts
+from .._wire import recv_framed, send_framed
 from .._worker import SLOT_WIDTH, decode_outcome
 from ._base import Backend, Call, Capabilities, Chunk, ChunkLost, ChunkOutcome, Done
 
@@ -241,9 +241,8 @@ class LocalWorkers(Backend):
                     worker.conn.send_bytes(cloudpickle.dumps(("fn", call.id, fn_bytes), protocol=PROTOCOL))
                     worker.known_calls.add(call.id)
                 worker.chunk, worker.done, worker.sent_at = queued.chunk, queued.done, time.monotonic()
-                header = (*queued.chunk.header(), queued.items.nbytes)
-                worker.conn.send_bytes(cloudpickle.dumps(header, protocol=PROTOCOL))
-                send_parts(worker.conn, queued.items.parts)
+                worker.conn.send_bytes(cloudpickle.dumps(queued.chunk.header(), protocol=PROTOCOL))
+                send_framed(worker.conn, queued.items.parts)
             except OSError:
                 # The worker died under us; its sentinel reports the chunk.
                 worker.chunk, worker.done = queued.chunk, queued.done
@@ -277,7 +276,7 @@ class LocalWorkers(Backend):
             elif id(obj) in by_conn:
                 worker = by_conn[id(obj)]
                 try:
-                    data = worker.conn.recv_bytes()
+                    data = recv_framed(worker.conn)
                 except (EOFError, OSError):
                     continue  # died mid-message: its sentinel is ready too
                 self._finish(worker, decode_outcome(data))
@@ -299,7 +298,7 @@ class LocalWorkers(Backend):
         # A message written just before death is still in the pipe.
         try:
             while worker.chunk is not None and worker.conn.poll():
-                self._finish(worker, decode_outcome(worker.conn.recv_bytes()))
+                self._finish(worker, decode_outcome(recv_framed(worker.conn)))
         except (EOFError, OSError):
             pass
         exitcode = self._reap(worker)
