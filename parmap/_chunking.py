@@ -8,7 +8,9 @@ An explicit ``chunksize`` is used as given. Otherwise the size adapts:
   is batched by the thousand and a slow one travels alone;
 * near the end of an input of known length no chunk takes more than
   1/(2·workers) of what is left, so the last chunks shrink and no worker is
-  left holding a long tail while the others idle;
+  left holding a long tail while the others idle (but a last few thousand
+  items too cheap to unbalance anything stay together, see
+  :data:`MIN_TAIL_CHUNK_SECONDS`);
 * a chunk's items pickle to at most about :data:`MAX_CHUNK_BYTES`, so big
   items (images, arrays) stream to the workers a few at a time instead of
   in one huge message that the workers wait for;
@@ -37,6 +39,15 @@ MAX_UNSIZED_CHUNK = 2048
 # allowed); W6bp still pulls only ~6,000 items ahead.
 UNSIZED_GROWTH_SHARE = 8
 MAX_GROWN_UNSIZED_CHUNK = 65536
+# Near the end, chunks shrink no further than this much work: below it the
+# imbalance they prevent is smaller than the round trips they add (benchmark
+# W4, 10 trivial items: 10 chunks of one item -> 6 chunks; W2/W3 items of
+# 5-200 ms still travel alone at the end).
+MIN_TAIL_CHUNK_SECONDS = 0.002
+# ... nor hold more items than this when they are that cheap: a chunk's
+# pickling and unpickling, which the cost measures not, is then still small
+# next to a round trip (W1 keeps its tail split between the workers).
+MAX_UNSPLIT_TAIL = 2048
 # Before the first measurement, with a known length: a small slice of it, so
 # that the first cost measurement comes back after one item on W2/W3 (200
 # items of ~10 ms: total // (2 * 64) = 1) and after 64 items on W1, whose
@@ -81,7 +92,11 @@ class ChunkSizer:
             grown = min(MAX_GROWN_UNSIZED_CHUNK, taken // UNSIZED_GROWTH_SHARE)
             size = min(size, max(MAX_UNSIZED_CHUNK, grown))
         else:
-            size = min(size, max(1, remaining // (2 * self._workers)))
+            tail = max(1, remaining // (2 * self._workers))
+            if self._cost is not None and self._cost > 0:
+                # Too cheap to unbalance anything: shrinking only adds round trips.
+                tail = max(tail, min(int(MIN_TAIL_CHUNK_SECONDS / self._cost), MAX_UNSPLIT_TAIL, remaining))
+            size = min(size, tail)
         return max(1, size)
 
     def observe(self, items: int, seconds: float) -> None:

@@ -6,6 +6,7 @@ from parmap._chunking import (
     MAX_CHUNK_BYTES,
     MAX_GROWN_UNSIZED_CHUNK,
     MAX_UNSIZED_CHUNK,
+    MAX_UNSPLIT_TAIL,
     TARGET_CHUNK_SECONDS,
     ChunkSizer,
 )
@@ -26,11 +27,25 @@ def test_chunks_aim_at_the_target_duration():
 
 
 def test_chunks_shrink_towards_the_end_of_a_sized_input():
+    sizer = ChunkSizer(None, workers=2, total=10_000)
+    sizer.observe(10, 10 * 0.004)  # 4 ms per item: 5 per chunk
+    assert sizer.next_size(10_000) == 5
+    assert sizer.next_size(8) == 2
+    assert sizer.next_size(3) == 1
+
+
+def test_many_tiny_items_are_still_shared_out_at_the_end():
     sizer = ChunkSizer(None, workers=2, total=1_000_000)
     sizer.observe(1000, 1000 * TINY / 100)
     assert sizer.next_size(1_000_000) == 1_000_000 // 4
-    assert sizer.next_size(400) == 100
-    assert sizer.next_size(3) == 1
+    assert sizer.next_size(40_000) == 10_000
+
+
+def test_a_cheap_tail_is_not_split_into_round_trips():
+    sizer = ChunkSizer(None, workers=2, total=10)
+    sizer.observe(1, TINY)
+    assert sizer.next_size(5) == 5
+    assert sizer.next_size(3000) == MAX_UNSPLIT_TAIL
 
 
 def test_unsized_input_starts_small_and_grows_with_what_was_taken():

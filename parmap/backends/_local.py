@@ -194,24 +194,31 @@ class LocalWorkers(Backend):
                     return
                 if closing and not self._busy():
                     return
-                self._grow()
                 self._send_work()
+                if self._grow():
+                    continue  # feed the new worker before starting another
                 self._watch(self._next_deadline())
         finally:
             self._stop_all()
             self._close_wake_pipe()
 
-    def _grow(self) -> None:
-        """Start workers as queued chunks need them, up to ``workers``: a
-        three-item map on a 16-CPU machine starts three processes, not 16."""
-        while None in self._procs:  # once all have started: nothing to count, every loop
-            idle = sum(1 for w in self._procs if w is not None and w.chunk is None)
-            with self._lock:
-                waiting = 0 if self._closing else len(self._pending)
-            if waiting <= idle:
-                return
-            index = self._procs.index(None)
-            self._procs[index] = self._start(index)
+    def _grow(self) -> bool:
+        """Start a worker if queued chunks need one, up to ``workers``: a
+        three-item map on a 16-CPU machine starts three processes, not 16.
+
+        One at a time, so the first worker is computing while the next is
+        forked (benchmark W4). Returns whether it started one.
+        """
+        if None not in self._procs:  # all started: nothing to count, every loop
+            return False
+        idle = sum(1 for w in self._procs if w is not None and w.chunk is None)
+        with self._lock:
+            waiting = 0 if self._closing else len(self._pending)
+        if waiting <= idle:
+            return False
+        index = self._procs.index(None)
+        self._procs[index] = self._start(index)
+        return True
 
     def _busy(self) -> bool:
         return any(w is not None and w.chunk is not None for w in self._procs)
