@@ -23,8 +23,6 @@ from contextlib import closing
 from types import FrameType
 from typing import IO, Any, NoReturn, cast
 
-from tqdm import tqdm
-
 from . import __version__
 from ._api import imap
 from ._errors import RemoteTraceback, TaskError
@@ -408,8 +406,10 @@ def _usage(message: str) -> int:
 
 
 def _say(message: str) -> None:
-    # tqdm.write keeps a progress bar intact around the message.
-    tqdm.write(message, file=sys.stderr)
+    if "tqdm" in sys.modules:  # a bar may be showing: tqdm.write keeps it intact
+        sys.modules["tqdm"].tqdm.write(message, file=sys.stderr)
+    else:
+        print(message, file=sys.stderr, flush=True)
 
 
 _MAIN_PID = os.getpid()
