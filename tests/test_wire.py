@@ -26,8 +26,8 @@ def test_big_bytes_are_pickled_by_reference_and_the_rest_copied():
 
 
 def test_parts_arrive_whole_through_a_socket_smaller_than_them():
-    # Many parts (more than one writev takes) and more bytes than the socket
-    # buffers hold, so the writer is cut short and must resume mid-part.
+    # More parts than one writev takes, and more bytes than the socket
+    # buffers hold: the writer must wait for the reader part-way through.
     parts = [bytes([i % 251]) * (i * 97 % 5000) for i in range(3 * _wire._PARTS_PER_WRITE)]
     parts.append(b"z" * (3 * SOCKET_BUFFER_BYTES))
     expected = b"".join(parts)
