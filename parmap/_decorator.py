@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import importlib
 import sys
 import types
 from collections.abc import Callable, Iterable, Iterator
@@ -38,9 +37,10 @@ class ParallelFunction(Generic[P, R]):
             return self
         return ParallelFunction(types.MethodType(self.__wrapped__, instance), self._options)
 
-    def __reduce__(self) -> tuple[Any, ...]:
+    def __reduce__(self) -> str | tuple[Any, ...]:
         if self._named() and self.__module__ != "__main__":  # a remote worker's __main__ is not the script
-            return (_import, (self.__module__, self.__qualname__))  # type: ignore[attr-defined]
+            # A string: pickle stores ``module.qualname`` and imports it back.
+            return str(self.__qualname__)  # type: ignore[attr-defined]
         return (ParallelFunction, (self.__wrapped__, self._options))
 
     def map(self, items: Iterable[Any], **options: Any) -> list[R]:
@@ -77,14 +77,6 @@ def _module_attribute(module: str, qualname: str) -> Any:
     target: Any = sys.modules.get(module)
     for name in qualname.split("."):
         target = getattr(target, name, None)
-    return target
-
-
-def _import(module: str, qualname: str) -> Any:
-    """``module.qualname``, importing the module: how a pickled one is found."""
-    target: Any = importlib.import_module(module)
-    for name in qualname.split("."):
-        target = getattr(target, name)
     return target
 
 
