@@ -167,11 +167,6 @@ def dump_data(values: Sequence[Any], what: str, positions: Sequence[int]) -> Pic
         raise error from exc
 
 
-def dumps_data(values: Sequence[Any], what: str, positions: Sequence[int]) -> bytes:
-    """:func:`dump_data` as one ``bytes`` object."""
-    return dump_data(values, what, positions).getvalue()
-
-
 def find_unpicklable(values: Sequence[Any]) -> tuple[int | None, BaseException]:
     """The offset of the first value that cloudpickle refuses, and why."""
     last: BaseException = SerializationError("unknown serialisation failure")
