@@ -8,7 +8,7 @@ machinery with a Pool that lives for one call.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
@@ -196,7 +196,14 @@ class Pool:
             )
 
     def _scheduler(
-        self, fn: Callable[..., Any], items: Iterable[Any], options: CallOptions, *, star: bool, in_order: bool
+        self,
+        fn: Callable[..., Any],
+        items: Iterable[Any],
+        options: CallOptions,
+        *,
+        star: bool,
+        in_order: bool,
+        source: Sequence[Any] | None = None,
     ) -> Scheduler:
         self._check_open()
         if not callable(fn):
@@ -210,6 +217,7 @@ class Pool:
             star=star,
             stop_on_error=options.on_error == "raise" and options.retries == 0,
             timeout=options.timeout,
+            source=source,
         )
         return Scheduler(self._backend, call, items, options, deliver_in_order=in_order)
 
@@ -217,7 +225,11 @@ class Pool:
         self, fn: Callable[..., Any], items: Iterable[Any], overrides: Mapping[str, Any], *, star: bool
     ) -> list[Any]:
         options = self._call_options(overrides)
-        scheduler = self._scheduler(fn, items, options, star=star, in_order=False)
+        # map blocks its caller until it returns, so a list cannot change under
+        # it (imap's consumer could append to one between results): forked
+        # workers may read the items from their copy of it (Call.source).
+        source = items if type(items) in (list, tuple, range) else None
+        scheduler = self._scheduler(fn, items, options, star=star, in_order=False, source=source)  # type: ignore[arg-type]
         records = sorted(scheduler.records(), key=lambda r: r.start)
         results: list[Any] = []
         for record in records:

@@ -44,7 +44,7 @@ from ._errors import ParmapError, SerializationError, TaskError, TaskTimeoutErro
 from ._options import CallOptions
 from ._progress import Progress
 from ._serialization import short_repr
-from .backends._base import Backend, Call, Chunk, ChunkLost, ChunkOutcome, describe_exit
+from .backends._base import Backend, Call, Chunk, ChunkLost, ChunkOutcome, SourceSlice, describe_exit
 
 #: Marks an item left out by ``on_error="skip"``.
 SKIPPED: Any = object()
@@ -56,10 +56,12 @@ class Record:
 
     __slots__ = ("attempts", "items", "pending", "start", "values")
 
-    def __init__(self, start: int, items: list[Any]) -> None:
+    def __init__(self, start: int, items: list[Any] | SourceSlice) -> None:
         self.start = start
         self.items = items
-        self.values: list[Any] = [_UNSET] * len(items)
+        # Filled item by item only when a chunk comes back in pieces; the
+        # common case replaces it whole (_settle_all).
+        self.values: list[Any] = []
         self.pending = len(items)
         self.attempts: dict[int, int] = {}
 
@@ -163,9 +165,16 @@ class Scheduler:
     def _next_record(self) -> Record | None:
         remaining = None if self._total is None else max(0, self._total - self._next_position)
         size = self._sizer.next_size(remaining, self._taken)
-        items = list(itertools.islice(self._source, size))
-        if len(items) < size:
-            self._exhausted = True
+        items: list[Any] | SourceSlice
+        source = self._call.source
+        if source is not None and remaining is not None:
+            take = min(size, remaining)
+            items = SourceSlice(source, self._next_position, self._next_position + take)
+            self._exhausted = take == remaining
+        else:
+            items = list(itertools.islice(self._source, size))
+            if len(items) < size:
+                self._exhausted = True
         if not items:
             self._exhausted = True
             return None
@@ -224,7 +233,8 @@ class Scheduler:
         for record in self._outstanding:  # in input order
             if record.start >= limit:
                 break
-            if any(v is _UNSET for v in record.values[: limit - record.start]):
+            before = record.values[: limit - record.start]
+            if record.pending and (not before or any(v is _UNSET for v in before)):
                 return
         raise exc
 
@@ -280,6 +290,8 @@ class Scheduler:
             self._ready.append(record)
 
     def _settle(self, record: Record, offset: int, value: Any) -> None:
+        if not record.values:
+            record.values = [_UNSET] * len(record.items)
         if record.values[offset] is _UNSET:
             record.values[offset] = value
             record.pending -= 1

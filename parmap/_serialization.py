@@ -161,10 +161,42 @@ def dump_data(values: Sequence[Any], what: str, positions: Sequence[int]) -> Pic
         return out
     except Exception:
         bad, exc = find_unpicklable(values)
-        position = positions[bad] if bad is not None else positions[0]
-        error = SerializationError(f"{what} #{position} cannot be serialised: {type(exc).__name__}: {exc}")
-        error.position = position  # type: ignore[attr-defined]  # lets the scheduler fail just that item
-        raise error from exc
+        raise _value_error(what, positions[bad] if bad is not None else positions[0], exc) from exc
+
+
+def _value_error(what: str, position: int, exc: BaseException) -> SerializationError:
+    error = SerializationError(f"{what} #{position} cannot be serialised: {type(exc).__name__}: {exc}")
+    error.position = position  # type: ignore[attr-defined]  # lets the scheduler fail just that item
+    return error
+
+
+#: Values of these types always pickle: a chunk of nothing else needs no check.
+_ALWAYS_PICKLABLE = frozenset({int, float, complex, bool, str, bytes, type(None)})
+
+
+def refused_items(values: Sequence[Any], positions: Sequence[int]) -> dict[int, SerializationError]:
+    """The items that :func:`dump_data` would refuse, by offset, with its errors.
+
+    For items that a worker read from its own copy of the input instead of
+    receiving them pickled: an item that could not be pickled fails the same
+    way on every start method. Cheap for plain data (a type check in C), else
+    one pickling pass into nothing.
+    """
+    if set(map(type, values)) <= _ALWAYS_PICKLABLE:
+        return {}
+    for pickler in (pickle.Pickler, cloudpickle.Pickler):
+        try:
+            pickler(_Discard(), protocol=PROTOCOL).dump(values)
+            return {}
+        except Exception:  # noqa: S112 - plain pickle refused: cloudpickle may not
+            continue
+    refused: dict[int, SerializationError] = {}
+    for offset, value in enumerate(values):
+        try:
+            cloudpickle.Pickler(_Discard(), protocol=PROTOCOL).dump(value)
+        except Exception as exc:
+            refused[offset] = _value_error("item", positions[offset], exc)
+    return refused
 
 
 def find_unpicklable(values: Sequence[Any]) -> tuple[int | None, BaseException]:

@@ -33,13 +33,13 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import _context
 from ._errors import SerializationError
-from ._serialization import ErrorInfo, Pickled, dump_data, find_unpicklable, loads
+from ._serialization import ErrorInfo, Pickled, dump_data, find_unpicklable, loads, refused_items
 from ._wire import recv_framed, send_framed
 
 # Status slots let the parent see which item a worker is running and since
@@ -90,12 +90,13 @@ class StatusSlot:
 
 def run_chunk(
     fn: Callable[..., Any],
-    items: Sequence[Any],
+    items: Iterable[Any],
     *,
     star: bool,
     stop_on_error: bool,
     pickle_errors: bool,
     status: StatusSlot | None = None,
+    refused: dict[int, SerializationError] | None = None,
 ) -> ChunkOutcome:
     """Apply ``fn`` to each item, recording each failure and carrying on.
 
@@ -103,6 +104,7 @@ def run_chunk(
     appended before an exception, so a failure costs one restart of the
     loop rather than a ``try`` per item. ``status`` (set when a timeout is
     watched) costs a shared-memory write per item, so it is off otherwise.
+    ``refused``: items that fail with the given error instead of running.
     """
     results: list[Any] = []
     errors: dict[int, ErrorInfo] = {}
@@ -111,6 +113,8 @@ def run_chunk(
     apply = itertools.starmap if star else map
     if status is not None:
         source = _marking(source, status)
+    if refused:
+        source = _Refusing(source, refused)
     while True:
         try:
             results.extend(apply(fn, source))
@@ -129,6 +133,24 @@ def _marking(source: Any, status: StatusSlot) -> Any:
     for offset, item in enumerate(source):
         status.mark(offset)
         yield item
+
+
+class _Refusing:
+    """Items, except that a refused one raises its error where it would be
+    yielded; being an iterator rather than a generator, it goes on after."""
+
+    def __init__(self, items: Iterator[Any], refused: dict[int, SerializationError]) -> None:
+        self._items, self._refused, self._offset = items, refused, 0
+
+    def __iter__(self) -> _Refusing:
+        return self
+
+    def __next__(self) -> Any:
+        item = next(self._items)
+        offset, self._offset = self._offset, self._offset + 1
+        if offset in self._refused:
+            raise self._refused[offset]
+        return item
 
 
 def pickle_outcome(outcome: ChunkOutcome, positions: Sequence[int]) -> Pickled:
@@ -160,11 +182,19 @@ def decode_outcome(data: bytes | bytearray) -> ChunkOutcome:
     return outcome
 
 
-class FunctionCache:
-    """The functions of the calls a worker has seen, loaded once each."""
+#: What a worker forked during calls starts with, by call id: each call's
+#: function and, when the call has one, its input (``Call.source``).
+Inherited = dict[int, tuple[Callable[..., Any], "Sequence[Any] | None"]]
 
-    def __init__(self, inherited: dict[int, Callable[..., Any]] | None = None) -> None:
-        self._functions: dict[int, Callable[..., Any]] = dict(inherited or {})
+
+class FunctionCache:
+    """The functions of the calls a worker has seen, loaded once each, and
+    the inputs it inherited."""
+
+    def __init__(self, inherited: Inherited | None = None) -> None:
+        inherited = inherited or {}
+        self._functions: dict[int, Callable[..., Any]] = {key: fn for key, (fn, _) in inherited.items()}
+        self._sources = {key: source for key, (_, source) in inherited.items() if source is not None}
 
     def add(self, call_id: int, fn_bytes: bytes) -> None:
         self._functions[call_id] = loads(fn_bytes)
@@ -172,8 +202,16 @@ class FunctionCache:
     def get(self, call_id: int) -> Callable[..., Any] | None:
         return self._functions.get(call_id)
 
+    def items(self, call_id: int, positions: range) -> Sequence[Any]:
+        """The items at ``positions`` of an inherited input."""
+        items = self._sources[call_id][positions.start : positions.stop]
+        if len(items) != len(positions):
+            raise IndexError(f"the input has no items #{positions.start}-{positions.stop - 1}")
+        return items
+
     def forget(self, call_id: int) -> None:
         self._functions.pop(call_id, None)
+        self._sources.pop(call_id, None)
 
 
 def fatal_outcome(exc: BaseException, what: str) -> ChunkOutcome:
@@ -250,12 +288,13 @@ def worker_main(
     status_array: Any,
     index: int,
     init_bytes: bytes | None,
-    inherited: dict[int, Callable[..., Any]] | None = None,
+    inherited: Inherited | None = None,
 ) -> None:
     """The loop of a ``process``/``fork`` worker; returns when told to or on EOF.
 
-    ``inherited``: functions of calls already under way when this worker was
-    forked, keyed by call id; the parent sends no ``fn`` message for those.
+    ``inherited``: functions (and inputs) of calls already under way when
+    this worker was forked; the parent sends no ``fn`` message for those,
+    and sends no items for chunks it marks ``from_source``.
     """
     prepare_worker_process()
     status = StatusSlot(status_array, index)
@@ -284,8 +323,8 @@ def worker_main(
             if kind == "forget":
                 functions.forget(message[1])
                 continue
-            _, call_id, positions, stop_on_error, track, star = message
-            items_bytes = recv_framed(conn)
+            _, call_id, positions, stop_on_error, track, star, from_source = message
+            items_bytes = None if from_source else recv_framed(conn)
             if init_error is not None:
                 send(ChunkOutcome([], fatal=init_error), positions)
                 continue
@@ -293,8 +332,13 @@ def worker_main(
             if fn is None:
                 send(fatal_outcome(load_error, "the function"), positions)
                 continue
+            refused = None
             try:
-                items = loads(items_bytes)
+                if items_bytes is None:
+                    items = functions.items(call_id, positions)
+                    refused = refused_items(items, positions)
+                else:
+                    items = loads(items_bytes)
             except Exception as exc:
                 send(fatal_outcome(exc, f"the items from #{positions[0]}"), positions)
                 continue
@@ -305,6 +349,7 @@ def worker_main(
                 stop_on_error=stop_on_error,
                 pickle_errors=True,
                 status=status if track else None,
+                refused=refused,
             )
             del items
             send(outcome, positions)

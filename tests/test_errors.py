@@ -42,7 +42,7 @@ def test_crash_matrix(process_backend, fn, options, error, text):
 @pytest.mark.timeout(30)
 def test_unpicklable_item(process_backend):
     items = [1, 2, threading.Lock(), 4]
-    with pytest.raises(parmap.SerializationError, match=r"item #2"):
+    with pytest.raises(parmap.SerializationError, match=r"^item #2 cannot be serialised"):
         parmap.map(workfns.describe, items, workers=2, backend=process_backend)
 
 

@@ -200,3 +200,18 @@ def set_setting(value):
 @parmap.parallel
 def decorated_read_setting(_):
     return SETTING
+
+
+class Traveller:
+    """Says whether it was pickled on its way to the worker: its copy is
+    rebuilt with ``"pickled"`` in place of its tag."""
+
+    def __init__(self, tag):
+        self.tag = tag
+
+    def __reduce__(self):
+        return (Traveller, ("pickled",))
+
+
+def tag(traveller):
+    return traveller.tag

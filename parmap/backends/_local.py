@@ -47,7 +47,7 @@ import cloudpickle
 from .._errors import PoolClosedError, SerializationError
 from .._serialization import PROTOCOL, ErrorInfo, Pickled, dumps_function
 from .._wire import recv_framed, send_framed
-from .._worker import SLOT_WIDTH, decode_outcome
+from .._worker import SLOT_WIDTH, Inherited, decode_outcome
 from ._base import Backend, Call, Capabilities, Chunk, ChunkLost, ChunkOutcome, Done
 
 # A worker that dies before running anything this many times in a row means
@@ -69,6 +69,7 @@ class WorkerProcess:
     done: Done | None = None
     sent_at: float = 0.0
     known_calls: set[int] = field(default_factory=set)
+    sources: set[int] = field(default_factory=set)
     ran_anything: bool = False
     timed_out_offset: int | None = None
 
@@ -77,7 +78,7 @@ class WorkerProcess:
 class _Queued:
     chunk: Chunk
     done: Done
-    items: Pickled
+    items: Pickled | None
 
 
 def pickle_initializer(
@@ -121,11 +122,12 @@ class LocalWorkers(Backend):
         return memoryview(mmap.mmap(-1, size * 8)).cast("d")
 
     @abc.abstractmethod
-    def _start_worker(self, index: int, inherited: dict[int, Callable[..., Any]]) -> WorkerProcess:
+    def _start_worker(self, index: int, inherited: Inherited) -> WorkerProcess:
         """Start worker ``index``; runs on the dispatcher thread.
 
-        ``inherited`` (empty unless :attr:`forks_workers`): the functions of
-        the calls under way, by call id, for the forked worker to start with.
+        ``inherited`` (empty unless :attr:`forks_workers`): the functions and
+        inputs of the calls under way, by call id, for the forked worker to
+        start with.
         """
 
     @abc.abstractmethod
@@ -140,7 +142,12 @@ class LocalWorkers(Backend):
             chunk.call.check_local()
         else:
             chunk.call.local_fn_bytes  # noqa: B018 - pickled once, sent per worker
-        queued = _Queued(chunk, done, chunk.pickled_items())
+        # Items a worker forked during this call can read from its own copy of
+        # the input are not pickled at all (benchmarks W1, W5in). The workers
+        # of an earlier call (a warm Pool) lack it: pickle here, in the caller,
+        # where an item that will not pickle fails alone (see _base.Chunk).
+        holds_source = chunk.from_source and all(w is None or chunk.call.id in w.sources for w in self._procs)
+        queued = _Queued(chunk, done, None if holds_source else chunk.pickled_items())
         with self._lock:
             if self._closing:
                 raise PoolClosedError("this pool is closed")
@@ -233,23 +240,31 @@ class LocalWorkers(Backend):
                 queued = self._pending.popleft()
                 ended = self._ended_calls & worker.known_calls
             call = queued.chunk.call
-            if call.id not in worker.known_calls:
-                try:
+            from_source = queued.chunk.from_source and call.id in worker.sources
+            try:
+                if call.id not in worker.known_calls:
                     fn_bytes = call.local_fn_bytes
-                except SerializationError as exc:  # checked in submit: only a fickle __reduce__ lands here
-                    queued.done(queued.chunk, ChunkOutcome([], fatal=ErrorInfo.capture(exc, pickle_it=False)))
-                    self._wake()  # this worker is still idle: come round again
-                    continue
+                if queued.items is None and not from_source:
+                    # This worker replaced one since submit, after the call's
+                    # chunks had all left the queue, so it lacks the input.
+                    queued.items = queued.chunk.pickled_items()
+            except SerializationError as exc:  # both checked in submit: only a fickle __reduce__ lands here
+                queued.done(queued.chunk, ChunkOutcome([], fatal=ErrorInfo.capture(exc, pickle_it=False)))
+                self._wake()  # this worker is still idle: come round again
+                continue
             try:
                 for call_id in ended:
                     worker.conn.send_bytes(cloudpickle.dumps(("forget", call_id)))
                     worker.known_calls.discard(call_id)
+                    worker.sources.discard(call_id)
                 if call.id not in worker.known_calls:
                     worker.conn.send_bytes(cloudpickle.dumps(("fn", call.id, fn_bytes), protocol=PROTOCOL))
                     worker.known_calls.add(call.id)
                 worker.chunk, worker.done, worker.sent_at = queued.chunk, queued.done, time.monotonic()
-                worker.conn.send_bytes(cloudpickle.dumps(queued.chunk.header(), protocol=PROTOCOL))
-                send_framed(worker.conn, queued.items.parts)
+                header = (*queued.chunk.header(), from_source)
+                worker.conn.send_bytes(cloudpickle.dumps(header, protocol=PROTOCOL))
+                if queued.items is not None and not from_source:
+                    send_framed(worker.conn, queued.items.parts)
             except OSError:
                 # The worker died under us; its sentinel reports the chunk.
                 worker.chunk, worker.done = queued.chunk, queued.done
@@ -277,6 +292,7 @@ class LocalWorkers(Backend):
         by_sentinel = {w.sentinel: w for w in live}
         ready = wait([self._wake_r, *(w.conn for w in live), *by_sentinel], timeout)
         died: list[WorkerProcess] = []
+        received: list[tuple[Chunk | None, Done | None, bytes | bytearray]] = []
         for obj in ready:
             if isinstance(obj, int) and obj == self._wake_r:
                 os.read(self._wake_r, 65536)
@@ -286,9 +302,19 @@ class LocalWorkers(Backend):
                     data = recv_framed(worker.conn)
                 except (EOFError, OSError):
                     continue  # died mid-message: its sentinel is ready too
-                self._finish(worker, decode_outcome(data))
+                received.append((worker.chunk, worker.done, data))
+                worker.chunk = worker.done = None
+                worker.ran_anything = True
             else:
                 died.append(by_sentinel[obj])
+        if received:
+            # Refill the workers that just finished before unpickling what they
+            # sent: decoding a big outcome takes milliseconds that the worker
+            # would otherwise spend idle (benchmark W1).
+            self._send_work()
+            for chunk, done, data in received:
+                if chunk is not None and done is not None:
+                    done(chunk, decode_outcome(data))
         for worker in died:
             self._replace(worker)
         if timeout is not None:
@@ -330,15 +356,16 @@ class LocalWorkers(Backend):
         self._procs[worker.index] = self._start(worker.index)
 
     def _start(self, index: int) -> WorkerProcess:
-        inherited: dict[int, Callable[..., Any]] = {}
+        inherited: Inherited = {}
         if self.forks_workers:
             with self._lock:
                 chunks = [q.chunk for q in self._pending]
                 ended = set(self._ended_calls)
             chunks += [w.chunk for w in self._procs if w is not None and w.chunk is not None]
-            inherited = {c.call.id: c.call.fn for c in chunks if c.call.id not in ended}
+            inherited = {c.call.id: (c.call.fn, c.call.source) for c in chunks if c.call.id not in ended}
         worker = self._start_worker(index, inherited)
         worker.known_calls.update(inherited)
+        worker.sources.update(i for i, (_, source) in inherited.items() if source is not None)
         return worker
 
     def _fail_pending(self, exitcode: int | None) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .._wire import worker_pipe
-from .._worker import worker_main
+from .._worker import Inherited, worker_main
 from ._local import LocalWorkers, WorkerProcess
 
 
@@ -31,7 +31,7 @@ class ForkBackend(LocalWorkers):
             raise ValueError("backend='fork' needs os.fork(), which this platform lacks")
         super().__init__(workers, initializer, initargs)
 
-    def _start_worker(self, index: int, inherited: dict[int, Callable[..., Any]]) -> WorkerProcess:
+    def _start_worker(self, index: int, inherited: Inherited) -> WorkerProcess:
         parent_conn, child_conn = worker_pipe()
         sentinel_r, sentinel_w = os.pipe()
         pid = os.fork()

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .._wire import worker_pipe
-from .._worker import worker_main
+from .._worker import Inherited, worker_main
 from ._local import LocalWorkers, WorkerProcess
 
 
@@ -38,7 +38,7 @@ class ProcessBackend(LocalWorkers):
             return super()._make_status_array(size)
         return self._ctx.RawArray("d", size)  # spawn/forkserver: passed by file descriptor
 
-    def _start_worker(self, index: int, inherited: dict[int, Callable[..., Any]]) -> WorkerProcess:
+    def _start_worker(self, index: int, inherited: Inherited) -> WorkerProcess:
         parent_conn, child_conn = worker_pipe()
         process = self._ctx.Process(
             target=worker_main,
