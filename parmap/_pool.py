@@ -230,10 +230,17 @@ class Pool:
         # workers may read the items from their copy of it (Call.source).
         source = items if type(items) in (list, tuple, range) else None
         scheduler = self._scheduler(fn, items, options, star=star, in_order=False, source=source)  # type: ignore[arg-type]
-        records = sorted(scheduler.records(), key=lambda r: r.start)
+        # Each record joins the results as soon as those before it have, and
+        # its own list is freed at once: the results are assembled while the
+        # workers still compute, not after, and the next chunk's results
+        # reuse the freed memory instead of faulting in fresh pages
+        # (benchmark W1).
         results: list[Any] = []
-        for record in records:
-            results.extend(record.values)
+        waiting: dict[int, Record] = {}
+        for record in scheduler.records():
+            waiting[record.start] = record
+            while (ready := waiting.pop(len(results), None)) is not None:
+                results.extend(ready.values)
         if options.on_error == "skip":
             results = [v for v in results if v is not SKIPPED]
         return results
