@@ -49,6 +49,19 @@ def test_unpicklable_items_fail_alone(process_backend, on_error):
         assert str(results[position]).startswith(f"item #{position} cannot be serialised")
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+def test_unpicklable_items_fail_alone_where_workers_start_afresh(start_method):
+    # Spawned workers never hold the input: its items are pickled in the
+    # caller, where one that will not pickle fails alone, as on the forked path.
+    items = [1, threading.Lock(), 3]
+    results = parmap.map(
+        workfns.describe, items, workers=2, backend="process", start_method=start_method, on_error="return"
+    )
+    assert results[0] == ("int", 1) and results[2] == ("int", 3)
+    assert str(results[1]).startswith("item #1 cannot be serialised")
+
+
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("backend", PROCESS_BACKENDS)
 def test_starmap_reads_tuples_from_the_input(backend):

@@ -151,7 +151,11 @@ class LocalWorkers(Backend):
         # the input are not pickled at all (benchmarks W1, W5in). The workers
         # of an earlier call (a warm Pool) lack it: pickle here, in the caller,
         # where an item that will not pickle fails alone (see _base.Chunk).
-        holds_source = chunk.from_source and all(w is None or chunk.call.id in w.sources for w in self._procs)
+        holds_source = (
+            self.forks_workers
+            and chunk.from_source
+            and all(w is None or chunk.call.id in w.sources for w in self._procs)
+        )
         queued = _Queued(chunk, done, None if holds_source else chunk.pickled_items())
         with self._lock:
             if self._closing:
