@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from ._errors import PoolClosedError
 from ._options import CallOptions, OnError, PoolOptions
@@ -228,8 +228,8 @@ class Pool:
         # map blocks its caller until it returns, so a list cannot change under
         # it (imap's consumer could append to one between results): forked
         # workers may read the items from their copy of it (Call.source).
-        source = items if type(items) in (list, tuple, range) else None
-        scheduler = self._scheduler(fn, items, options, star=star, in_order=False, source=source)  # type: ignore[arg-type]
+        source = cast("Sequence[Any]", items) if type(items) in (list, tuple, range) else None
+        scheduler = self._scheduler(fn, items, options, star=star, in_order=False, source=source)
         # Each record joins the results as soon as those before it have, and
         # its own list is freed at once: the results are assembled while the
         # workers still compute, not after, and the next chunk's results

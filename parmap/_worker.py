@@ -12,8 +12,10 @@ payloads that can be large framed by :mod:`parmap._wire`)::
 
     parent -> worker   ("fn", call_id, fn_bytes)          once per worker per call,
                                                           unless forked with it
-                       ("chunk", call_id, positions, stop_on_error, track, star)
-                       + the pickled items, framed
+                       ("chunk", call_id, positions, stop_on_error, track, star,
+                        from_source)
+                       + the pickled items, framed, unless from_source: the
+                       worker then reads them from its own copy of the input
                        ("forget", call_id)                 a call ended
                        None                                exit
     worker -> parent   the pickled outcome, framed         one per chunk, in order

@@ -21,7 +21,9 @@ A worker started by ``fork`` while a call is under way inherits that call's
 ``fn`` with the rest of the parent's memory, so a function that captured
 10 MB is never pickled for it nor copied through its pipe (benchmark W7);
 the parent still checks that ``fn`` *could* be pickled, so a call fails the
-same way under every start method.
+same way under every start method. It inherits the input of a ``map`` over a
+list too (``Call.source``): chunks of it then travel as a header naming their
+positions, and the worker checks that its items could have been pickled.
 
 Subclasses say how a worker process is started and reaped
 (:class:`~parmap.backends.process.ProcessBackend` uses ``multiprocessing``
