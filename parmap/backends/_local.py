@@ -325,6 +325,9 @@ class LocalWorkers(Backend):
                 worker.ran_anything = True
             else:
                 died.append(by_sentinel[obj])
+        # Replaced first, so that no chunk is sent to a worker already dead.
+        for worker in died:
+            self._replace(worker)
         if received:
             # Refill the workers that just finished before unpickling what they
             # sent: decoding a big outcome takes milliseconds that the worker
@@ -333,8 +336,6 @@ class LocalWorkers(Backend):
             for chunk, done, data in received:
                 if chunk is not None and done is not None:
                     done(chunk, decode_outcome(data))
-        for worker in died:
-            self._replace(worker)
         if timeout is not None:
             self._enforce_timeouts()
 
