@@ -35,6 +35,12 @@ def spin(n: int) -> int:
     return total
 
 
+def spin_times(n: int, times: int) -> None:
+    """:func:`spin` ``times`` times over (the parallel-ceiling probe in ``bench.py``)."""
+    for _ in range(times):
+        spin(n)
+
+
 def nbytes(data: bytes) -> int:
     """W5 in: a cheap function of a large argument."""
     return len(data)
