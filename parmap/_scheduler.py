@@ -54,7 +54,7 @@ _UNSET: Any = object()
 class Record:
     """Consecutive input items submitted together, kept until all are final."""
 
-    __slots__ = ("attempts", "items", "pending", "start", "values")
+    __slots__ = ("attempts", "items", "pending", "spared", "start", "values")
 
     def __init__(self, start: int, items: list[Any] | SourceSlice) -> None:
         self.start = start
@@ -64,6 +64,7 @@ class Record:
         self.values: list[Any] = []
         self.pending = len(items)
         self.attempts: dict[int, int] = {}
+        self.spared: set[int] = set()  # offsets given a free rerun after an unsure loss
 
     @property
     def complete(self) -> bool:
@@ -269,6 +270,11 @@ class Scheduler:
             return
         j = lost.offset or 0
         offset = offsets[j]
+        if lost.unsure and offset not in record.spared:
+            # It may only have been waiting behind the item that killed the worker.
+            record.spared.add(offset)
+            self._retries.append((record, offsets))
+            return
         self._item_failed(record, offset, self._lost_error(record, offset, lost), retryable=True)
         rest = offsets[:j] + offsets[j + 1 :]
         if rest:

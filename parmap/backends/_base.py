@@ -153,6 +153,10 @@ class ChunkLost:
 
     ``offset`` is the item that was running, when the backend knows it;
     ``timed_out`` says parmap stopped the worker for ``timeout``.
+    ``unsure`` says the backend knows only that the chunk was *on* the
+    worker that died, not that it had started there (Dask reports a task
+    waiting on a dead worker like the one that killed it): each of its items
+    then gets one free rerun before such a loss counts against it.
     """
 
     exitcode: int | None
@@ -160,6 +164,7 @@ class ChunkLost:
     offset: int | None = None
     timed_out: bool = False
     detail: str = ""
+    unsure: bool = False
 
 
 Done = Callable[[Chunk, "ChunkOutcome | ChunkLost"], None]

@@ -31,7 +31,11 @@ Why it is built this way:
   pickle is reported as :class:`~parmap.SerializationError` naming it.
 * A worker that dies mid-task ends in Dask's ``KilledWorker`` and becomes a
   :class:`ChunkLost`; the scheduler turns it into
-  :class:`~parmap.WorkerCrashedError` or a retry. A cluster parmap starts
+  :class:`~parmap.WorkerCrashedError` or a retry. Dask also assigns tasks
+  to a worker before a thread there is free (``worker-saturation`` holds
+  back only tasks without dependencies, and ours depend on ``fn``), and
+  reports those the same way when the worker dies, so the loss is marked
+  ``unsure``: each item gets one free rerun before it is blamed. A cluster parmap starts
   itself sets ``allowed-failures`` to 0 (Dask would otherwise rerun the task
   that killed a worker on three more workers) and ``worker-saturation`` to
   1.0 (so no task waits queued on a worker: a death then loses only the
@@ -302,7 +306,7 @@ class DaskBackend(Backend):
             error = future.exception()
             if isinstance(error, self._distributed.KilledWorker):
                 worker = getattr(error.last_worker, "address", error.last_worker)
-                return ChunkLost(None, detail=f"the dask worker {worker} died (KilledWorker)")
+                return ChunkLost(None, detail=f"the dask worker {worker} died (KilledWorker)", unsure=True)
             # run_remote_chunk never raises: the task could not even start there.
             if isinstance(error, ImportError):
                 error.add_note("parmap: parmap (and what fn imports) must be installed on every dask worker")
@@ -312,7 +316,8 @@ class DaskBackend(Backend):
             reason = f"its dask future ended as {status!r}"
         except BaseException as exc:  # a CancelledError carries the cluster's reason
             reason = str(exc) or type(exc).__name__
-        return ChunkLost(None, detail=f"the dask cluster dropped it: {reason}")
+        # "lost": it had finished, but its result died with its worker.
+        return ChunkLost(None, detail=f"the dask cluster dropped it: {reason}", unsure=status == "lost")
 
 
 #: Seconds a nanny gives its worker to stop on ``close(kill=True)`` before
