@@ -239,7 +239,10 @@ def test_own_cluster_survives_calls_and_a_killed_worker(monkeypatch):
         started = time.monotonic()
         with pytest.raises(parmap.WorkerCrashedError, match=r"item #5 \(5\).*KilledWorker"):
             pool.map(functools.partial(_kill_on, 5), range(10), chunksize=1)
-        assert time.monotonic() - started < 20
+        # Usually 0.2-1.5 s. Dask cannot say which of the tasks on a dead worker
+        # was running, so the killer gets one free rerun and takes down a
+        # second worker; about one run in ten Dask then needs ~30 s to notice.
+        assert time.monotonic() - started < 60
 
         # The dead worker's item is skipped; the others' results are kept.
         kept = pool.map(functools.partial(_kill_on, 2), range(6), chunksize=3, on_error="skip")
