@@ -229,6 +229,7 @@ def _kill_on(victim, x):
     return x
 
 
+@pytest.mark.timeout(150)  # two ~30 s waits on Dask (see below) must not time it out
 def test_own_cluster_survives_calls_and_a_killed_worker(monkeypatch):
     monkeypatch.delenv("PARMAP_DASK_ADDRESS", raising=False)
     with parmap.Pool(backend="dask", workers=2) as pool:
