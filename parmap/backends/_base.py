@@ -111,7 +111,11 @@ class SourceSlice:
         return self.source[self.start + offset]
 
     def __iter__(self) -> Iterator[Any]:
-        return iter(self.source[self.start : self.stop])
+        return iter(self.read())
+
+    def read(self) -> Sequence[Any]:
+        """The items themselves: one slice of the input."""
+        return self.source[self.start : self.stop]
 
 
 @dataclass(eq=False, slots=True)
@@ -128,7 +132,7 @@ class Chunk:
 
     def pickled_items(self) -> Pickled:
         """The items pickled in parts (see :class:`~parmap._serialization.Pickled`)."""
-        items = self.items if isinstance(self.items, list) else list(self.items)
+        items = self.items.read() if isinstance(self.items, SourceSlice) else self.items
         pickled = dump_data(items, "item", self.positions)
         self.nbytes = pickled.nbytes
         return pickled
