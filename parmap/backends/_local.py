@@ -320,9 +320,7 @@ class LocalWorkers(Backend):
                     data = recv_framed(worker.conn)
                 except (EOFError, OSError):
                     continue  # died mid-message: its sentinel is ready too
-                received.append((worker.chunk, worker.done, data))
-                worker.chunk = worker.done = None
-                worker.ran_anything = True
+                received.append((*self._take(worker), data))
             else:
                 died.append(by_sentinel[obj])
         # Replaced first, so that no chunk is sent to a worker already dead.
@@ -339,10 +337,15 @@ class LocalWorkers(Backend):
         if timeout is not None:
             self._enforce_timeouts()
 
-    def _finish(self, worker: WorkerProcess, outcome: ChunkOutcome | ChunkLost) -> None:
+    def _take(self, worker: WorkerProcess) -> tuple[Chunk | None, Done | None]:
+        """Take the worker's chunk off it: it is idle again."""
         chunk, done = worker.chunk, worker.done
         worker.chunk = worker.done = None
         worker.ran_anything = True
+        return chunk, done
+
+    def _finish(self, worker: WorkerProcess, outcome: ChunkOutcome | ChunkLost) -> None:
+        chunk, done = self._take(worker)
         if chunk is not None and done is not None:
             done(chunk, outcome)
 
