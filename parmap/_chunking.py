@@ -101,10 +101,19 @@ class ChunkSizer:
 
     def observe(self, items: int, seconds: float) -> None:
         """A chunk of ``items`` items computed in ``seconds``."""
-        if self._fixed is not None or items <= 0:
-            return
+        if items <= 0:
+            return  # measured even with a fixed size: backlog() needs the cost
         cost = seconds / items
         self._cost = cost if self._cost is None else SMOOTHING * cost + (1 - SMOOTHING) * self._cost
+
+    def backlog(self, remaining: int | None) -> float | None:
+        """Seconds of work in ``remaining`` items (``None``: unknown count),
+        or ``None`` before the first measurement."""
+        if self._cost is None:
+            return None
+        if remaining is None:
+            return float("inf")
+        return self._cost * remaining
 
     def observe_bytes(self, items: int, nbytes: int) -> None:
         """A chunk of ``items`` items pickled to ``nbytes`` bytes."""

@@ -108,6 +108,7 @@ class Scheduler:
         self._ready: deque[Record] = deque()  # finished, for out-of-order delivery
         self._retries: deque[tuple[Record, list[int]]] = deque()
         self._progress_done = 0
+        self._settled = 0  # items final so far
         self._taken = 0  # items in records handed to the consumer
         self._failure: tuple[int, BaseException] | None = None  # earliest, for on_error="raise"
 
@@ -244,6 +245,8 @@ class Scheduler:
         record, offsets = chunk.tag
         if isinstance(result, ChunkOutcome) and result.fatal is None:
             self._sizer.observe(len(result.results), result.elapsed)
+            left = None if self._total is None else max(0, self._total - self._settled - len(result.results))
+            self._call.backlog = self._sizer.backlog(left)
             if offsets is None and not result.errors and len(result.results) == len(record.items):
                 self._settle_all(record, result.results)  # the common case: one step, not one per item
                 return
@@ -287,6 +290,7 @@ class Scheduler:
     def _settle_all(self, record: Record, values: list[Any]) -> None:
         record.values = values
         self._progress_done += record.pending
+        self._settled += record.pending
         record.pending = 0
         self._record_done(record)
 
@@ -302,6 +306,7 @@ class Scheduler:
             record.values[offset] = value
             record.pending -= 1
             self._progress_done += 1
+            self._settled += 1
             if record.pending == 0:
                 self._record_done(record)
 

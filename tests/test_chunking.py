@@ -69,3 +69,18 @@ def test_big_items_travel_a_few_at_a_time():
     sizer.observe(1000, 1000 * TINY)
     sizer.observe_bytes(4, 4 * 1024 * 1024)  # 1 MiB per item
     assert sizer.next_size(None, taken=10**9) == MAX_CHUNK_BYTES // (1024 * 1024)
+
+
+def test_backlog_is_unknown_until_a_chunk_is_measured():
+    sizer = ChunkSizer(None, workers=2, total=1000)
+    assert sizer.backlog(1000) is None
+    sizer.observe(10, 10 * 0.002)
+    assert sizer.backlog(500) == 500 * 0.002
+    assert sizer.backlog(None) == float("inf")  # no length: as good as endless
+
+
+def test_backlog_is_measured_even_with_a_fixed_chunksize():
+    sizer = ChunkSizer(5, workers=2, total=100)
+    sizer.observe(5, 5 * 0.01)
+    assert sizer.next_size(95) == 5
+    assert sizer.backlog(95) == 95 * 0.01

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import time
 
 import pytest
 import workfns
 
 import parmap
+from parmap.backends import _local
+from parmap.backends.fork import ForkBackend
 
 
 def test_workers_are_reused_between_calls(process_backend):
@@ -130,6 +133,44 @@ def test_workers_start_only_as_work_needs_them(backend):
         assert pool.submit(workfns.siblings_after_a_pause, None).result() == 1
         # A big enough job still gets every worker.
         assert len(set(pool.map(workfns.getpid, range(400), chunksize=1))) >= 2
+
+
+@pytest.mark.parametrize("backend", ["process", "fork"])
+def test_a_job_one_worker_finishes_first_gets_one_worker(backend, monkeypatch):
+    # Waiting for a first measurement as long as a thousand starts would
+    # cost: the measurement, not the clock, decides, and it says that 200
+    # trivial items are not worth a second process.
+    monkeypatch.setattr(_local, "START_COST_FACTOR", 1000.0)
+    assert len(set(parmap.map(workfns.getpid, range(200), workers=2, backend=backend))) == 1
+
+
+@pytest.mark.parametrize("backend", ["process", "fork"])
+def test_a_slow_first_item_does_not_hold_back_the_second_worker(backend):
+    # Nothing is measured until an item ends; the second worker starts
+    # after about two starts' worth of waiting, not after the first item.
+    assert max(parmap.map(workfns.siblings_after_a_pause, range(2), workers=2, backend=backend, chunksize=1)) == 2
+
+
+def test_another_worker_is_started_when_the_backlog_repays_it():
+    backend = ForkBackend(4)
+    try:
+        backend._start_cost = 0.01
+        cost = 0.01 * _local.START_COST_FACTOR
+        now = time.monotonic()
+        # Measured: worth it once the backlog split one more way saves a start.
+        assert not backend._worth_growing(1, [cost * 2 * 0.9], since=now)
+        assert backend._worth_growing(1, [cost * 2 * 1.1], since=now)
+        assert not backend._worth_growing(3, [cost * 12 * 0.9], since=now)
+        assert backend._worth_growing(3, [cost * 12 * 1.1], since=now)
+        assert backend._worth_growing(1, [float("inf")], since=now)
+        assert backend._grow_due is None
+        # Not measured yet: wait as long as a start costs, then start one.
+        assert not backend._worth_growing(1, [None, cost], since=now)
+        assert backend._grow_due == pytest.approx(now + cost)
+        assert backend._worth_growing(1, [None], since=now - cost)
+        assert backend._worth_growing(1, [None, cost * 3], since=now)
+    finally:
+        backend.close()
 
 
 def test_multiprocessing_idioms_imap_unordered_close_join():

@@ -60,6 +60,11 @@ class Call:
     #: runs): a worker forked during the call reads its items from its own
     #: copy of it instead of receiving them pickled (see :class:`SourceSlice`).
     source: Sequence[Any] | None = None
+    #: Seconds of work the scheduler expects the call still to need, from what
+    #: its chunks measured: ``None`` before the first measurement, ``inf``
+    #: when the input's length is unknown. Backends that start workers on
+    #: demand weigh it against what starting one costs.
+    backlog: float | None = None
     id: int = field(default_factory=lambda: next(_call_ids))
     _fn_bytes: bytes | None = None
     _local_fn_bytes: bytes | None = None

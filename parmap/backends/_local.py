@@ -40,7 +40,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from typing import Any
@@ -55,6 +55,12 @@ from ._base import Backend, Call, Capabilities, Chunk, ChunkLost, ChunkOutcome, 
 # workers cannot start at all (say, __main__ cannot be imported under spawn):
 # fail the queued chunks instead of respawning forever.
 MAX_STARTUP_FAILURES = 3
+# Starting a worker costs the parent the fork (measured on each start) and
+# then about as long again before the child computes (benchmark W4's
+# timeline: fork 2-4 ms, first item 1.5-2.5 ms after it). See _worth_growing.
+START_COST_FACTOR = 2.0
+# What a start is assumed to cost before the first one is measured.
+INITIAL_START_COST = 0.003
 
 
 @dataclass(eq=False)
@@ -69,6 +75,7 @@ class WorkerProcess:
     chunk: Chunk | None = None
     done: Done | None = None
     sent_at: float = 0.0
+    started_at: float = 0.0
     known_calls: set[int] = field(default_factory=set)
     sources: set[int] = field(default_factory=set)
     ran_anything: bool = False
@@ -117,6 +124,8 @@ class LocalWorkers(Backend):
         self._kill = False
         self._startup_failures = 0
         self._status: Any = None
+        self._start_cost = INITIAL_START_COST  # seconds the last start took the parent
+        self._grow_due: float | None = None  # when a deferred start is due (monotonic)
 
     # -- subclass hooks -------------------------------------------------
     def _make_status_array(self, size: int) -> Any:
@@ -228,22 +237,57 @@ class LocalWorkers(Backend):
             self._close_wake_pipe()
 
     def _grow(self) -> bool:
-        """Start a worker if queued chunks need one, up to ``workers``: a
-        three-item map on a 16-CPU machine starts three processes, not 16.
+        """Start a worker if queued chunks need one and it pays, up to
+        ``workers``: a three-item map on a 16-CPU machine starts three
+        processes, not 16, and a job that one worker finishes sooner than a
+        second could start gets one (see :meth:`_worth_growing`).
 
         One at a time, so the first worker is computing while the next is
         forked (benchmark W4). Returns whether it started one.
         """
+        self._grow_due = None
         if None not in self._procs:  # all started: nothing to count, every loop
             return False
-        idle = sum(1 for w in self._procs if w is not None and w.chunk is None)
+        live = [w for w in self._procs if w is not None]
+        idle = sum(1 for w in live if w.chunk is None)
         with self._lock:
-            waiting = 0 if self._closing else len(self._pending)
-        if waiting <= idle:
+            if self._closing or len(self._pending) <= idle:
+                return False
+            backlogs = {q.chunk.call.id: q.chunk.call.backlog for q in self._pending}
+        if live and not self._worth_growing(len(live), backlogs.values(), min(w.started_at for w in live)):
             return False
         index = self._procs.index(None)
         self._procs[index] = self._start(index)
         return True
+
+    def _worth_growing(self, running: int, backlogs: Iterable[float | None], since: float) -> bool:
+        """Whether a worker added to ``running`` ones would finish the queued
+        calls sooner than it costs to start.
+
+        With ``k`` workers a backlog of ``B`` seconds takes ``B/k``; one more
+        saves ``B/(k(k+1))``, worth it above the start's cost. Before a
+        call's first chunk is measured its backlog is unknown: wait, while
+        the workers there are make a start on it, for as long as a start
+        would cost, then start one (so a job of a few milliseconds runs on
+        one worker, and a slow one gets its second worker at most one start
+        later; benchmark W4).
+        """
+        cost = self._start_cost * START_COST_FACTOR
+        known, unmeasured = 0.0, False
+        for backlog in backlogs:
+            if backlog is None:
+                unmeasured = True
+            else:
+                known += backlog
+        if known >= cost * running * (running + 1):
+            return True
+        if not unmeasured:
+            return False
+        due = since + cost
+        if time.monotonic() >= due:
+            return True
+        self._grow_due = due
+        return False
 
     def _busy(self) -> bool:
         return any(w is not None and w.chunk is not None for w in self._procs)
@@ -288,8 +332,9 @@ class LocalWorkers(Backend):
                 worker.chunk, worker.done = queued.chunk, queued.done
 
     def _next_deadline(self) -> float | None:
-        """Seconds until the earliest running item could pass its timeout."""
-        deadline: float | None = None
+        """Seconds until the earliest running item could pass its timeout,
+        or a deferred worker start is due."""
+        deadline = self._grow_due
         for worker in self._procs:
             if worker is None or worker.chunk is None or worker.chunk.call.timeout is None:
                 continue
@@ -385,7 +430,10 @@ class LocalWorkers(Backend):
                 ended = set(self._ended_calls)
             chunks += [w.chunk for w in self._procs if w is not None and w.chunk is not None]
             inherited = {c.call.id: (c.call.fn, c.call.source) for c in chunks if c.call.id not in ended}
+        began = time.monotonic()
         worker = self._start_worker(index, inherited)
+        worker.started_at = time.monotonic()
+        self._start_cost = worker.started_at - began
         worker.known_calls.update(inherited)
         worker.sources.update(i for i, (_, source) in inherited.items() if source is not None)
         return worker
