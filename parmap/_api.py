@@ -57,6 +57,7 @@ def map(
         retries=retries,
         on_error=on_error,
     )
+    pool._serve_one_call()
     return _run_once(pool, lambda: pool.map(fn, items))
 
 
@@ -96,6 +97,7 @@ def starmap(
         retries=retries,
         on_error=on_error,
     )
+    pool._serve_one_call()
     return _run_once(pool, lambda: pool.starmap(fn, items))
 
 
@@ -142,6 +144,7 @@ def imap(
         on_error=on_error,
         ordered=ordered,
     )
+    pool._serve_one_call()
     try:
         return pool._imap(fn, items, {}, owned=True)
     except BaseException:

@@ -71,6 +71,11 @@ class Pool:
         self._lock = threading.Lock()
         self._futures: set[Future[Any]] = set()
 
+    def _serve_one_call(self) -> None:
+        """This pool lives for one call (``parmap.map`` and friends): tell the backend."""
+        if self._owns_backend:
+            self._backend.serve_one_call()
+
     # -- calls -----------------------------------------------------------
     def map(self, fn: Callable[[T], R], items: Iterable[T], **overrides: Any) -> list[R]:
         """``[fn(x) for x in items]``, in parallel. Per-call options may override the pool's."""

@@ -6,6 +6,7 @@ import concurrent.futures
 import os
 import time
 
+import psutil
 import pytest
 import workfns
 
@@ -149,6 +150,15 @@ def test_a_slow_first_item_does_not_hold_back_the_second_worker(backend):
     # Nothing is measured until an item ends; the second worker starts
     # after about two starts' worth of waiting, not after the first item.
     assert max(parmap.map(workfns.siblings_after_a_pause, range(2), workers=2, backend=backend, chunksize=1)) == 2
+
+
+@pytest.mark.parametrize("backend", ["process", "fork"])
+def test_a_pool_starts_its_workers_as_soon_as_work_queues(backend):
+    # Only a call that owns its workers weighs each start: a Pool pays once.
+    before = {p.pid for p in psutil.Process().children()}
+    with parmap.Pool(workers=2, backend=backend) as pool:
+        assert pool.map(workfns.square, range(4)) == [0, 1, 4, 9]
+        assert len({p.pid for p in psutil.Process().children()} - before) == 2
 
 
 def test_another_worker_is_started_when_the_backlog_repays_it():

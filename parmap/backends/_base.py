@@ -166,6 +166,9 @@ class ChunkLost:
     worker that died, not that it had started there (Dask reports a task
     waiting on a dead worker like the one that killed it): each of its items
     then gets one free rerun before such a loss counts against it.
+    ``innocent`` says the chunk certainly did not cause the loss (it had
+    finished and its result died with the worker, or something it waited
+    for was lost): it is run again, free of charge, however often.
     """
 
     exitcode: int | None
@@ -174,6 +177,7 @@ class ChunkLost:
     timed_out: bool = False
     detail: str = ""
     unsure: bool = False
+    innocent: bool = False
 
 
 Done = Callable[[Chunk, "ChunkOutcome | ChunkLost"], None]
@@ -192,6 +196,10 @@ class Backend(abc.ABC):
 
     def release(self, call: Call) -> None:  # noqa: B027 - optional hook
         """The call is over; drop its queued chunks."""
+
+    def serve_one_call(self) -> None:  # noqa: B027 - optional hook
+        """A hint: this backend serves one call and is then closed (``parmap.map``
+        and friends), so a worker started costs that call alone."""
 
     @abc.abstractmethod
     def close(self, kill: bool = False) -> None:

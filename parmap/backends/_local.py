@@ -126,6 +126,7 @@ class LocalWorkers(Backend):
         self._status: Any = None
         self._start_cost = INITIAL_START_COST  # seconds the last start took the parent
         self._grow_due: float | None = None  # when a deferred start is due (monotonic)
+        self._one_call = False  # see serve_one_call
 
     # -- subclass hooks -------------------------------------------------
     def _make_status_array(self, size: int) -> Any:
@@ -185,6 +186,14 @@ class LocalWorkers(Backend):
         if wake:
             self._wake()
 
+    def serve_one_call(self) -> None:
+        """Weigh each worker's start against the work (see :meth:`_worth_growing`).
+
+        Only then: a ``Pool`` pays for its workers once over many calls, and
+        its user expects them all up once work has come.
+        """
+        self._one_call = True
+
     def release(self, call: Call) -> None:
         with self._lock:
             self._pending = deque(q for q in self._pending if q.chunk.call is not call)
@@ -237,10 +246,10 @@ class LocalWorkers(Backend):
             self._close_wake_pipe()
 
     def _grow(self) -> bool:
-        """Start a worker if queued chunks need one and it pays, up to
-        ``workers``: a three-item map on a 16-CPU machine starts three
-        processes, not 16, and a job that one worker finishes sooner than a
-        second could start gets one (see :meth:`_worth_growing`).
+        """Start a worker if queued chunks need one, up to ``workers``: a
+        three-item map on a 16-CPU machine starts three processes, not 16.
+        Serving one call, only if it pays: a job that one worker finishes
+        sooner than a second could start gets one (see :meth:`_worth_growing`).
 
         One at a time, so the first worker is computing while the next is
         forked (benchmark W4). Returns whether it started one.
@@ -254,7 +263,8 @@ class LocalWorkers(Backend):
             if self._closing or len(self._pending) <= idle:
                 return False
             backlogs = {q.chunk.call.id: q.chunk.call.backlog for q in self._pending}
-        if live and not self._worth_growing(len(live), backlogs.values(), min(w.started_at for w in live)):
+        since = min((w.started_at for w in live), default=0.0)
+        if live and self._one_call and not self._worth_growing(len(live), backlogs.values(), since):
             return False
         index = self._procs.index(None)
         self._procs[index] = self._start(index)
