@@ -26,7 +26,10 @@
   is then released and its queued chunks dropped. A worker crash or timeout fails the item that was running; the
   rest of its chunk is resubmitted at no cost to their attempts. When the
   backend cannot say which item was running, the chunk is split into single
-  items so that only the guilty one is charged.
+  items so that only the guilty one is charged. When it cannot even say
+  that the chunk had started (``ChunkLost.unsure``: Dask), each item is
+  rerun alone, nothing else of the call in flight, and only a loss then is
+  charged; a loss the chunk did not cause (``innocent``) is never charged.
 * **Progress** counts items as they become final, not chunks, not yields.
 """
 
@@ -54,7 +57,7 @@ _UNSET: Any = object()
 class Record:
     """Consecutive input items submitted together, kept until all are final."""
 
-    __slots__ = ("attempts", "items", "pending", "spared", "start", "values")
+    __slots__ = ("attempts", "items", "pending", "start", "suspects", "values")
 
     def __init__(self, start: int, items: list[Any] | SourceSlice) -> None:
         self.start = start
@@ -64,7 +67,7 @@ class Record:
         self.values: list[Any] = []
         self.pending = len(items)
         self.attempts: dict[int, int] = {}
-        self.spared: set[int] = set()  # offsets given a free rerun after an unsure loss
+        self.suspects: set[int] = set()  # offsets that were on a worker when it died
 
     @property
     def complete(self) -> bool:
@@ -107,6 +110,12 @@ class Scheduler:
         self._unfinished = 0
         self._ready: deque[Record] = deque()  # finished, for out-of-order delivery
         self._retries: deque[tuple[Record, list[int]]] = deque()
+        # Items lost with a worker without proof that they killed it: each
+        # runs alone, nothing else of the call in flight, so that a second
+        # loss is proof (see _lost).
+        self._suspects: deque[tuple[Record, int]] = deque()
+        self._alone = False  # a suspect is running
+        self._in_flight = 0  # chunks submitted, outcome not yet absorbed
         self._progress_done = 0
         self._settled = 0  # items final so far
         self._taken = 0  # items in records handed to the consumer
@@ -127,7 +136,7 @@ class Scheduler:
                 if delivered:
                     continue  # delivering freed window slots: fill them before blocking
                 self._raise_if_due()
-                if self._exhausted and not self._outstanding and not self._retries:
+                if self._exhausted and not self._outstanding and not self._retries and not self._suspects:
                     return
                 chunk, result = self._events.get()
                 self._absorb(chunk, result)
@@ -149,6 +158,13 @@ class Scheduler:
                 for record, offsets in self._retries
                 if (kept := [o for o in offsets if record.start + o < limit])
             )
+            self._suspects = deque((r, o) for r, o in self._suspects if r.start + o < limit)
+        if self._suspects or self._alone:
+            if not self._alone and self._in_flight == 0:
+                record, offset = self._suspects.popleft()
+                self._alone = True
+                self._submit(record, [offset], alone=True)
+            return  # nothing else goes out until the suspects have run alone
         while self._retries:
             record, offsets = self._retries.popleft()
             self._submit(record, offsets)
@@ -184,19 +200,22 @@ class Scheduler:
         self._next_position += len(items)
         return record
 
-    def _submit(self, record: Record, offsets: list[int] | None) -> None:
+    def _submit(self, record: Record, offsets: list[int] | None, *, alone: bool = False) -> None:
         if offsets is None:
             positions: Any = range(record.start, record.start + len(record.items))
             items = record.items
         else:
             positions = [record.start + o for o in offsets]
             items = [record.items[o] for o in offsets]
-        chunk = Chunk(self._call, positions, items, tag=(record, offsets))
+        chunk = Chunk(self._call, positions, items, tag=(record, offsets, alone))
+        self._in_flight += 1
         try:
             self._backend.submit(chunk, self._on_done)
             if chunk.nbytes:
                 self._sizer.observe_bytes(len(items), chunk.nbytes)
         except SerializationError as exc:
+            self._in_flight -= 1
+            self._alone = self._alone and not alone
             position = getattr(exc, "position", None)
             if position is None:
                 raise  # the function itself: nothing can run
@@ -242,7 +261,10 @@ class Scheduler:
 
     # -- absorbing results --------------------------------------------------------
     def _absorb(self, chunk: Chunk, result: ChunkOutcome | ChunkLost) -> None:
-        record, offsets = chunk.tag
+        record, offsets, alone = chunk.tag
+        self._in_flight -= 1
+        if alone:
+            self._alone = False
         if isinstance(result, ChunkOutcome) and result.fatal is None:
             self._sizer.observe(len(result.results), result.elapsed)
             left = None if self._total is None else max(0, self._total - self._settled - len(result.results))
@@ -252,7 +274,7 @@ class Scheduler:
                 return
         offsets = list(range(len(chunk.items))) if offsets is None else offsets
         if isinstance(result, ChunkLost):
-            self._lost(record, offsets, result)
+            self._lost(record, offsets, result, alone=alone)
             return
         if result.fatal is not None:
             raise result.fatal.rebuild()
@@ -265,7 +287,20 @@ class Scheduler:
         if len(result.results) < len(offsets):  # stopped early; not expected to remain
             self._retries.append((record, offsets[len(result.results) :]))
 
-    def _lost(self, record: Record, offsets: list[int], lost: ChunkLost) -> None:
+    def _lost(self, record: Record, offsets: list[int], lost: ChunkLost, *, alone: bool) -> None:
+        if lost.innocent:
+            if alone:
+                self._suspects.appendleft((record, offsets[0]))
+            else:
+                self._retries.append((record, offsets))
+            return
+        if lost.unsure and not alone:
+            # It may only have been waiting behind the item that killed the
+            # worker: run each item alone before anything is blamed.
+            for offset in offsets:
+                record.suspects.add(offset)
+                self._suspects.append((record, offset))
+            return
         if lost.offset is None and len(offsets) > 1:
             # Which item killed the worker is unknown: rerun them one by one,
             # free of charge, so only the guilty item pays an attempt.
@@ -273,11 +308,6 @@ class Scheduler:
             return
         j = lost.offset or 0
         offset = offsets[j]
-        if lost.unsure and offset not in record.spared:
-            # It may only have been waiting behind the item that killed the worker.
-            record.spared.add(offset)
-            self._retries.append((record, offsets))
-            return
         self._item_failed(record, offset, self._lost_error(record, offset, lost), retryable=True)
         rest = offsets[:j] + offsets[j + 1 :]
         if rest:
@@ -314,7 +344,10 @@ class Scheduler:
         attempts = record.attempts.get(offset, 0) + 1
         record.attempts[offset] = attempts
         if retryable and attempts <= self._options.retries:
-            self._retries.append((record, [offset]))
+            if offset in record.suspects:
+                self._suspects.append((record, offset))
+            else:
+                self._retries.append((record, [offset]))
             return
         if not isinstance(exc, ParmapError) or isinstance(exc, TaskError):
             tries = f" on each of {attempts} attempts" if attempts > 1 else ""

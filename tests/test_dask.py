@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -296,3 +297,45 @@ def test_missing_distributed_says_how_to_install():
     done = _run_python(code)
     assert done.returncode == 0, done.stderr
     assert "pip install parmap[dask]" in done.stdout
+
+
+def test_a_task_whose_callback_never_comes_is_reported_by_the_watchdog(dask_cluster):
+    # Dask runs every callback on one thread, and one fetch stuck behind a
+    # dead worker held the others back ~30 s: ended tasks are also found by
+    # parmap's watchdog. Here the callback is never registered at all.
+    from parmap.backends import dask as dask_backend
+    from parmap.backends._base import Call, Chunk
+
+    backend = dask_backend.DaskBackend(2, address=dask_cluster.scheduler_address)
+    try:
+        client = backend._ensure_client()
+        call = Call(square)
+        chunk = Chunk(call, range(0, 3), [1, 2, 3])
+        header, items = chunk.header(), chunk.items_bytes()
+        run = dask_backend.run_remote_chunk
+        future = client.submit(run, "k", call.fn_bytes, header, items, None, None, pure=False)
+        got: list[object] = []
+        state = dask_backend._CallState(future)
+        task = dask_backend._Task(future, chunk, lambda c, outcome: got.append(outcome), state)
+        with backend._lock:
+            backend._tasks[future.key] = task
+        deadline = time.monotonic() + 20
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [getattr(o, "results", None) for o in got] == [[1, 4, 9]]
+    finally:
+        backend.close()
+
+
+def test_losses_a_chunk_did_not_cause_are_told_apart(dask_address):
+    from distributed import KilledWorker
+
+    from parmap.backends.dask import DaskBackend
+
+    backend = DaskBackend(2, address=dask_address)
+    chunk_task = types.SimpleNamespace(key="run_remote_chunk-1")
+    own = backend._killed_worker(chunk_task, KilledWorker("run_remote_chunk-1", "tcp://w:1", 0))
+    assert own.unsure and not own.innocent  # it may have killed the worker, or waited there
+    upstream = backend._killed_worker(chunk_task, KilledWorker("parmap-function-1", "tcp://w:1", 0))
+    assert upstream.innocent  # its function died with a worker: the chunk never ran
+    backend.close()
