@@ -165,7 +165,8 @@ class ChunkLost:
     ``unsure`` says the backend knows only that the chunk was *on* the
     worker that died, not that it had started there (Dask reports a task
     waiting on a dead worker like the one that killed it): each of its items
-    then gets one free rerun before such a loss counts against it.
+    is then rerun alone, nothing else of the call in flight, and only a loss
+    there counts against it.
     ``innocent`` says the chunk certainly did not cause the loss (it had
     finished and its result died with the worker, or something it waited
     for was lost): it is run again, free of charge, however often.
