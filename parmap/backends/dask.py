@@ -70,7 +70,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .._errors import PoolClosedError, SerializationError
@@ -131,10 +131,9 @@ def import_distributed() -> Any:
 
 @dataclass(eq=False)
 class _CallState:
-    """One call's function (as a dask future) and its unfinished tasks."""
+    """One call's function (as a dask future); its tasks are the backend's ``_tasks``."""
 
     fn_future: Any
-    pending: dict[str, Any] = field(default_factory=dict)
     released: bool = False
     generation: int = 0  # fn futures remade after Dask gave up on one
 
@@ -235,7 +234,6 @@ class DaskBackend(Backend):
             pure=False,
         )
         with self._lock:
-            state.pending[future.key] = future
             self._tasks[future.key] = _Task(future, chunk, done, state)
         future.add_done_callback(self._report)
 
@@ -245,7 +243,7 @@ class DaskBackend(Backend):
             if state is None:
                 return
             state.released = True
-            pending = list(state.pending.values())
+            pending = [task.future for task in self._tasks.values() if task.state is state]
         # Queued tasks are dropped; a running one finishes on its worker unseen.
         self._cancel(pending)
 
@@ -260,7 +258,7 @@ class DaskBackend(Backend):
                 # Let the running chunks finish and be reported first.
                 while self._tasks:
                     self._idle.wait()
-            pending = [f for state in self._calls.values() for f in state.pending.values()]
+            pending = [task.future for task in self._tasks.values()]
             self._calls.clear()
             client, cluster = self._client, self._cluster
             self._client = self._cluster = self._init_future = None
@@ -357,7 +355,6 @@ class DaskBackend(Backend):
         finally:
             with self._lock:
                 self._tasks.pop(task.future.key, None)
-                task.state.pending.pop(task.future.key, None)
                 self._idle.notify_all()
 
     def _watch(self) -> None:
