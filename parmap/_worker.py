@@ -28,6 +28,7 @@ too (the pipe-deadlock that a pipelined design has to work around).
 from __future__ import annotations
 
 import ctypes
+import gc
 import itertools
 import os
 import select
@@ -237,7 +238,13 @@ def prepare_worker_process(*, parent_death_signal: bool = True) -> None:
       killed then may hold the pool's queue lock and hang ``terminate()``
       forever. Those workers watch the parent process instead.
     * Nested parmap calls run serially here (no pool of pools).
+    * What a forked worker inherited of the caller's heap is frozen out of
+      its garbage collector (as the :func:`gc.freeze` docs advise for
+      fork without exec): a collection in the worker would otherwise walk
+      every object the caller holds, each time, and write to their headers,
+      which copies the pages they share with the caller.
     """
+    gc.freeze()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _context.mark_worker_process()
     if parent_death_signal and sys.platform.startswith("linux"):

@@ -4,6 +4,7 @@ can see stays as if the items had been pickled."""
 
 from __future__ import annotations
 
+import gc
 import threading
 
 import pytest
@@ -60,6 +61,20 @@ def test_unpicklable_items_fail_alone_where_workers_start_afresh(start_method):
     )
     assert results[0] == ("int", 1) and results[2] == ("int", 3)
     assert str(results[1]).startswith("item #1 cannot be serialised")
+
+
+@pytest.mark.parametrize(("backend", "options"), FORKED)
+def test_forked_workers_leave_the_callers_objects_out_of_their_collections(backend, options):
+    # A collection in the worker that walked the caller's heap would cost
+    # time on every collection and copy each page it touched.
+    held = [[i] for i in range(100)]
+
+    def walks_held(_):
+        gc.collect()
+        return any(obj is held for obj in gc.get_objects())
+
+    assert parmap.map(walks_held, [0, 1], workers=2, backend=backend, **options) == [False, False]
+    assert walks_held(0)  # the check can see the list where it is collectable
 
 
 @pytest.mark.timeout(30)
