@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import signal
 import sys
 import traceback
@@ -25,7 +24,7 @@ from typing import IO, Any, NoReturn, cast
 
 from . import __version__
 from ._api import imap
-from ._errors import RemoteTraceback, TaskError
+from ._errors import ParmapError, RemoteTraceback, TaskError
 from ._records import (
     INPUT_FORMATS,
     OUTPUT_FORMATS,
@@ -202,15 +201,33 @@ def _run(args: argparse.Namespace) -> int:
 def _loop(step: Step, reader: Reader, output: Output, options: dict[str, Any], args: argparse.Namespace) -> int:
     in_flight: dict[int, Item] = {}  # pulled by the workers, not yet written; in input order
     arrived: dict[int, Any] = {}  # results waiting for the items before them
+    # Where each item in flight sits in imap's input, both ways: parmap's own
+    # errors (a crash, a timeout) name that position. It differs from the
+    # item's index once --resume has skipped items.
+    position_of: dict[int, int] = {}
+    index_at: dict[int, int] = {}
 
     def feed() -> Iterator[Item]:
-        for item in reader:
+        for position, item in enumerate(reader):
             in_flight[item.index] = item
+            position_of[item.index], index_at[position] = position, item.index
             yield item
+
+    def forget(index: int) -> Item:
+        del index_at[position_of.pop(index)]
+        return in_flight.pop(index)
+
+    def locate(exc: BaseException) -> Item | None:
+        """The in-flight item whose failure ``exc`` is, or None if it cannot be told."""
+        if isinstance(exc, ParmapError) and exc.position is not None:
+            index = index_at.get(exc.position)
+        else:
+            index = getattr(exc, _INDEX_ATTRIBUTE, None)  # stamped by Step
+        return in_flight.get(index) if isinstance(index, int) else None
 
     def settle(index: int, result: Any) -> bool:
         """Write or report one item's result; False to stop the run."""
-        item = in_flight.pop(index)
+        item = forget(index)
         if isinstance(result, BaseException):
             return _failed(item, result, output, args) == EXIT_OK
         try:
@@ -230,7 +247,7 @@ def _loop(step: Step, reader: Reader, output: Output, options: dict[str, Any], a
         with closing(results):
             for result in results:
                 if isinstance(result, BaseException):
-                    item = in_flight[next(iter(in_flight))] if ordered else _locate(result, in_flight)
+                    item = in_flight[next(iter(in_flight))] if ordered else locate(result)
                     if item is None:
                         if _failed(None, result, output, args) != EXIT_OK:
                             return EXIT_TASK_FAILED
@@ -252,7 +269,7 @@ def _loop(step: Step, reader: Reader, output: Output, options: dict[str, Any], a
                     if not settle(item.index, arrived.pop(item.index)):
                         return EXIT_TASK_FAILED
                 else:
-                    in_flight.pop(item.index)
+                    forget(item.index)
                     output.skip(item.index)
     except BrokenPipeError:
         # Whoever read standard output (`| head`) has had enough; no message.
@@ -292,22 +309,6 @@ def _failed(item: Item | None, exc: BaseException, output: Output, args: argpars
     details = _worker_traceback(exc)
     _say(message + ("\n\n" + details if details else ""))
     return EXIT_TASK_FAILED
-
-
-def _locate(exc: BaseException, in_flight: dict[int, Item]) -> Item | None:
-    """The in-flight item whose failure ``exc`` is, or None if it cannot be told."""
-    index = getattr(exc, _INDEX_ATTRIBUTE, None)
-    if isinstance(index, int) and index in in_flight:
-        return in_flight[index]
-    # A crash or timeout (or an exception that could not travel) carries no
-    # index; parmap's message names the item by its repr, which names the line.
-    text = "\n".join([str(exc), *getattr(exc, "__notes__", ())])
-    for match in re.finditer(r"input line (\d+)", text):
-        lineno = int(match.group(1))
-        for item in in_flight.values():
-            if item.lineno == lineno:
-                return item
-    return None
 
 
 def _describe(exc: BaseException) -> str:

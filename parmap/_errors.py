@@ -35,7 +35,21 @@ __all__ = [
 
 
 class ParmapError(Exception):
-    """Base class of every error parmap itself raises."""
+    """Base class of every error parmap itself raises.
+
+    ``position``: for an error about one item of a ``map``, ``imap`` or
+    ``starmap`` (its worker crashed or timed out, it or its result would not
+    serialise, its exception could not travel), that item's position in the
+    input, counting from 0; ``None`` for an error about no single item. With
+    ``imap(..., ordered=False, on_error="return")`` it says which item an
+    error belongs to:
+
+    >>> for result in parmap.imap(fn, items, ordered=False, on_error="return"):  # doctest: +SKIP
+    ...     if isinstance(result, parmap.WorkerCrashedError):
+    ...         print("item", result.position, "crashed its worker")
+    """
+
+    position: int | None = None
 
 
 class TaskError(ParmapError):
@@ -53,7 +67,7 @@ class TaskError(ParmapError):
         self.traceback_text = traceback_text
 
     def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.type_name, self.message, self.traceback_text))
+        return (type(self), (self.type_name, self.message, self.traceback_text), self.__dict__)
 
 
 class WorkerCrashedError(ParmapError):
@@ -68,7 +82,7 @@ class WorkerCrashedError(ParmapError):
         self.exitcode = exitcode
 
     def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.args[0], self.exitcode))
+        return (type(self), (self.args[0], self.exitcode), self.__dict__)
 
 
 class TaskTimeoutError(ParmapError, TimeoutError):
@@ -100,3 +114,18 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return f'\n"""\n{self.text.rstrip()}\n"""'
+
+
+# Shown and pickled as ``parmap.WorkerCrashedError`` rather than by the
+# private module that defines them.
+for _error in (
+    ParmapError,
+    TaskError,
+    WorkerCrashedError,
+    TaskTimeoutError,
+    SerializationError,
+    PoolClosedError,
+    RemoteTraceback,
+):
+    _error.__module__ = "parmap"
+del _error

@@ -349,6 +349,8 @@ class Scheduler:
             else:
                 self._retries.append((record, [offset]))
             return
+        if isinstance(exc, ParmapError) and exc.position is None:
+            exc.position = record.start + offset
         if not isinstance(exc, ParmapError) or isinstance(exc, TaskError):
             tries = f" on each of {attempts} attempts" if attempts > 1 else ""
             exc.add_note(f"parmap: raised by item #{record.start + offset} ({short_repr(record.items[offset])}){tries}")

@@ -166,7 +166,7 @@ def dump_data(values: Sequence[Any], what: str, positions: Sequence[int]) -> Pic
 
 def _value_error(what: str, position: int, exc: BaseException) -> SerializationError:
     error = SerializationError(f"{what} #{position} cannot be serialised: {type(exc).__name__}: {exc}")
-    error.position = position  # type: ignore[attr-defined]  # lets the scheduler fail just that item
+    error.position = position  # lets the scheduler fail just that item
     return error
 
 

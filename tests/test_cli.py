@@ -257,6 +257,19 @@ def test_worker_crash_exits_1_naming_the_line(targets: Path) -> None:
     assert "input line 3" in result.err and "WorkerCrashedError" in result.err
 
 
+def test_unordered_resume_skips_the_line_that_crashed(targets: Path, tmp_path: Path) -> None:
+    # Resumed past two lines, the crashing item is imap's first (position 0)
+    # but the input's third: the skip must land on line 3.
+    write(targets / "in.txt", "1\n2\n3\n4\n5\n6\n")
+    out = tmp_path / "out.jsonl"
+    out.write_text('"1"\n"2"\n')
+    args = ("tgt:crash_on_3", "in.txt", "--unordered", "--on-error", "skip", "-o", out, "--resume")
+    result = cli(*args, "-w", "2", "-b", "process", cwd=targets)
+    assert result.code == 0, result.err
+    assert "input line 3: parmap.WorkerCrashedError" in result.err
+    assert sorted(out.read_text().splitlines()) == ['"1"', '"2"', '"4"', '"5"', '"6"']
+
+
 def test_on_error_skip_reports_and_goes_on(targets: Path) -> None:
     write(targets / "in.txt", "1\n2\n3\n4\n")
     result = cli("tgt:fail_on_3", "in.txt", "--on-error", "skip", "-w", "2", cwd=targets)

@@ -4,6 +4,7 @@ and leaves no process behind (the autouse no_orphans fixture checks that)."""
 from __future__ import annotations
 
 import functools
+import pickle
 import threading
 
 import pytest
@@ -37,13 +38,41 @@ def test_crash_matrix(process_backend, fn, options, error, text):
     assert text in str(info.value) or text in "".join(getattr(info.value, "__notes__", []))
     message = str(info.value) + "".join(getattr(info.value, "__notes__", []))
     assert "#5" in message  # names the item
+    if isinstance(info.value, parmap.ParmapError):
+        assert info.value.position == 5
 
 
 @pytest.mark.timeout(30)
 def test_unpicklable_item(process_backend):
     items = [1, 2, threading.Lock(), 4]
-    with pytest.raises(parmap.SerializationError, match=r"^item #2 cannot be serialised"):
+    with pytest.raises(parmap.SerializationError, match=r"^item #2 cannot be serialised") as info:
         parmap.map(workfns.describe, items, workers=2, backend=process_backend)
+    assert info.value.position == 2
+
+
+@pytest.mark.timeout(30)
+def test_unordered_errors_say_which_item_they_belong_to(process_backend):
+    results = list(
+        parmap.imap(workfns.exit_3, ITEMS, workers=2, backend=process_backend, ordered=False, on_error="return")
+    )
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert [(type(e), e.position) for e in errors] == [(parmap.WorkerCrashedError, 5)]
+    assert sorted(r for r in results if not isinstance(r, BaseException)) == [x for x in ITEMS if x != 5]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        parmap.WorkerCrashedError("the worker running item #4 died", -9),
+        parmap.TaskError("ValueError", "bad", "Traceback ..."),
+        parmap.TaskTimeoutError("item #4 ran longer than timeout=1s"),
+    ],
+)
+def test_errors_keep_their_position_through_pickle(error):
+    error.position = 4
+    again = pickle.loads(pickle.dumps(error))
+    assert (type(again), str(again), again.position) == (type(error), str(error), 4)
+    assert parmap.ParmapError("about no item").position is None
 
 
 def test_unpicklable_function(process_backend):
