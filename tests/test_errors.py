@@ -12,6 +12,7 @@ import workfns
 from conftest import PROCESS_BACKENDS
 
 import parmap
+from parmap.backends.fork import ForkBackend
 
 ITEMS = list(range(12))
 
@@ -95,6 +96,46 @@ def test_timeout_refused_where_it_cannot_work():
     for name in ("thread", "serial"):
         with pytest.raises(ValueError, match="timeout"):
             parmap.map(workfns.square, [1], backend=name, timeout=1)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("timeout", [float("inf"), 1e10])
+def test_a_timeout_too_far_off_to_wait_for_is_no_limit(process_backend, timeout):
+    assert parmap.map(workfns.square, range(5), workers=2, backend=process_backend, timeout=timeout) == [
+        x * x for x in range(5)
+    ]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("exc", [SystemExit(3), KeyboardInterrupt()], ids=["SystemExit", "KeyboardInterrupt"])
+def test_thread_backend_raises_what_fn_stopped_with(exc):
+    def stop_at_5(x):
+        if x == workfns.BAD:
+            raise exc
+        return x
+
+    with pytest.raises(type(exc)):
+        parmap.map(stop_at_5, ITEMS, workers=2, backend="thread")
+
+
+class _FailingDispatcher(ForkBackend):
+    """A dispatcher with a bug: its first wait for workers raises."""
+
+    def _watch(self, timeout):
+        raise RuntimeError("a bug in the dispatcher")
+
+
+@pytest.mark.timeout(30)
+def test_a_failing_dispatcher_fails_the_call_instead_of_hanging():
+    backend = _FailingDispatcher(2)
+    try:
+        with pytest.raises(parmap.ParmapError, match="dispatcher thread failed") as info:
+            parmap.map(workfns.square, ITEMS, backend=backend)
+        assert "in _watch" in info.value.__cause__.text  # the bug's own traceback
+        with pytest.raises(parmap.PoolClosedError):
+            parmap.map(workfns.square, ITEMS, backend=backend)
+    finally:
+        backend.close()
 
 
 @pytest.mark.timeout(30)

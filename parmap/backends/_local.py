@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from typing import Any
 
-from .._errors import PoolClosedError, SerializationError
+from .._errors import ParmapError, PoolClosedError, SerializationError
 from .._serialization import PROTOCOL, ErrorInfo, Pickled, dumps_function
 from .._wire import recv_framed, send_framed
 from .._worker import SLOT_WIDTH, Inherited, decode_outcome
@@ -61,6 +61,9 @@ MAX_STARTUP_FAILURES = 3
 START_COST_FACTOR = 2.0
 # What a start is assumed to cost before the first one is measured.
 INITIAL_START_COST = 0.003
+# The dispatcher's longest sleep: a due time further off (a huge ``timeout``)
+# is looked at again then, since the wait's own limit is ~24 days in ms.
+MAX_WAIT_SECONDS = 3600.0
 
 
 @dataclass(eq=False)
@@ -241,9 +244,27 @@ class LocalWorkers(Backend):
                 if self._grow():
                     continue  # feed the new worker before starting another
                 self._watch(self._next_deadline())
+        except BaseException as exc:
+            # A bug here must not leave callers waiting for ever on chunks
+            # that nobody will report.
+            self._abandon(exc)
         finally:
             self._stop_all()
             self._close_wake_pipe()
+
+    def _abandon(self, exc: BaseException) -> None:
+        """Fail every queued and running chunk with ``exc``; take no more work."""
+        error = ParmapError(f"parmap's dispatcher thread failed, so this pool can run nothing more: {exc!r}")
+        error.__cause__ = exc
+        outcome = ChunkOutcome([], fatal=ErrorInfo.capture(error, pickle_it=False))
+        with self._lock:
+            self._closing = True
+            failed = [(q.chunk, q.done) for q in self._pending]
+            self._pending = deque()
+        failed += [self._take(w) for w in self._procs if w is not None and w.chunk is not None]
+        for chunk, done in failed:
+            if chunk is not None and done is not None:
+                done(chunk, outcome)
 
     def _grow(self) -> bool:
         """Start a worker if queued chunks need one, up to ``workers``: a
@@ -357,7 +378,7 @@ class LocalWorkers(Backend):
             deadline = due if deadline is None else min(deadline, due)
         if deadline is None:
             return None
-        return max(0.0, deadline - time.monotonic())
+        return min(max(0.0, deadline - time.monotonic()), MAX_WAIT_SECONDS)
 
     def _watch(self, timeout: float | None) -> None:
         live = [w for w in self._procs if w is not None]

@@ -68,7 +68,13 @@ class ThreadBackend(Backend):
             return None  # the call is over: skip its queued chunks
         if self._init_error is not None:
             return ChunkOutcome([], fatal=ErrorInfo.capture(self._init_error, pickle_it=False))
-        return _run_in_thread(chunk)
+        try:
+            return _run_in_thread(chunk)
+        except BaseException as exc:
+            # SystemExit or KeyboardInterrupt from fn: raised in the caller, as
+            # a serial map would (left in the future, it would escape the
+            # done-callback and the chunk would never be reported).
+            return ChunkOutcome([], fatal=ErrorInfo.capture(exc, pickle_it=False))
 
     @staticmethod
     def _report(future: Future[ChunkOutcome | None], chunk: Chunk, done: Done) -> None:
