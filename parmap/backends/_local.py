@@ -259,7 +259,7 @@ class LocalWorkers(Backend):
         outcome = ChunkOutcome([], fatal=ErrorInfo.capture(error, pickle_it=False))
         with self._lock:
             self._closing = True
-            failed = [(q.chunk, q.done) for q in self._pending]
+            failed: list[tuple[Chunk | None, Done | None]] = [(q.chunk, q.done) for q in self._pending]
             self._pending = deque()
         failed += [self._take(w) for w in self._procs if w is not None and w.chunk is not None]
         for chunk, done in failed:
