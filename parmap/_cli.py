@@ -83,6 +83,13 @@ class Step:
             except Exception:  # noqa: S110 - an exception type that refuses attributes
                 pass
             raise
+        except SystemExit as exc:
+            # A task that exits has failed (status 1), alike on every backend:
+            # left alone it would end a worker process (a crash), or on the
+            # serial and thread backends the command itself, with its code.
+            error = RuntimeError(f"the function called sys.exit({exc.code!r})")
+            setattr(error, _INDEX_ATTRIBUTE, item.index)
+            raise error from exc
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -135,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="lines",
         help="lines: each line is a str item (default); jsonl: each line is JSON; csv: each row is a dict",
     )
-    parser.add_argument("-o", "--output", metavar="PATH", help="output file (default: standard output)")
+    parser.add_argument("-o", "--output", metavar="PATH", help="output file; - or absent: standard output")
     parser.add_argument(
         "--output-format",
         choices=OUTPUT_FORMATS,
@@ -170,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.output == "-":  # as for INPUT
+        args.output = None
     if args.resume and args.output is None:
         raise UsageError("--resume needs -o/--output: there is nothing to resume on standard output")
     target = parse_target(args.target)
@@ -279,12 +288,12 @@ def _loop(step: Step, reader: Reader, output: Output, options: dict[str, Any], a
     except (KeyboardInterrupt, _Terminated):
         if args.output is not None:
             _say(
-                f"parmap: interrupted; {output.done.count} results are in {args.output}: "
+                f"parmap: interrupted; {output.lines} results are in {args.output}: "
                 "run the same command with --resume to finish"
             )
         raise
     if reader.error is not None:
-        where = f"; the {output.written} results before it are in {args.output}" if args.output else ""
+        where = f"; the {output.lines} results before it are in {args.output}" if args.output else ""
         raise UsageError(f"{reader.error}{where}")
     if output.skipped:
         _say(f"parmap: {output.skipped} item(s) failed and were skipped (listed above)")
@@ -303,7 +312,7 @@ def _failed(item: Item | None, exc: BaseException, output: Output, args: argpars
     message = f"parmap: task failed on {where}{shown}: {error}"
     if args.output is not None:
         message += (
-            f"\nThe {output.written} results before it are in {args.output}; "
+            f"\nThe {output.lines} results before it are in {args.output}; "
             "fix the problem and run the same command with --resume to go on from this line."
         )
     details = _worker_traceback(exc)

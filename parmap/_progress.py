@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Mapping
 from typing import Any
+
+# What a bar assumes on a terminal that reports a size of 0 x 0 (as `stty
+# size` does before anyone sets it): the size terminals open with.
+DEFAULT_COLUMNS, DEFAULT_ROWS = 80, 24
+
+
+def _terminal_size(file: Any) -> tuple[int, int] | None:
+    """(columns, rows) of the terminal ``file`` is, or None when it is none."""
+    try:
+        size = os.get_terminal_size(file.fileno())
+    except (AttributeError, OSError, ValueError):
+        return None
+    return size.columns, size.lines
 
 
 class Progress:
@@ -17,6 +31,11 @@ class Progress:
         settings: dict[str, Any] = {"total": total, "file": sys.stderr, "unit": "item", "dynamic_ncols": True}
         if isinstance(option, Mapping):
             settings.update(option)
+        if _terminal_size(settings["file"]) == (0, 0):
+            # A terminal that reports no size (a pseudo-terminal nobody
+            # sized): tqdm would fit its bar into zero columns and hide it
+            # below row zero, drawing nothing at all.
+            settings = {"ncols": DEFAULT_COLUMNS, "nrows": DEFAULT_ROWS, **settings, "dynamic_ncols": False}
         # Imported only for a bar: tqdm is most of ``import parmap``'s time
         # (~40 ms) and makes every forked worker's parent bigger (benchmark W4).
         from tqdm import tqdm

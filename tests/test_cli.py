@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import signal
 import subprocess
 import sys
 import textwrap
 import time
 from collections import Counter
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -270,6 +272,23 @@ def test_unordered_resume_skips_the_line_that_crashed(targets: Path, tmp_path: P
     assert sorted(out.read_text().splitlines()) == ['"1"', '"2"', '"4"', '"5"', '"6"']
 
 
+@pytest.mark.parametrize("backend", ["serial", "thread", "process"])
+def test_a_task_calling_sys_exit_fails_like_any_task(targets: Path, backend: str) -> None:
+    write(targets / "exits.py", "import sys\n\ndef on_2(x):\n    if x == '2':\n        sys.exit(4)\n    return x\n")
+    write(targets / "in.txt", "1\n2\n3\n")
+    result = cli("exits:on_2", "in.txt", "-b", backend, "-w", "2", cwd=targets)
+    assert result.code == 1, result.err
+    assert "input line 2" in result.err and "sys.exit(4)" in result.err
+    assert result.out == '"1"\n'
+
+
+def test_dash_output_is_standard_output(targets: Path) -> None:
+    write(targets / "in.txt", "1\n2\n")
+    result = cli("tgt:square", "in.txt", "-o", "-", cwd=targets)
+    assert (result.code, result.out) == (0, "1\n4\n")
+    assert not (targets / "-").exists()
+
+
 def test_on_error_skip_reports_and_goes_on(targets: Path) -> None:
     write(targets / "in.txt", "1\n2\n3\n4\n")
     result = cli("tgt:fail_on_3", "in.txt", "--on-error", "skip", "-w", "2", cwd=targets)
@@ -347,6 +366,31 @@ def test_progress_bar_on_request_only(targets: Path) -> None:
     assert hidden.code == 0 and hidden.err == ""
 
 
+def test_progress_bar_by_default_on_a_terminal_of_unknown_size(targets: Path) -> None:
+    # A pseudo-terminal nobody sized reports 0 x 0, as a test harness's does.
+    write(targets / "in.txt", "1\n2\n3\n")
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "parmap", "tgt:square", "in.txt"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=terminal,
+        cwd=targets,
+        env=_env(),
+        start_new_session=True,
+    )
+    _started.append(proc)
+    os.close(terminal)
+    shown = b""
+    with suppress(OSError):  # EIO once the last writer has closed the terminal
+        while chunk := os.read(controller, 4096):
+            shown += chunk
+    os.close(controller)
+    out, _ = proc.communicate(timeout=30)
+    assert (proc.returncode, out) == (0, b"1\n4\n9\n")
+    assert b"3/3" in shown, shown
+
+
 # -- interruption and --resume ------------------------------------------------------------
 
 ITEMS = 200
@@ -392,9 +436,22 @@ def test_resume_after_interrupt_matches_an_uninterrupted_run(
     if sig == signal.SIGINT:
         assert partial.endswith(b"\n") and reference.startswith(partial)  # flushed and intact
         assert b"--resume" in err
+        # Ctrl-C can land between a line's write and its count: one short at worst.
+        lines = partial.count(b"\n")
+        assert any(f"interrupted; {n} results are in".encode() in err for n in (lines, lines - 1)), err
     resumed = cli(*args, "--resume", cwd=targets)
     assert resumed.code == 0, resumed.err
     assert out.read_bytes() == reference
+
+
+def test_a_resumed_failure_counts_the_results_of_earlier_runs(targets: Path, tmp_path: Path) -> None:
+    write(targets / "in.txt", "1\n2\n3\n4\n")
+    out = tmp_path / "out.jsonl"
+    out.write_text("1\n2\n")  # an earlier run's results for lines 1 and 2
+    result = cli("tgt:fail_on_3", "in.txt", "-o", out, "--resume", cwd=targets)
+    assert result.code == 1
+    assert f"The 2 results before it are in {out}" in result.err
+    assert out.read_text() == "1\n2\n"
 
 
 def test_resume_repairs_a_torn_last_line(targets: Path, slow_input: Path, reference: bytes, tmp_path: Path) -> None:
