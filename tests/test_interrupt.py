@@ -88,3 +88,43 @@ def test_killed_parent_leaves_no_workers(tmp_path, backend):
     proc.stdout.close()
     proc.stderr.close()
     assert _gone(workers, within=5) == []
+
+
+IN_PROCESS_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    sys.path[:0] = [{root!r}, {tests!r}]
+    import parmap
+
+    def slow(x):
+        time.sleep(60)
+        return x
+
+    if __name__ == "__main__":
+        print("started", flush=True)
+        parmap.map(slow, range(4), workers=2, backend={backend!r})
+    """
+)
+
+
+@pytest.mark.timeout(40)
+@pytest.mark.parametrize("backend", ["thread", "serial"])
+def test_ctrl_c_ends_a_program_whose_items_run_in_process(tmp_path, backend):
+    # Threads cannot be stopped; the program must still end, not wait for them.
+    script = tmp_path / "long_items.py"
+    script.write_text(IN_PROCESS_SCRIPT.format(root=os.path.dirname(TESTS_DIR), tests=TESTS_DIR, backend=backend))
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "started"
+        time.sleep(0.5)  # into the items
+        os.killpg(proc.pid, signal.SIGINT)
+        began = time.monotonic()
+        _, stderr = proc.communicate(timeout=20)
+        assert time.monotonic() - began < 2
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert "KeyboardInterrupt" in stderr
+    assert proc.returncode != 0

@@ -1,14 +1,21 @@
-"""``backend="thread"``: a :class:`~concurrent.futures.ThreadPoolExecutor`.
+"""``backend="thread"``: a pool of threads in this process.
 
 For I/O-bound work (network, disk, subprocesses) where the GIL is released.
 Nothing is pickled: ``fn`` and the items are shared with the caller. A
 running thread cannot be stopped, so ``timeout`` is refused up front.
+
+The threads are daemon threads of parmap's own, not a
+:class:`~concurrent.futures.ThreadPoolExecutor`: Python waits at exit for an
+executor's threads to finish what they run, so after Ctrl-C a program whose
+items take minutes would take minutes to end. Ours are abandoned instead,
+as parmap's worker processes are stopped.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from .. import _context
@@ -28,7 +35,7 @@ def _run_in_thread(chunk: Chunk) -> ChunkOutcome:
 
 
 class ThreadBackend(Backend):
-    """A pool of ``workers`` threads in this process."""
+    """A pool of up to ``workers`` threads in this process, started as work needs them."""
 
     capabilities = Capabilities(isolated=False, can_timeout=False)
 
@@ -39,29 +46,40 @@ class ThreadBackend(Backend):
         self._user_initializer = initializer
         self._initargs = initargs
         self._init_error: BaseException | None = None
-        self._executor = ThreadPoolExecutor(
-            max_workers=workers,
-            thread_name_prefix="parmap-thread",
-            initializer=self._initialize if initializer is not None else None,
-        )
+        self._jobs: queue.SimpleQueue[tuple[Chunk, Done] | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._idle = threading.Semaphore(0)  # one token per thread waiting for a job
+        self._lock = threading.Lock()
+        self._closed = False
         self._released: set[int] = set()
 
-    def _initialize(self) -> None:
-        # ThreadPoolExecutor drops a failing initializer's exception and only
-        # says the pool is broken; keep it so the caller sees the real error.
-        assert self._user_initializer is not None
+    def submit(self, chunk: Chunk, done: Done) -> None:
+        with self._lock:
+            if self._closed:
+                raise PoolClosedError("this pool is closed")
+            self._jobs.put((chunk, done))
+            if not self._idle.acquire(blocking=False) and len(self._threads) < self.workers:
+                thread = threading.Thread(target=self._serve, name=f"parmap-thread-{len(self._threads)}", daemon=True)
+                self._threads.append(thread)
+                thread.start()
+
+    def _serve(self) -> None:
+        if self._user_initializer is not None:
+            self._initialize(self._user_initializer)
+        while (job := self._jobs.get()) is not None:
+            chunk, done = job
+            outcome = self._run(chunk)
+            if outcome is not None:
+                done(chunk, outcome)
+            self._idle.release()
+
+    def _initialize(self, initializer: Callable[..., Any]) -> None:
+        # Kept, so that the caller sees the initializer's own error.
         try:
-            self._user_initializer(*self._initargs)
-        except Exception as exc:
+            initializer(*self._initargs)
+        except BaseException as exc:  # SystemExit too: a thread that died of it would serve nothing
             exc.add_note("parmap: raised by the initializer")
             self._init_error = exc
-
-    def submit(self, chunk: Chunk, done: Done) -> None:
-        try:
-            future = self._executor.submit(self._run, chunk)
-        except RuntimeError as exc:  # shut down, or broken by a failing initializer
-            raise PoolClosedError(f"the thread pool cannot take work: {exc}") from exc
-        future.add_done_callback(lambda f: self._report(f, chunk, done))
 
     def _run(self, chunk: Chunk) -> ChunkOutcome | None:
         if chunk.call.id in self._released:
@@ -72,20 +90,28 @@ class ThreadBackend(Backend):
             return _run_in_thread(chunk)
         except BaseException as exc:
             # SystemExit or KeyboardInterrupt from fn: raised in the caller, as
-            # a serial map would (left in the future, it would escape the
-            # done-callback and the chunk would never be reported).
+            # a serial map would, rather than ending this thread unreported.
             return ChunkOutcome([], fatal=ErrorInfo.capture(exc, pickle_it=False))
-
-    @staticmethod
-    def _report(future: Future[ChunkOutcome | None], chunk: Chunk, done: Done) -> None:
-        if future.cancelled():
-            return
-        outcome = future.result()
-        if outcome is not None:
-            done(chunk, outcome)
 
     def release(self, call: Call) -> None:
         self._released.add(call.id)
 
     def close(self, kill: bool = False) -> None:
-        self._executor.shutdown(wait=not kill, cancel_futures=kill)
+        """Stop the threads once the queued work is done; with ``kill``, drop
+        the queued work and leave running items to finish unwatched."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            threads = list(self._threads)
+        if kill:
+            try:
+                while True:
+                    self._jobs.get_nowait()
+            except queue.Empty:
+                pass
+        for _ in threads:
+            self._jobs.put(None)
+        if not kill:
+            for thread in threads:
+                thread.join()
