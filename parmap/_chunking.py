@@ -48,6 +48,12 @@ MIN_TAIL_CHUNK_SECONDS = 0.002
 # pickling and unpickling, which the cost measures not, is then still small
 # next to a round trip (W1 keeps its tail split between the workers).
 MAX_UNSPLIT_TAIL = 2048
+# Pulling a chunk's items from an iterator stops after this long with what
+# has come: a slow input (lines piped in as they happen) gets its items to
+# the workers, and their results back, as they arrive, not 2,048 at a time.
+# A fast generator fills even W6's 64k-item chunks well within it (benchmark
+# W6: 2M items, times unchanged).
+MAX_PULL_SECONDS = 0.05
 # Before the first measurement, with a known length: a small slice of it, so
 # that the first cost measurement comes back after one item on W2/W3 (200
 # items of ~10 ms: total // (2 * 64) = 1) and after 64 items on W1, whose

@@ -38,11 +38,12 @@ from __future__ import annotations
 import itertools
 import operator
 import queue
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from ._chunking import ChunkSizer
+from ._chunking import MAX_PULL_SECONDS, ChunkSizer
 from ._errors import ParmapError, SerializationError, TaskError, TaskTimeoutError, WorkerCrashedError
 from ._options import CallOptions
 from ._progress import Progress
@@ -169,6 +170,8 @@ class Scheduler:
             record, offsets = self._retries.popleft()
             self._submit(record, offsets)
         while self._failure is None and not self._exhausted and self._window_has_room():
+            if not self._events.empty():
+                break  # deliver what finished before waiting on a slow input for more
             new = self._next_record()
             if new is None:
                 break
@@ -190,15 +193,34 @@ class Scheduler:
             items = SourceSlice(source, self._next_position, self._next_position + take)
             self._exhausted = take == remaining
         else:
-            items = list(itertools.islice(self._source, size))
-            if len(items) < size:
-                self._exhausted = True
+            items = self._pull(size)
         if not items:
             self._exhausted = True
             return None
         record = Record(self._next_position, items)
         self._next_position += len(items)
         return record
+
+    def _pull(self, size: int) -> list[Any]:
+        """Up to ``size`` items from the input, fewer once pulling them has
+        taken :data:`~parmap._chunking.MAX_PULL_SECONDS`: from a slow input
+        (a pipe fed as events happen) what has come goes to work at once
+        instead of waiting for a chunk's worth. Pulled in doubling batches,
+        so a fast input pays a clock read per batch, not per item."""
+        began = time.monotonic()
+        items: list[Any] = []
+        batch = 1
+        while len(items) < size:
+            want = min(batch, size - len(items))
+            had = len(items)
+            items.extend(itertools.islice(self._source, want))
+            if len(items) - had < want:
+                self._exhausted = True
+                break
+            if time.monotonic() - began >= MAX_PULL_SECONDS:
+                break
+            batch *= 2
+        return items
 
     def _submit(self, record: Record, offsets: list[int] | None, *, alone: bool = False) -> None:
         if offsets is None:

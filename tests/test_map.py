@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import time
 
 import pytest
 
@@ -95,6 +96,26 @@ def test_imap_endless_generator_is_lazy(any_backend):
     assert taken == [x * x for x in range(100)]
     # A few chunks per worker in flight at most (chunks of unknown-length input <= 2048).
     assert pulled <= 100 + 5 * 2048
+
+
+@pytest.mark.timeout(30)
+def test_imap_results_keep_up_with_a_slow_input(any_backend):
+    # Lines piped in as they happen (`tail -f log | ...`): each result comes
+    # back soon after its item, not once a chunk's worth has trickled in.
+    pulled = 0
+
+    def trickle():
+        nonlocal pulled
+        for i in range(40):
+            time.sleep(0.02)
+            pulled += 1
+            yield i
+
+    seen_at = {}
+    for value in parmap.imap(square, trickle(), workers=2, backend=any_backend):
+        seen_at[value] = pulled
+    assert sorted(seen_at) == [x * x for x in range(40)]
+    assert seen_at[10 * 10] < 40  # was: every result after the fifth came once the input ended
 
 
 def test_imap_pull_ahead_stays_a_fraction_of_what_was_taken():
