@@ -213,7 +213,14 @@ class Scheduler:
         while len(items) < size:
             want = min(batch, size - len(items))
             had = len(items)
-            items.extend(itertools.islice(self._source, want))
+            try:
+                items.extend(itertools.islice(self._source, want))
+            except Exception as exc:
+                # As a serial map would: the results of the items before it
+                # first (list.extend keeps what came), then the input's error.
+                self._exhausted = True
+                self._input_failed(self._next_position + len(items), exc)
+                break
             if len(items) - had < want:
                 self._exhausted = True
                 break
@@ -221,6 +228,12 @@ class Scheduler:
                 break
             batch *= 2
         return items
+
+    def _input_failed(self, position: int, exc: Exception) -> None:
+        """Iterating the input raised at ``position``: raised in its place,
+        whatever ``on_error`` says (it is no item's failure)."""
+        if self._failure is None or position < self._failure[0]:
+            self._failure = (position, exc)
 
     def _submit(self, record: Record, offsets: list[int] | None, *, alone: bool = False) -> None:
         if offsets is None:

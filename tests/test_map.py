@@ -98,6 +98,29 @@ def test_imap_endless_generator_is_lazy(any_backend):
     assert pulled <= 100 + 5 * 2048
 
 
+class SayWhen(ValueError):
+    pass
+
+
+def _raises_at_3():
+    for i in range(10):
+        if i == 3:
+            raise SayWhen("the input broke")
+        yield i
+
+
+@pytest.mark.parametrize("chunksize", [1, 2, None])
+def test_an_input_that_raises_partway_acts_as_in_a_serial_map(any_backend, chunksize):
+    # The results of the items before it come first, then its own error;
+    # on_error has no say (it is no item's failure).
+    results = parmap.imap(square, _raises_at_3(), workers=2, backend=any_backend, chunksize=chunksize)
+    assert [next(results) for _ in range(3)] == [0, 1, 4]
+    with pytest.raises(SayWhen, match="the input broke"):
+        next(results)
+    with pytest.raises(SayWhen):
+        parmap.map(square, _raises_at_3(), workers=2, backend=any_backend, chunksize=chunksize, on_error="skip")
+
+
 @pytest.mark.timeout(30)
 def test_imap_results_keep_up_with_a_slow_input(any_backend):
     # Lines piped in as they happen (`tail -f log | ...`): each result comes
