@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import threading
 import time
 
 import psutil
@@ -70,6 +71,32 @@ def test_closed_pool_says_so(backend):
         with pytest.raises(parmap.PoolClosedError, match="closed"):
             use()
     pool.close()  # idempotent
+
+
+@pytest.mark.timeout(30)
+def test_closing_runs_what_was_submitted_first(backend):
+    with parmap.Pool(workers=2, backend=backend) as pool:
+        futures = [pool.submit(pow, 2, i) for i in range(6)]
+    assert [f.result(timeout=10) for f in futures] == [2**i for i in range(6)]
+    pool = parmap.Pool(workers=2, backend=backend)
+    futures = [pool.submit(workfns.sleep_then_square, i) for i in range(4)]
+    pool.close()
+    pool.join()
+    assert [f.result(timeout=10) for f in futures] == [i * i for i in range(4)]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("backend", ["process", "fork", "pool", "apply_async", "thread"])
+def test_terminate_from_another_thread_ends_a_running_map(backend):
+    pool = parmap.Pool(workers=2, backend=backend)
+    stopper = threading.Timer(0.5, pool.terminate)
+    stopper.start()
+    try:
+        with pytest.raises(parmap.PoolClosedError, match="terminated"):
+            pool.map(time.sleep, [0.1] * 60, chunksize=1)
+    finally:
+        stopper.join()
+        pool.terminate()
 
 
 def test_leaving_the_block_stops_the_workers(process_backend):

@@ -28,7 +28,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .._serialization import Pickled, check_function, dump_data, dumps_function
+from .._errors import PoolClosedError
+from .._serialization import ErrorInfo, Pickled, check_function, dump_data, dumps_function
 from .._worker import ChunkOutcome
 
 __all__ = ["Backend", "Call", "Capabilities", "Chunk", "ChunkLost", "ChunkOutcome", "Done", "SourceSlice"]
@@ -205,6 +206,13 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def close(self, kill: bool = False) -> None:
         """Stop every worker; with ``kill`` do not wait for running chunks."""
+
+
+def terminated_outcome() -> ChunkOutcome:
+    """What a chunk still queued or running when its pool is terminated
+    comes to: a call waiting on it (in another thread) must not wait for ever."""
+    error = PoolClosedError("the pool was terminated before this work finished")
+    return ChunkOutcome([], fatal=ErrorInfo.capture(error, pickle_it=False))
 
 
 def describe_exit(exitcode: int | None) -> str:

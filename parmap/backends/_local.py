@@ -49,7 +49,7 @@ from .._errors import ParmapError, PoolClosedError, SerializationError
 from .._serialization import PROTOCOL, ErrorInfo, Pickled, dumps_function
 from .._wire import recv_framed, send_framed
 from .._worker import SLOT_WIDTH, Inherited, decode_outcome
-from ._base import Backend, Call, Capabilities, Chunk, ChunkLost, ChunkOutcome, Done
+from ._base import Backend, Call, Capabilities, Chunk, ChunkLost, ChunkOutcome, Done, terminated_outcome
 
 # A worker that dies before running anything this many times in a row means
 # workers cannot start at all (say, __main__ cannot be imported under spawn):
@@ -235,11 +235,12 @@ class LocalWorkers(Backend):
         try:
             while True:
                 with self._lock:
-                    closing, kill = self._closing, self._kill
+                    closing, kill, queued = self._closing, self._kill, bool(self._pending)
                 if kill:
+                    self._fail_all(terminated_outcome())
                     return
-                if closing and not self._busy():
-                    return
+                if closing and not queued and not self._busy():
+                    return  # a polite close runs what was queued first
                 self._send_work()
                 if self._grow():
                     continue  # feed the new worker before starting another
@@ -256,7 +257,10 @@ class LocalWorkers(Backend):
         """Fail every queued and running chunk with ``exc``; take no more work."""
         error = ParmapError(f"parmap's dispatcher thread failed, so this pool can run nothing more: {exc!r}")
         error.__cause__ = exc
-        outcome = ChunkOutcome([], fatal=ErrorInfo.capture(error, pickle_it=False))
+        self._fail_all(ChunkOutcome([], fatal=ErrorInfo.capture(error, pickle_it=False)))
+
+    def _fail_all(self, outcome: ChunkOutcome) -> None:
+        """End every queued and running chunk with ``outcome``; take no more work."""
         with self._lock:
             self._closing = True
             failed: list[tuple[Chunk | None, Done | None]] = [(q.chunk, q.done) for q in self._pending]
@@ -281,7 +285,7 @@ class LocalWorkers(Backend):
         live = [w for w in self._procs if w is not None]
         idle = sum(1 for w in live if w.chunk is None)
         with self._lock:
-            if self._closing or len(self._pending) <= idle:
+            if self._kill or len(self._pending) <= idle:
                 return False
             backlogs = {q.chunk.call.id: q.chunk.call.backlog for q in self._pending}
         since = min((w.started_at for w in live), default=0.0)
@@ -328,7 +332,7 @@ class LocalWorkers(Backend):
             if worker is None or worker.chunk is not None:
                 continue
             with self._lock:
-                if not self._pending or self._closing:
+                if not self._pending or self._kill:
                     return
                 queued = self._pending.popleft()
                 ended = self._ended_calls & worker.known_calls

@@ -40,7 +40,7 @@ from .._worker import (
     run_chunk,
     run_initializer,
 )
-from ._base import Backend, Call, Capabilities, Chunk, ChunkLost, Done
+from ._base import Backend, Call, Capabilities, Chunk, ChunkLost, Done, terminated_outcome
 from ._local import pickle_initializer
 from .process import default_start_method
 
@@ -194,8 +194,7 @@ class MPPoolBackend(Backend):
     def close(self, kill: bool = False) -> None:
         with self._lock:
             already = self._closing
-            self._closing = True
-            self._waiting.clear()
+            self._closing = True  # a polite close still runs what was submitted
         monitor = self._monitor
         if monitor is None:
             self._close_wake_pipe()
@@ -303,7 +302,10 @@ class MPPoolBackend(Backend):
         try:
             while True:
                 with self._lock:
-                    if self._closing and (self._kill_on_close or not self._flights):
+                    if self._closing and self._kill_on_close:
+                        self._fail_all()
+                        break
+                    if self._closing and not self._flights and not self._waiting:
                         break
                     busy = bool(self._flights)
                 current = list(self._pool._pool)
@@ -325,6 +327,16 @@ class MPPoolBackend(Backend):
                 self._enforce_timeouts()
         finally:
             self._shutdown_pool()
+
+    def _fail_all(self) -> None:
+        """Terminated: end every chunk still waiting or running (under the lock)."""
+        failed = [(f.chunk, f.done) for f in self._flights.values()]
+        failed += [(chunk, done) for chunk, done, _ in self._waiting]
+        self._flights.clear()
+        self._waiting.clear()
+        outcome = terminated_outcome()
+        for chunk, done in failed:
+            done(chunk, outcome)
 
     def _find_unwatched_deaths(self, current: set[int], known: dict[int, Any], handled: set[int]) -> None:
         """Deaths no sentinel told us of: the pool reaped the worker first, or it

@@ -22,7 +22,7 @@ from .. import _context
 from .._errors import PoolClosedError
 from .._serialization import ErrorInfo
 from .._worker import ChunkOutcome, run_chunk
-from ._base import Backend, Call, Capabilities, Chunk, Done
+from ._base import Backend, Call, Capabilities, Chunk, Done, terminated_outcome
 
 
 def _run_in_thread(chunk: Chunk) -> ChunkOutcome:
@@ -105,11 +105,16 @@ class ThreadBackend(Backend):
             self._closed = True
             threads = list(self._threads)
         if kill:
+            dropped = []
             try:
                 while True:
-                    self._jobs.get_nowait()
+                    job = self._jobs.get_nowait()
+                    if job is not None:
+                        dropped.append(job)
             except queue.Empty:
                 pass
+            for chunk, done in dropped:
+                done(chunk, terminated_outcome())
         for _ in threads:
             self._jobs.put(None)
         if not kill:
