@@ -240,14 +240,22 @@ class ErrorInfo:
         if not pickle_it:
             info.exc = exc
             return info
+        # Drop the chained traceback objects: they are not picklable and the
+        # text above already carries them.
+        exc.__traceback__ = None
         try:
-            # Drop the chained traceback objects: they are not picklable and the
-            # text above already carries them.
-            exc.__traceback__ = None
-            info.payload = cloudpickle.dumps(exc, protocol=PROTOCOL)
-            pickle.loads(info.payload)  # an exception that pickles but will not load
+            # By reference first: a class the caller can import (a forked
+            # worker's __main__ is the caller's) comes back as the caller's
+            # very class, so `except MyError:` works. cloudpickle would send a
+            # class of __main__ by value, and the caller would get a twin.
+            info.payload = pickle.dumps(exc, protocol=PROTOCOL)
+            pickle.loads(info.payload)
         except Exception:
-            info.payload = None
+            try:
+                info.payload = cloudpickle.dumps(exc, protocol=PROTOCOL)
+                pickle.loads(info.payload)  # an exception that pickles but will not load
+            except Exception:
+                info.payload = None
         return info
 
     def __getstate__(self) -> tuple[object, ...]:

@@ -40,6 +40,22 @@ SCRIPT = textwrap.dedent(
     def triple(x):
         return 3 * x
 
+    class ScriptError(Exception):
+        pass
+
+    def fail_on_1(x):
+        if x == 1:
+            raise ScriptError(x)
+        return x
+
+    def raises_the_script_class(**opts):
+        try:
+            parmap.map(fail_on_1, range(3), **opts)
+        except ScriptError:  # the caller's very class, not a rebuilt twin
+            return True
+        except Exception:
+            return False
+
     if __name__ == "__main__":
         for method in ("fork", "spawn", "forkserver"):
             for backend in ("process", "pool", "apply_async"):
@@ -47,7 +63,10 @@ SCRIPT = textwrap.dedent(
                 assert parmap.map(lambda x: x * 2, range(5), **opts) == [0, 2, 4, 6, 8]
                 assert parmap.map(triple, range(5), **opts) == [0, 3, 6, 9, 12]
                 assert parmap.map(ready, range(4), initializer=remember, **opts) == [True] * 4, (method, backend)
+                assert raises_the_script_class(**opts), (method, backend)
         assert parmap.map(lambda x: -x, range(3), workers=2, backend="fork") == [0, -1, -2]
+        for backend in ("auto", "fork", "thread", "serial"):
+            assert raises_the_script_class(workers=2, backend=backend), backend
         print("all good")
     """
 )
