@@ -52,6 +52,15 @@ def test_unpicklable_item(process_backend):
 
 
 @pytest.mark.timeout(30)
+def test_a_result_that_will_not_unpickle_fails_its_item_alone(process_backend):
+    with pytest.raises(parmap.SerializationError, match="result of item #5 could not be unpickled") as info:
+        parmap.map(workfns.return_unloadable, ITEMS, workers=2, backend=process_backend)
+    assert info.value.position == 5
+    results = parmap.map(workfns.return_unloadable, ITEMS, workers=2, backend=process_backend, on_error="return")
+    assert [type(r) for r in results] == [int] * 5 + [parmap.SerializationError] + [int] * 6
+
+
+@pytest.mark.timeout(30)
 def test_unordered_errors_say_which_item_they_belong_to(process_backend):
     results = list(
         parmap.imap(workfns.exit_3, ITEMS, workers=2, backend=process_backend, ordered=False, on_error="return")

@@ -87,6 +87,21 @@ def return_unpicklable(x):
     return x
 
 
+class Unloadable:
+    """Pickles anywhere, unpickles nowhere."""
+
+    def __reduce__(self):
+        return (_refuse_to_load, ())
+
+
+def _refuse_to_load():
+    raise RuntimeError("cannot rebuild")
+
+
+def return_unloadable(x):
+    return Unloadable() if x == BAD else x
+
+
 def fail_first_time(marker_dir, x):
     """Raise on the first attempt per item, succeed afterwards (a file marks the attempt)."""
     marker = os.path.join(marker_dir, f"{x}.tried")

@@ -48,8 +48,18 @@ from typing import Any
 from .._errors import ParmapError, PoolClosedError, SerializationError
 from .._serialization import PROTOCOL, ErrorInfo, Pickled, dumps_function
 from .._wire import recv_framed, send_framed
-from .._worker import SLOT_WIDTH, Inherited, decode_outcome
-from ._base import Backend, Call, Capabilities, Chunk, ChunkLost, ChunkOutcome, Done, terminated_outcome
+from .._worker import SLOT_WIDTH, Inherited
+from ._base import (
+    Backend,
+    Call,
+    Capabilities,
+    Chunk,
+    ChunkLost,
+    ChunkOutcome,
+    Done,
+    decode_chunk_outcome,
+    terminated_outcome,
+)
 
 # A worker that dies before running anything this many times in a row means
 # workers cannot start at all (say, __main__ cannot be imported under spawn):
@@ -413,7 +423,7 @@ class LocalWorkers(Backend):
             self._send_work()
             for chunk, done, data in received:
                 if chunk is not None and done is not None:
-                    done(chunk, decode_outcome(data))
+                    done(chunk, decode_chunk_outcome(chunk, data))
         if timeout is not None:
             self._enforce_timeouts()
 
@@ -433,7 +443,7 @@ class LocalWorkers(Backend):
         # A message written just before death is still in the pipe.
         try:
             while worker.chunk is not None and worker.conn.poll():
-                self._finish(worker, decode_outcome(recv_framed(worker.conn)))
+                self._finish(worker, decode_chunk_outcome(worker.chunk, recv_framed(worker.conn)))
         except (EOFError, OSError):
             pass
         exitcode = self._reap(worker)

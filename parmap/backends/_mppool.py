@@ -33,14 +33,13 @@ from .._worker import (
     SLOT_WIDTH,
     ChunkOutcome,
     StatusSlot,
-    decode_outcome,
     encode_outcome,
     fatal_outcome,
     prepare_worker_process,
     run_chunk,
     run_initializer,
 )
-from ._base import Backend, Call, Capabilities, Chunk, ChunkLost, Done, terminated_outcome
+from ._base import Backend, Call, Capabilities, Chunk, ChunkLost, Done, decode_chunk_outcome, terminated_outcome
 from ._local import pickle_initializer
 from .process import default_start_method
 
@@ -255,7 +254,7 @@ class MPPoolBackend(Backend):
                 return  # already reported lost
             self._free_slots.append(flight.slot)
             self._launch_waiting()
-        flight.done(flight.chunk, decode_outcome(data))
+        flight.done(flight.chunk, decode_chunk_outcome(flight.chunk, data))
 
     def _on_task_error(self, key: int, exc: BaseException) -> None:
         """The pool itself failed a task (run_pool_task does not raise): report it."""

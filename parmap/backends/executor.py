@@ -30,8 +30,8 @@ from .. import _context
 from .._errors import PoolClosedError, WorkerCrashedError
 from .._options import default_workers
 from .._serialization import ErrorInfo, loads
-from .._worker import ChunkOutcome, decode_outcome, encode_outcome, fatal_outcome, run_chunk
-from ._base import Backend, Call, Capabilities, Chunk, ChunkLost, Done
+from .._worker import ChunkOutcome, encode_outcome, fatal_outcome, run_chunk
+from ._base import Backend, Call, Capabilities, Chunk, ChunkLost, Done, decode_chunk_outcome
 from .thread import _run_in_thread
 
 __all__ = ["ExecutorBackend", "call_key", "run_remote_chunk"]
@@ -183,7 +183,7 @@ class ExecutorBackend(Backend):
         except BaseException as exc:
             done(chunk, ChunkOutcome([], fatal=ErrorInfo.capture(exc, pickle_it=False)))
             return
-        done(chunk, value if self._in_process else decode_outcome(value))
+        done(chunk, value if self._in_process else decode_chunk_outcome(chunk, value))
 
     def release(self, call: Call) -> None:
         with self._lock:
