@@ -10,6 +10,7 @@ from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 from . import _api
 from ._options import CallOptions, PoolOptions, split_options
+from .backends import check_backend
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -45,7 +46,7 @@ class ParallelFunction(Generic[P, R]):
 
     def map(self, items: Iterable[Any], **options: Any) -> list[R]:
         """Map the function over ``items`` in parallel; keywords override the decorator's."""
-        return _api.map(self._travelling(), items, **{**self._options, **options})
+        return _api.map(self._travelling(), items, **{**self._unordered_options(), **options})
 
     def imap(self, items: Iterable[Any], **options: Any) -> Iterator[R]:
         """Lazily map the function over ``items``; keywords override the decorator's."""
@@ -53,9 +54,11 @@ class ParallelFunction(Generic[P, R]):
 
     def starmap(self, items: Iterable[Iterable[Any]], **options: Any) -> list[R]:
         """``fn(*args)`` for each tuple in ``items``, in parallel."""
-        options = {**self._options, **options}
-        options.pop("ordered", None)
-        return _api.starmap(self._travelling(), items, **options)
+        return _api.starmap(self._travelling(), items, **{**self._unordered_options(), **options})
+
+    def _unordered_options(self) -> dict[str, Any]:
+        """The decorator's options less ``ordered``, which only ``imap`` takes."""
+        return {k: v for k, v in self._options.items() if k != "ordered"}
 
     def _travelling(self) -> Callable[..., Any]:
         # The decorated function's module attribute is this object, so the
@@ -102,6 +105,7 @@ def parallel(fn: Callable[P, R] | None = None, /, **options: Any) -> Any:
     """
     pool_options, call_options = split_options(options)
     PoolOptions(**pool_options)  # validate at decoration time
+    check_backend(pool_options.get("backend", "auto"))
     CallOptions(**call_options)
     if fn is None:
         return lambda f: ParallelFunction(f, options)

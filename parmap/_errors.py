@@ -97,8 +97,13 @@ class SerializationError(ParmapError):
     """
 
 
-class PoolClosedError(ParmapError, RuntimeError):
-    """A :class:`parmap.Pool` was used after it was closed."""
+class PoolClosedError(ParmapError, RuntimeError, ValueError):
+    """A :class:`parmap.Pool` was used after it was closed.
+
+    Also a ``RuntimeError`` (what an executor raises after ``shutdown``) and
+    a ``ValueError`` (what ``multiprocessing.Pool`` raises once closed), so
+    code written for either catches it.
+    """
 
 
 class RemoteTraceback(Exception):

@@ -106,18 +106,24 @@ class Pool:
         return _flatten(scheduler.records(), skip=options.on_error == "skip", owner=self if owned else None)
 
     def submit(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> Future[R]:
-        """Run ``fn(*args, **kwargs)`` on a worker; returns a :class:`concurrent.futures.Future`."""
+        """Run ``fn(*args, **kwargs)`` on a worker; returns a :class:`concurrent.futures.Future`.
+
+        The future is running from the start (``cancel()`` returns False):
+        once handed to the workers, the call cannot be taken back. If the
+        pool is terminated first, the future fails with ``PoolClosedError``.
+        """
         self._check_open()
         future: Future[R] = Future()
+        future.set_running_or_notify_cancel()
         call = Call(_Bound(fn, args, kwargs), timeout=self._defaults.timeout)
         chunk = Chunk(call, [0], [None])
 
         def done(_: Chunk, result: ChunkOutcome | ChunkLost) -> None:
             self._backend.release(call)
             with self._lock:
+                if future not in self._futures:
+                    return  # failed by terminate() already
                 self._futures.discard(future)
-            if not future.set_running_or_notify_cancel():
-                return
             if isinstance(result, ChunkLost):
                 future.set_exception(lost_error(call, f"submit({short_repr(fn)}, ...)", result))
             elif result.fatal is not None:
@@ -138,7 +144,7 @@ class Pool:
         self._shutdown(kill=False)
 
     def terminate(self) -> None:
-        """Stop the workers now; pending futures are cancelled."""
+        """Stop the workers now; futures not yet done fail with ``PoolClosedError``."""
         self._shutdown(kill=True)
 
     def join(self) -> None:
@@ -177,12 +183,14 @@ class Pool:
             if self._closed:
                 return
             self._closed = True
-            futures = list(self._futures)
-        if kill:
-            for future in futures:
-                future.cancel()
         if self._owns_backend:
             self._backend.close(kill=kill)
+        if kill:
+            # Whatever the backend could not end (one not ours runs on).
+            with self._lock:
+                unfinished, self._futures = self._futures, set()
+            for future in unfinished:
+                future.set_exception(PoolClosedError("the pool was terminated before this call finished"))
 
     def _check_open(self) -> None:
         if self._closed:
@@ -194,7 +202,7 @@ class Pool:
         return options
 
     def _check_capabilities(self, options: CallOptions) -> None:
-        if options.timeout is not None and not self._backend.capabilities.can_timeout:
+        if options.timeout is not None and not self._backend.capabilities.can_timeout and not self._backend.stands_in:
             raise ValueError(
                 f"timeout={options.timeout:g} needs a backend that can stop a running task; "
                 f"{type(self._backend).__name__} cannot. Use backend='process' (or 'fork', 'pool', 'apply_async')"

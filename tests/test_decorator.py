@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 
+import pytest
 import workfns
 
 import parmap
@@ -67,3 +68,20 @@ def test_decorated_function_sees_the_state_its_initializer_set(process_backend):
         range(4), workers=2, backend=process_backend, initializer=workfns.set_setting, initargs=("set",)
     )
     assert results == ["set"] * 4
+
+
+def test_a_decorator_default_of_ordered_only_reaches_imap():
+    @parmap.parallel(workers=2, backend="thread", ordered=False)
+    def same(x):
+        return x
+
+    assert same.map(range(5)) == list(range(5))
+    assert same.starmap([(1,), (2,)]) == [1, 2]
+    assert sorted(same.imap(range(5))) == list(range(5))
+
+
+def test_the_decorator_checks_the_backend_at_once():
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        parmap.parallel(backend="nope")
+    with pytest.raises(TypeError, match="backend must be"):
+        parmap.parallel(backend=3)

@@ -70,7 +70,25 @@ def test_closed_pool_says_so(backend):
     ):
         with pytest.raises(parmap.PoolClosedError, match="closed"):
             use()
+        with pytest.raises(ValueError):  # as multiprocessing.Pool raises once closed
+            use()
     pool.close()  # idempotent
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("backend", ["process", "fork", "pool", "apply_async", "thread"])
+def test_a_submitted_call_runs_for_good_until_terminate_fails_it(backend):
+    pool = parmap.Pool(workers=1, backend=backend)
+    try:
+        running = pool.submit(time.sleep, 2)
+        queued = pool.submit(time.sleep, 0.1)
+        assert running.running() and not running.cancel() and not queued.cancel()
+    finally:
+        pool.terminate()
+    with pytest.raises(parmap.PoolClosedError, match="terminated"):
+        queued.result(timeout=10)
+    with pytest.raises(parmap.PoolClosedError, match="terminated"):
+        running.result(timeout=10)  # a thread cannot be stopped, but its future is over
 
 
 @pytest.mark.timeout(30)

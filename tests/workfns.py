@@ -133,6 +133,11 @@ def nested_map(x):
     return parmap.map(getpid, range(3), workers=2)
 
 
+def nested_map_with_timeout(x):
+    """A nested call that asks for what only worker processes could enforce."""
+    return parmap.map(square, range(3), workers=2, timeout=5)
+
+
 def count_init(marker_dir):
     with open(os.path.join(marker_dir, f"init-{os.getpid()}"), "a") as f:
         f.write("x")

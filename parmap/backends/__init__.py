@@ -59,13 +59,8 @@ def create_backend(options: PoolOptions) -> tuple[Backend, bool]:
         from .executor import ExecutorBackend
 
         return ExecutorBackend(backend), False
-    if not isinstance(backend, str):
-        raise TypeError(
-            f"backend must be a name ({', '.join(map(repr, BACKEND_NAMES))}), a parmap Backend "
-            f"or a concurrent.futures.Executor, got {backend!r}"
-        )
-    if backend not in BACKEND_NAMES:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(map(repr, BACKEND_NAMES))}")
+    check_backend(backend)
+    assert isinstance(backend, str)
     name = auto_backend() if backend == "auto" else backend
     module_name, class_name, takes_start_method = _REGISTRY[name]
     if options.start_method is not None and not takes_start_method:
@@ -73,7 +68,8 @@ def create_backend(options: PoolOptions) -> tuple[Backend, bool]:
             f"start_method={options.start_method!r} applies to the 'process', 'pool' and "
             f"'apply_async' backends, not to backend={backend!r}"
         )
-    if backend in _PROCESS_BACKENDS and _context.in_worker():
+    stands_in = backend in _PROCESS_BACKENDS and _context.in_worker()
+    if stands_in:
         # A parmap call inside a worker: no pool of pools.
         name, module_name, class_name = "serial", "serial", "SerialBackend"
     if name == "fork" and sys.platform == "win32":  # pragma: no cover
@@ -87,7 +83,22 @@ def create_backend(options: PoolOptions) -> tuple[Backend, bool]:
         kwargs["start_method"] = options.start_method
     if name == "dask":
         kwargs["address"] = options.address
-    return cls(**kwargs), True
+    created: Backend = cls(**kwargs)
+    created.stands_in = stands_in
+    return created, True
+
+
+def check_backend(backend: object) -> None:
+    """Raise unless ``backend`` is something ``backend=`` takes."""
+    if isinstance(backend, (Backend, Executor)):
+        return
+    if not isinstance(backend, str):
+        raise TypeError(
+            f"backend must be a name ({', '.join(map(repr, BACKEND_NAMES))}), a parmap Backend "
+            f"or a concurrent.futures.Executor, got {backend!r}"
+        )
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(map(repr, BACKEND_NAMES))}")
 
 
 def _no_start_method(options: PoolOptions, what: str) -> None:

@@ -191,6 +191,9 @@ class Backend(abc.ABC):
     capabilities: ClassVar[Capabilities]
     #: The number of chunks it can run at once (sizes the in-flight window).
     workers: int
+    #: Runs a nested call in place of the worker processes it asked for: the
+    #: options only they could honour (``timeout``) are not held against it.
+    stands_in: bool = False
 
     @abc.abstractmethod
     def submit(self, chunk: Chunk, done: Done) -> None:
