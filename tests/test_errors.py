@@ -232,8 +232,14 @@ def test_process_backends_listed():
 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("backend", ["pool", "apply_async"])
-def test_pool_shuts_down_though_a_worker_died_holding_the_result_lock(backend):
+def test_pool_survives_a_worker_that_died_holding_the_result_lock(backend):
     # multiprocessing.Pool.terminate() blocks for ever on a lock a killed
     # worker held; parmap frees it once every worker is dead.
     with pytest.raises(parmap.WorkerCrashedError, match="item #0"):
         parmap.map(workfns.die_holding_result_lock, range(8), workers=2, backend=backend, chunksize=1)
+    # ... and a run that goes on past the death gets every other result: the
+    # wedged pool is replaced and the chunks it held are run again.
+    results = parmap.map(
+        workfns.die_holding_result_lock, range(8), workers=2, backend=backend, chunksize=1, on_error="skip"
+    )
+    assert results == list(range(1, 8))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import signal
 import threading
 import time
 
@@ -115,6 +116,19 @@ def test_terminate_from_another_thread_ends_a_running_map(backend):
     finally:
         stopper.join()
         pool.terminate()
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_killed_while_idle_does_not_wedge_the_pool(process_backend):
+    # The OOM killer picks its victims regardless of what they are doing; a
+    # multiprocessing.Pool worker killed while waiting for work holds the
+    # pool's task queue lock for ever.
+    with parmap.Pool(workers=2, backend=process_backend) as pool:
+        for _ in range(3):
+            pids = set(pool.map(workfns.getpid, range(20), chunksize=1))
+            os.kill(pids.pop(), signal.SIGKILL)
+            time.sleep(0.3)  # the worker is idle and dead before work comes
+            assert pool.map(workfns.square, range(20), chunksize=1) == [x * x for x in range(20)]
 
 
 def test_leaving_the_block_stops_the_workers(process_backend):

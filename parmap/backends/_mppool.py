@@ -4,9 +4,10 @@ A bare ``multiprocessing.Pool`` hangs forever when a worker dies: the pool
 quietly starts a replacement and the dead worker's task never completes. Here
 every task first writes its worker's pid into a shared status slot, and a
 monitor thread blocks on the pool workers' sentinels; when one fires, the
-chunk whose slot names the dead pid is reported as :class:`ChunkLost`. The
-same slots carry the running item's start time, so a ``timeout`` kills just
-the stuck worker (the pool replaces it).
+chunk whose slot names the dead pid is reported as :class:`ChunkLost`, and
+the whole pool is swapped for a fresh one (a dead worker may hold one of its
+queue locks for ever; see ``_replace_pool``). The same slots carry the
+running item's start time, so a ``timeout`` kills just the stuck worker.
 
 ``fn`` reaches each pool worker once per call: inline in the task when it is
 small, otherwise through a temporary file that workers read once and cache.
@@ -152,6 +153,7 @@ class MPPoolBackend(Backend):
         self._monitor: threading.Thread | None = None
         self._wake_r, self._wake_w = os.pipe()
         self._closing = False
+        self._replacing = False  # the pool is being swapped: hold tasks back
         self._fn_files: dict[int, str] = {}
         self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
 
@@ -219,7 +221,7 @@ class MPPoolBackend(Backend):
         return path
 
     def _launch_waiting(self) -> None:
-        while self._waiting and self._free_slots:
+        while self._waiting and self._free_slots and not self._replacing:
             chunk, done, items = self._waiting.popleft()
             slot = self._free_slots.popleft()
             base = slot * SLOT_WIDTH
@@ -287,10 +289,7 @@ class MPPoolBackend(Backend):
         # The pool is created on this long-lived thread: on Linux a worker's
         # parent-death signal is tied to the thread that started it.
         try:
-            self._pool = self._ctx.Pool(
-                self.workers, initializer=_pool_worker_init, initargs=(self._status, self._init_bytes)
-            )
-            self._start_feeding(self._pool)
+            self._pool = self._new_pool()
         except BaseException as exc:
             self._start_error = exc
             self._started.set()
@@ -317,23 +316,70 @@ class MPPoolBackend(Backend):
                 ready = wait([self._wake_r, *sentinels], timeout)
                 if self._wake_r in ready:
                     os.read(self._wake_r, 65536)
+                deaths = len(handled)
                 for obj in ready:
                     if obj != self._wake_r:
                         process = sentinels[obj]
                         handled.add(process.pid)
                         self._worker_died(process.pid, _exitcode(process))
                 self._find_unwatched_deaths({p.pid for p in current}, known, handled)
+                if len(handled) > deaths:
+                    self._replace_pool()
+                    known, handled = {}, set()
                 self._enforce_timeouts()
+        except BaseException as exc:
+            # The pool cannot be run any more (a replacement failed to start):
+            # what waits on it must hear so.
+            error = PoolClosedError(f"the multiprocessing pool could not be kept running: {exc!r}")
+            error.__cause__ = exc
+            with self._lock:
+                self._closing = True
+                self._fail_all(ChunkOutcome([], fatal=ErrorInfo.capture(error, pickle_it=False)))
         finally:
             self._shutdown_pool()
 
-    def _fail_all(self) -> None:
-        """Terminated: end every chunk still waiting or running (under the lock)."""
+    def _new_pool(self) -> Any:
+        pool = self._ctx.Pool(self.workers, initializer=_pool_worker_init, initargs=(self._status, self._init_bytes))
+        self._start_feeding(pool)
+        return pool
+
+    def _replace_pool(self) -> None:
+        """Swap the pool for a fresh one after any of its workers died.
+
+        A ``multiprocessing.Pool`` shares one task queue and one result queue
+        among its workers, each behind a lock: an idle worker holds the task
+        queue's while it waits, a worker sending a result holds the other's.
+        Killed then, it leaves that lock held for ever, and the pool hands out
+        or brings back nothing more, however many replacements it starts. No
+        outside look can tell such a death from a harmless one, so every
+        death costs the pool: the chunks the other workers were running go
+        to the new one, free of charge (their results may already be lost
+        in the old pool's queues).
+        """
+        with self._lock:
+            orphans = sorted(self._flights.items())
+            self._flights.clear()
+            self._waiting.extendleft((f.chunk, f.done, f.task[5]) for _, f in reversed(orphans))
+            self._free_slots = deque(range(self._slots))
+            self._replacing = True
+        try:
+            self._stop_feeding()
+            _terminate(self._pool)
+            self._after_shutdown()
+            self._pool = self._new_pool()
+        finally:
+            with self._lock:
+                self._replacing = False
+                self._launch_waiting()
+
+    def _fail_all(self, outcome: ChunkOutcome | None = None) -> None:
+        """End every chunk still waiting or running (under the lock) with
+        ``outcome``, by default that of a terminated pool."""
         failed = [(f.chunk, f.done) for f in self._flights.values()]
         failed += [(chunk, done) for chunk, done, _ in self._waiting]
         self._flights.clear()
         self._waiting.clear()
-        outcome = terminated_outcome()
+        outcome = outcome or terminated_outcome()
         for chunk, done in failed:
             done(chunk, outcome)
 
