@@ -162,6 +162,20 @@ def test_imap_close_stops_the_work(backend):
         assert pool.map(workfns.square, range(5)) == [0, 1, 4, 9, 16]  # the pool is still usable
 
 
+@pytest.mark.timeout(20)
+def test_items_of_an_abandoned_call_do_not_hold_up_the_next(process_backend):
+    # Each abandoned item would take a minute: the next calls finish long
+    # before, because the workers running them are stopped and replaced.
+    with parmap.Pool(workers=2, backend=process_backend) as pool:
+        results = pool.imap(workfns.sleep_unless_zero, range(100), chunksize=1)
+        assert next(results) == 0
+        results.close()
+        assert pool.map(workfns.square, range(5)) == [0, 1, 4, 9, 16]
+        with pytest.raises(ValueError):
+            pool.map(workfns.raise_on_zero_else_sleep, range(4), chunksize=1)
+        assert pool.map(workfns.square, range(5)) == [0, 1, 4, 9, 16]
+
+
 def test_imap_dropped_without_close(backend):
     import gc
 

@@ -138,6 +138,19 @@ def nested_map_with_timeout(x):
     return parmap.map(square, range(3), workers=2, timeout=5)
 
 
+def sleep_unless_zero(x):
+    if x:
+        time.sleep(60)
+    return x
+
+
+def raise_on_zero_else_sleep(x):
+    if x == 0:
+        raise ValueError("item 0 fails at once")
+    time.sleep(60)
+    return x
+
+
 def count_init(marker_dir):
     with open(os.path.join(marker_dir, f"init-{os.getpid()}"), "a") as f:
         f.write("x")

@@ -140,6 +140,7 @@ class LocalWorkers(Backend):
         self._start_cost = INITIAL_START_COST  # seconds the last start took the parent
         self._grow_due: float | None = None  # when a deferred start is due (monotonic)
         self._one_call = False  # see serve_one_call
+        self._abandoned: set[int] = set()  # calls released since the dispatcher last looked
 
     # -- subclass hooks -------------------------------------------------
     def _make_status_array(self, size: int) -> Any:
@@ -211,6 +212,8 @@ class LocalWorkers(Backend):
         with self._lock:
             self._pending = deque(q for q in self._pending if q.chunk.call is not call)
             self._ended_calls.add(call.id)
+            if not self._one_call:  # a one-call pool is about to stop them all
+                self._abandoned.add(call.id)
         self._wake()
 
     def close(self, kill: bool = False) -> None:
@@ -251,6 +254,7 @@ class LocalWorkers(Backend):
                     return
                 if closing and not queued and not self._busy():
                     return  # a polite close runs what was queued first
+                self._stop_abandoned()
                 self._send_work()
                 if self._grow():
                     continue  # feed the new worker before starting another
@@ -333,6 +337,18 @@ class LocalWorkers(Backend):
             return True
         self._grow_due = due
         return False
+
+    def _stop_abandoned(self) -> None:
+        """Kill the workers still running chunks of calls that ended early (an
+        ``imap`` closed, a call that raised): nobody wants those results, and
+        on a warm pool the next call would wait behind them. Each such
+        worker is replaced at once."""
+        with self._lock:
+            abandoned, self._abandoned = self._abandoned, set()
+        if abandoned:
+            for worker in self._procs:
+                if worker is not None and worker.chunk is not None and worker.chunk.call.id in abandoned:
+                    self._kill_worker(worker)
 
     def _busy(self) -> bool:
         return any(w is not None and w.chunk is not None for w in self._procs)

@@ -154,6 +154,8 @@ class MPPoolBackend(Backend):
         self._wake_r, self._wake_w = os.pipe()
         self._closing = False
         self._replacing = False  # the pool is being swapped: hold tasks back
+        self._replace_requested = False
+        self._one_call = False  # see serve_one_call
         self._fn_files: dict[int, str] = {}
         self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
 
@@ -186,11 +188,25 @@ class MPPoolBackend(Backend):
         with self._lock:
             self._waiting = deque(w for w in self._waiting if w[0].call is not call)
             path = self._fn_files.pop(call.id, None)
+            if not self._one_call:
+                # Chunks of a call that ended early (an imap closed, a call that
+                # raised) still run or wait in the pool's queue, ahead of the
+                # next call's: a fresh pool drops them (see _replace_pool).
+                left = [key for key, flight in self._flights.items() if flight.chunk.call is call]
+                for key in left:
+                    self._free_slots.append(self._flights.pop(key).slot)
+                if left:
+                    self._replace_requested = True
+                    self._wake()
         if path is not None:
             try:
                 os.unlink(path)
             except OSError:
                 pass
+
+    def serve_one_call(self) -> None:
+        """The call's end ends the pool: nothing to clear out on release."""
+        self._one_call = True
 
     def close(self, kill: bool = False) -> None:
         with self._lock:
@@ -323,7 +339,9 @@ class MPPoolBackend(Backend):
                         handled.add(process.pid)
                         self._worker_died(process.pid, _exitcode(process))
                 self._find_unwatched_deaths({p.pid for p in current}, known, handled)
-                if len(handled) > deaths:
+                with self._lock:
+                    requested, self._replace_requested = self._replace_requested, False
+                if len(handled) > deaths or requested:
                     self._replace_pool()
                     known, handled = {}, set()
                 self._enforce_timeouts()
