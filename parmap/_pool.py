@@ -116,9 +116,19 @@ class Pool:
         future: Future[R] = Future()
         future.set_running_or_notify_cancel()
         call = Call(_Bound(fn, args, kwargs), timeout=self._defaults.timeout)
-        chunk = Chunk(call, [0], [None])
+        attempts = 0
 
         def done(_: Chunk, result: ChunkOutcome | ChunkLost) -> None:
+            nonlocal attempts
+            failed = isinstance(result, ChunkLost) or bool(result.errors)
+            if failed and not (isinstance(result, ChunkLost) and result.innocent):
+                attempts += 1
+            if failed and attempts <= self._defaults.retries and not self._closed:
+                try:
+                    self._backend.submit(Chunk(call, [0], [None]), done)  # retries=N, as for map
+                    return
+                except PoolClosedError:
+                    pass  # closed meanwhile: report this attempt's failure
             self._backend.release(call)
             with self._lock:
                 if future not in self._futures:
@@ -135,7 +145,7 @@ class Pool:
 
         with self._lock:
             self._futures.add(future)
-        self._backend.submit(chunk, done)
+        self._backend.submit(Chunk(call, [0], [None]), done)
         return future
 
     # -- lifecycle -----------------------------------------------------------------

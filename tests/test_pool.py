@@ -51,6 +51,20 @@ def test_submit_returns_a_future(backend):
         assert keyword.result(timeout=30) == [3, 2, 1]
 
 
+def test_submit_honours_the_pools_retries(backend, tmp_marker_dir):
+    with parmap.Pool(workers=2, backend=backend, retries=1) as pool:
+        assert pool.submit(workfns.fail_first_time, tmp_marker_dir, 7).result(timeout=30) == 7
+    with parmap.Pool(workers=2, backend=backend) as pool:  # retries=0: the first failure counts
+        with pytest.raises(RuntimeError, match="first attempt at 8"):
+            pool.submit(workfns.fail_first_time, tmp_marker_dir, 8).result(timeout=30)
+
+
+@pytest.mark.timeout(30)
+def test_submit_retries_a_crash(process_backend, tmp_marker_dir):
+    with parmap.Pool(workers=2, backend=process_backend, retries=1) as pool:
+        assert pool.submit(workfns.crash_first_time, tmp_marker_dir, workfns.BAD).result(timeout=20) == workfns.BAD
+
+
 @pytest.mark.timeout(30)
 def test_submit_survives_a_crash(process_backend):
     with parmap.Pool(workers=2, backend=process_backend) as pool:
