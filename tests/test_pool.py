@@ -54,9 +54,9 @@ def test_submit_returns_a_future(backend):
 def test_submit_honours_the_pools_retries(backend, tmp_marker_dir):
     with parmap.Pool(workers=2, backend=backend, retries=1) as pool:
         assert pool.submit(workfns.fail_first_time, tmp_marker_dir, 7).result(timeout=30) == 7
-    with parmap.Pool(workers=2, backend=backend) as pool:  # retries=0: the first failure counts
-        with pytest.raises(RuntimeError, match="first attempt at 8"):
-            pool.submit(workfns.fail_first_time, tmp_marker_dir, 8).result(timeout=30)
+    # retries=0: the first failure counts
+    with parmap.Pool(workers=2, backend=backend) as pool, pytest.raises(RuntimeError, match="first attempt at 8"):
+        pool.submit(workfns.fail_first_time, tmp_marker_dir, 8).result(timeout=30)
 
 
 @pytest.mark.timeout(30)
