@@ -311,6 +311,9 @@ class Scheduler:
         if isinstance(result, ChunkLost):
             self._lost(record, offsets, result, alone=alone)
             return
+        if result.split:  # free of charge: which item would not load is unknown
+            self._retries.extend((record, [o]) for o in offsets)
+            return
         if result.fatal is not None:
             raise result.fatal.rebuild()
         errors = result.errors

@@ -66,6 +66,9 @@ class ChunkOutcome:
     errors: dict[int, ErrorInfo] = field(default_factory=dict)
     elapsed: float = 0.0
     fatal: ErrorInfo | None = None
+    #: The items could not all be unpickled here, and which one failed is
+    #: unknown: run them again one at a time (see :func:`unreadable_outcome`).
+    split: bool = False
 
 
 class StatusSlot:
@@ -217,6 +220,20 @@ class FunctionCache:
         self._sources.pop(call_id, None)
 
 
+def unreadable_outcome(exc: BaseException, positions: Sequence[int]) -> ChunkOutcome:
+    """The outcome of a chunk whose pickled items would not load in the worker
+    (a ``__reduce__`` that only works in the caller): that single item's
+    ``SerializationError``, or for several items a request to run them one
+    at a time, so that only the unreadable ones fail."""
+    if len(positions) > 1:
+        return ChunkOutcome([], split=True)
+    error = SerializationError(
+        f"item #{positions[0]} could not be unpickled in the worker: {type(exc).__name__}: {exc}"
+    )
+    error.__cause__ = exc
+    return ChunkOutcome([None], errors={0: ErrorInfo.capture(error, pickle_it=True)})
+
+
 def fatal_outcome(exc: BaseException, what: str) -> ChunkOutcome:
     """An outcome saying the whole call cannot run here (``what`` failed)."""
     error = SerializationError(f"{what} could not be loaded in the worker: {type(exc).__name__}: {exc}")
@@ -349,7 +366,7 @@ def worker_main(
                 else:
                     items = loads(items_bytes)
             except Exception as exc:
-                send(fatal_outcome(exc, f"the items from #{positions[0]}"), positions)
+                send(unreadable_outcome(exc, positions), positions)
                 continue
             outcome = run_chunk(
                 fn,

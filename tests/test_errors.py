@@ -61,6 +61,18 @@ def test_a_result_that_will_not_unpickle_fails_its_item_alone(process_backend):
 
 
 @pytest.mark.timeout(30)
+def test_an_item_that_will_not_unpickle_in_the_worker_fails_alone(process_backend):
+    items = [0, 1, workfns.OnlyInTheCaller(), 3, 4, 5]
+    results = list(
+        parmap.imap(workfns.square_or_none, iter(items), workers=2, backend=process_backend, on_error="return")
+    )
+    assert results[:2] == [0, 1] and results[3:] == [9, 16, 25]
+    assert isinstance(results[2], parmap.SerializationError)
+    assert str(results[2]).startswith("item #2 could not be unpickled in the worker: RuntimeError")
+    assert results[2].position == 2
+
+
+@pytest.mark.timeout(30)
 def test_unordered_errors_say_which_item_they_belong_to(process_backend):
     results = list(
         parmap.imap(workfns.exit_3, ITEMS, workers=2, backend=process_backend, ordered=False, on_error="return")

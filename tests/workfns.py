@@ -19,6 +19,10 @@ def square(x):
     return x * x
 
 
+def square_or_none(x):
+    return x * x if isinstance(x, int) else None
+
+
 def describe(x):
     return (type(x).__name__, x)
 
@@ -100,6 +104,22 @@ def _refuse_to_load():
 
 def return_unloadable(x):
     return Unloadable() if x == BAD else x
+
+
+_CALLER = os.getpid()  # a forked worker inherits the caller's pid here
+
+
+def _load_in_the_caller_only():
+    if os.getpid() != _CALLER:
+        raise RuntimeError("only loads in the caller")
+    return "loaded"
+
+
+class OnlyInTheCaller:
+    """Pickles anywhere, unpickles only in the process that imported this module."""
+
+    def __reduce__(self):
+        return (_load_in_the_caller_only, ())
 
 
 def fail_first_time(marker_dir, x):

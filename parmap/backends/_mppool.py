@@ -39,6 +39,7 @@ from .._worker import (
     prepare_worker_process,
     run_chunk,
     run_initializer,
+    unreadable_outcome,
 )
 from ._base import Backend, Call, Capabilities, Chunk, ChunkLost, Done, decode_chunk_outcome, terminated_outcome
 from ._local import pickle_initializer
@@ -104,7 +105,7 @@ def run_pool_task(task: tuple[Any, ...]) -> tuple[int, bytes]:
     try:
         items = loads(items_bytes)
     except Exception as exc:
-        return key, encode_outcome(fatal_outcome(exc, f"the items from #{positions[0]}"), positions)
+        return key, encode_outcome(unreadable_outcome(exc, positions), positions)
     outcome = run_chunk(
         fn, items, star=star, stop_on_error=stop_on_error, pickle_errors=True, status=status if track else None
     )

@@ -30,7 +30,7 @@ from .. import _context
 from .._errors import PoolClosedError, WorkerCrashedError
 from .._options import default_workers
 from .._serialization import ErrorInfo, loads
-from .._worker import ChunkOutcome, encode_outcome, fatal_outcome, run_chunk
+from .._worker import ChunkOutcome, encode_outcome, fatal_outcome, run_chunk, unreadable_outcome
 from ._base import Backend, Call, Capabilities, Chunk, ChunkLost, Done, decode_chunk_outcome
 from .thread import _run_in_thread
 
@@ -110,7 +110,7 @@ def run_remote_chunk(
     try:
         items = loads(items_bytes)
     except Exception as exc:
-        return encode_outcome(fatal_outcome(exc, f"the items from #{positions[0]}"), positions)
+        return encode_outcome(unreadable_outcome(exc, positions), positions)
     # Thread-local, not process-wide: the worker may also run other work.
     _context.set_worker_thread(True)
     try:
