@@ -210,8 +210,18 @@ def find_unpicklable(values: Sequence[Any]) -> tuple[int | None, BaseException]:
     return None, last
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
 def traceback_text(exc: BaseException) -> str:
-    return "".join(traceback.format_exception(exc))
+    """The traceback as Python prints it, less parmap's own frames above the
+    first of the user's: the text starts where the user's code does."""
+    report = traceback.TracebackException.from_exception(exc)
+    own = 0
+    while own < len(report.stack) - 1 and report.stack[own].filename.startswith(_PACKAGE_DIR):
+        own += 1
+    del report.stack[:own]
+    return "".join(report.format())
 
 
 @dataclass(slots=True)

@@ -110,6 +110,7 @@ def test_user_exception_keeps_type_note_and_traceback(any_backend):
     assert any("item #5" in note and "(5)" in note for note in exc.__notes__)
     assert isinstance(exc.__cause__, parmap.RemoteTraceback)
     assert "raise_value_error" in exc.__cause__.text  # the worker's own frame
+    assert "parmap" not in exc.__cause__.text.splitlines()[1]  # it starts there, not in parmap's machinery
     assert "raise ValueError" in exc.__cause__.text
 
 
