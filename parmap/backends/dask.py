@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import os
 import threading
 import time
@@ -294,6 +295,10 @@ class DaskBackend(Backend):
                         threads_per_worker=1,
                         processes=True,
                         dashboard_address=":0",
+                        # Its warnings (a task cancelled, a worker lost) are
+                        # about events parmap handles and reports itself; on
+                        # Ctrl-C they were a screenful of noise.
+                        silence_logs=logging.ERROR,
                     )
                 address = cluster.scheduler_address
             else:
