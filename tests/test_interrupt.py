@@ -26,19 +26,26 @@ SCRIPT = textwrap.dedent(
     import parmap
 
     def slow(x):
-        time.sleep(0.2)
+        time.sleep({seconds!r})
         return x
 
     if __name__ == "__main__":
         print("started", flush=True)
-        parmap.map(slow, range(1000), workers=2, backend={backend!r}, chunksize=1)
+        parmap.map(slow, range({items!r}), workers=2, backend={backend!r}, chunksize=1)
     """
 )
 
 
-def _start(tmp_path, backend):
+def _script(tmp_path, backend, *, seconds=0.2, items=1000):
+    """A program mapping ``items`` items that take ``seconds`` each."""
     script = tmp_path / "long_map.py"
-    script.write_text(SCRIPT.format(root=os.path.dirname(TESTS_DIR), tests=TESTS_DIR, backend=backend))
+    root = os.path.dirname(TESTS_DIR)
+    script.write_text(SCRIPT.format(root=root, tests=TESTS_DIR, backend=backend, seconds=seconds, items=items))
+    return script
+
+
+def _start(tmp_path, backend):
+    script = _script(tmp_path, backend)
     proc = subprocess.Popen(
         [sys.executable, str(script)],
         stdout=subprocess.PIPE,
@@ -90,29 +97,11 @@ def test_killed_parent_leaves_no_workers(tmp_path, backend):
     assert _gone(workers, within=5) == []
 
 
-IN_PROCESS_SCRIPT = textwrap.dedent(
-    """
-    import sys, time
-    sys.path[:0] = [{root!r}, {tests!r}]
-    import parmap
-
-    def slow(x):
-        time.sleep(60)
-        return x
-
-    if __name__ == "__main__":
-        print("started", flush=True)
-        parmap.map(slow, range(4), workers=2, backend={backend!r})
-    """
-)
-
-
 @pytest.mark.timeout(40)
 @pytest.mark.parametrize("backend", ["thread", "serial"])
 def test_ctrl_c_ends_a_program_whose_items_run_in_process(tmp_path, backend):
     # Threads cannot be stopped; the program must still end, not wait for them.
-    script = tmp_path / "long_items.py"
-    script.write_text(IN_PROCESS_SCRIPT.format(root=os.path.dirname(TESTS_DIR), tests=TESTS_DIR, backend=backend))
+    script = _script(tmp_path, backend, seconds=60, items=4)
     proc = subprocess.Popen(
         [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
