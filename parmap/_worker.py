@@ -46,9 +46,11 @@ from ._serialization import ErrorInfo, Pickled, dump_data, find_unpicklable, loa
 from ._wire import recv_framed, send_framed
 
 # Status slots let the parent see which item a worker is running and since
-# when (for timeouts) without any message per item: three doubles per slot in
-# shared memory: [pid, offset of the running item, its start (time.monotonic)].
-SLOT_WIDTH = 3
+# when (for timeouts) without any message per item: four doubles per slot in
+# shared memory: [pid, offset of the running item, its start (time.monotonic),
+# chunks received (so a worker that died before reading its chunk is not
+# blamed for it)].
+SLOT_WIDTH = 4
 
 
 @dataclass(slots=True)
@@ -85,6 +87,9 @@ class StatusSlot:
         self._array[self._base + 2] = time.monotonic()
         self._array[self._base + 1] = -1.0
         self._array[self._base] = float(os.getpid())
+
+    def received(self) -> None:
+        self._array[self._base + 3] += 1.0
 
     def mark(self, offset: int) -> None:
         self._array[self._base + 2] = time.monotonic()
@@ -350,6 +355,7 @@ def worker_main(
                 functions.forget(message[1])
                 continue
             _, call_id, positions, stop_on_error, track, star, from_source = message
+            status.received()
             items_bytes = None if from_source else recv_framed(conn)
             if init_error is not None:
                 send(ChunkOutcome([], fatal=init_error), positions)

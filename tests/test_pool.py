@@ -145,6 +145,21 @@ def test_a_worker_killed_while_idle_does_not_wedge_the_pool(process_backend):
             assert pool.map(workfns.square, range(20), chunksize=1) == [x * x for x in range(20)]
 
 
+@pytest.mark.timeout(60)
+def test_a_worker_killed_before_it_read_its_chunk_fails_no_item(process_backend):
+    # A stopped worker looks idle and is handed a chunk it cannot read; killed
+    # then, it ran nothing of it, so no item is to blame and none may fail.
+    with parmap.Pool(workers=2, backend=process_backend) as pool:
+        victim = set(pool.map(workfns.getpid, range(20), chunksize=1)).pop()
+        os.kill(victim, signal.SIGSTOP)
+        killer = threading.Timer(0.5, os.kill, (victim, signal.SIGKILL))
+        killer.start()
+        try:
+            assert pool.map(workfns.square, range(20), chunksize=1) == [x * x for x in range(20)]
+        finally:
+            killer.join()
+
+
 def test_leaving_the_block_stops_the_workers(process_backend):
     import psutil
 

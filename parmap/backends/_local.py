@@ -93,6 +93,7 @@ class WorkerProcess:
     sources: set[int] = field(default_factory=set)
     ran_anything: bool = False
     timed_out_offset: int | None = None
+    sent: int = 0  # chunks sent; the worker counts those it read in its status slot
 
 
 @dataclass(eq=False, slots=True)
@@ -384,6 +385,7 @@ class LocalWorkers(Backend):
                     worker.conn.send_bytes(_control(("fn", call.id, fn_bytes)))
                     worker.known_calls.add(call.id)
                 worker.chunk, worker.done, worker.sent_at = queued.chunk, queued.done, time.monotonic()
+                worker.sent += 1
                 header = (*queued.chunk.header(), from_source)
                 worker.conn.send_bytes(_control(header))
                 if queued.items is not None and not from_source:
@@ -466,9 +468,20 @@ class LocalWorkers(Backend):
         worker.conn.close()
         if worker.chunk is not None:
             timed_out = worker.timed_out_offset is not None
+            # Dead, after earlier work, before it read this chunk (killed while
+            # idle, say): the chunk did no harm and runs again free of charge.
+            # A worker that never got going is charged, or a worker that
+            # cannot start would rerun the chunk for ever.
+            unread = worker.ran_anything and self._status[worker.index * SLOT_WIDTH + 3] < worker.sent
             self._finish(
                 worker,
-                ChunkLost(exitcode, worker.pid, offset=worker.timed_out_offset, timed_out=timed_out),
+                ChunkLost(
+                    exitcode,
+                    worker.pid,
+                    offset=worker.timed_out_offset,
+                    timed_out=timed_out,
+                    innocent=unread and not timed_out,
+                ),
             )
             self._startup_failures = 0
         elif not worker.ran_anything:
@@ -491,6 +504,7 @@ class LocalWorkers(Backend):
                 ended = set(self._ended_calls)
             chunks += [w.chunk for w in self._procs if w is not None and w.chunk is not None]
             inherited = {c.call.id: (c.call.fn, c.call.source) for c in chunks if c.call.id not in ended}
+        self._status[index * SLOT_WIDTH + 3] = 0.0  # the new worker has read nothing yet
         began = time.monotonic()
         worker = self._start_worker(index, inherited)
         worker.started_at = time.monotonic()
