@@ -121,6 +121,8 @@ class Scheduler:
         self._settled = 0  # items final so far
         self._taken = 0  # items in records handed to the consumer
         self._failure: tuple[int, BaseException] | None = None  # earliest, for on_error="raise"
+        self._slow_input = False  # the last pull was cut short by MAX_PULL_SECONDS
+        self._early: tuple[Chunk, ChunkOutcome | ChunkLost] | None = None  # an event taken while filling
 
     # -- driving -------------------------------------------------------------
     def records(self) -> Iterator[Record]:
@@ -139,7 +141,8 @@ class Scheduler:
                 self._raise_if_due()
                 if self._exhausted and not self._outstanding and not self._retries and not self._suspects:
                     return
-                chunk, result = self._events.get()
+                chunk, result = self._early or self._events.get()
+                self._early = None
                 self._absorb(chunk, result)
                 progress.update(self._take_progress())
         finally:
@@ -170,14 +173,25 @@ class Scheduler:
             record, offsets = self._retries.popleft()
             self._submit(record, offsets)
         while self._failure is None and not self._exhausted and self._window_has_room():
-            if not self._events.empty():
+            if not self._events.empty() or self._has_deliverable():
                 break  # deliver what finished before waiting on a slow input for more
+            if self._slow_input and self._in_flight and self._early is None:
+                # A slow input may keep the next pull waiting long: give what is
+                # in flight a moment to finish first, so its result goes out now.
+                try:
+                    self._early = self._events.get(timeout=MAX_PULL_SECONDS)
+                    break
+                except queue.Empty:
+                    pass
             new = self._next_record()
             if new is None:
                 break
             self._outstanding.append(new)
             self._unfinished += 1
             self._submit(new, None)
+
+    def _has_deliverable(self) -> bool:
+        return bool(self._outstanding[0].complete) if self._in_order and self._outstanding else bool(self._ready)
 
     def _window_has_room(self) -> bool:
         used = len(self._outstanding) if self._in_order else self._unfinished
@@ -225,8 +239,10 @@ class Scheduler:
                 self._exhausted = True
                 break
             if time.monotonic() - began >= MAX_PULL_SECONDS:
-                break
+                self._slow_input = True
+                return items
             batch *= 2
+        self._slow_input = False
         return items
 
     def _input_failed(self, position: int, exc: Exception) -> None:

@@ -129,16 +129,20 @@ def test_imap_results_keep_up_with_a_slow_input(any_backend):
 
     def trickle():
         nonlocal pulled
-        for i in range(40):
-            time.sleep(0.02)
+        for i in range(15):
+            time.sleep(0.06)
             pulled += 1
             yield i
 
     seen_at = {}
     for value in parmap.imap(square, trickle(), workers=2, backend=any_backend):
         seen_at[value] = pulled
-    assert sorted(seen_at) == [x * x for x in range(40)]
-    assert seen_at[10 * 10] < 40  # was: every result after the fifth came once the input ended
+    assert sorted(seen_at) == [x * x for x in range(15)]
+    # Items pulled after each one before its result came out: 0 when it comes
+    # back before the next item arrives. Was: every result after the fifth
+    # came once the input ended, and then two items late.
+    late = sorted(seen_at[i * i] - (i + 1) for i in range(15))
+    assert late[len(late) // 2] == 0, late
 
 
 def test_imap_pull_ahead_stays_a_fraction_of_what_was_taken():
