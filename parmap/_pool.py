@@ -7,7 +7,10 @@ machinery with a Pool that lives for one call.
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing.util  # noqa: F401 - its exit handler must be registered before ours
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar, cast
@@ -21,6 +24,25 @@ from .backends._base import Call, Chunk, ChunkLost, ChunkOutcome
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+# Pools never closed, terminated at interpreter exit before multiprocessing's
+# own exit handler runs (atexit runs the last registered first, and importing
+# multiprocessing.util registered that one already): left to it, a
+# multiprocessing.Pool fed by parmap waited for ever on a worker's queue lock,
+# and parmap's own workers raced its process finalizers.
+_open_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+
+
+def _terminate_open_pools() -> None:
+    for pool in list(_open_pools):
+        try:
+            pool.terminate()
+        except Exception:  # noqa: S110 - exiting: nothing left to tell
+            pass
+
+
+atexit.register(_terminate_open_pools)
 
 
 class Pool:
@@ -70,6 +92,7 @@ class Pool:
         self._closed = False
         self._lock = threading.Lock()
         self._futures: set[Future[Any]] = set()
+        _open_pools.add(self)
 
     def _serve_one_call(self) -> None:
         """This pool lives for one call (``parmap.map`` and friends): tell the backend."""

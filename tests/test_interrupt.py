@@ -117,3 +117,24 @@ def test_ctrl_c_ends_a_program_whose_items_run_in_process(tmp_path, backend):
         proc.communicate()
     assert "KeyboardInterrupt" in stderr
     assert proc.returncode != 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", [*PROCESS_BACKENDS, "thread"])
+def test_a_pool_never_closed_lets_the_program_exit_cleanly(tmp_path, backend):
+    script = tmp_path / "forgot_close.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import sys
+            sys.path[:0] = [{os.path.dirname(TESTS_DIR)!r}, {TESTS_DIR!r}]
+            import os, parmap, workfns
+            pool = parmap.Pool(workers=2, backend={backend!r})
+            print(sorted(set(pool.map(workfns.getpid, range(10), chunksize=1)) - {{os.getpid()}}), flush=True)
+            """
+        )
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=30)
+    assert (result.returncode, result.stderr) == (0, "")
+    workers = [int(pid) for pid in result.stdout.strip().strip("[]").split(",") if pid.strip()]
+    assert not [pid for pid in workers if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
