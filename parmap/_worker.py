@@ -225,18 +225,19 @@ class FunctionCache:
         self._sources.pop(call_id, None)
 
 
-def unreadable_outcome(exc: BaseException, positions: Sequence[int]) -> ChunkOutcome:
-    """The outcome of a chunk whose pickled items would not load in the worker
-    (a ``__reduce__`` that only works in the caller): that single item's
-    ``SerializationError``, or for several items a request to run them one
-    at a time, so that only the unreadable ones fail."""
+def unreadable_outcome(exc: BaseException, positions: Sequence[int], *, results: bool = False) -> ChunkOutcome:
+    """The outcome of a chunk whose items (or, with ``results``, whose
+    outcome back in the caller) pickled but would not unpickle: a
+    ``__reduce__`` that only works on one side. Which item broke is unknown
+    in one pickle: for several items a request to run them one at a time
+    (free of charge), for one that item's ``SerializationError``."""
     if len(positions) > 1:
         return ChunkOutcome([], split=True)
-    error = SerializationError(
-        f"item #{positions[0]} could not be unpickled in the worker: {type(exc).__name__}: {exc}"
-    )
+    what, where = ("the result of item", "here") if results else ("item", "in the worker")
+    error = SerializationError(f"{what} #{positions[0]} could not be unpickled {where}: {type(exc).__name__}: {exc}")
     error.__cause__ = exc
-    return ChunkOutcome([None], errors={0: ErrorInfo.capture(error, pickle_it=True)})
+    # In the worker the error must travel; in the caller it is already home.
+    return ChunkOutcome([None], errors={0: ErrorInfo.capture(error, pickle_it=not results)})
 
 
 def fatal_outcome(exc: BaseException, what: str) -> ChunkOutcome:

@@ -28,9 +28,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .._errors import PoolClosedError, SerializationError
+from .._errors import PoolClosedError
 from .._serialization import ErrorInfo, Pickled, check_function, dump_data, dumps_function
-from .._worker import ChunkOutcome, decode_outcome
+from .._worker import ChunkOutcome, decode_outcome, unreadable_outcome
 
 __all__ = ["Backend", "Call", "Capabilities", "Chunk", "ChunkLost", "ChunkOutcome", "Done", "SourceSlice"]
 
@@ -211,25 +211,14 @@ class Backend(abc.ABC):
         """Stop every worker; with ``kill`` do not wait for running chunks."""
 
 
-def decode_chunk_outcome(chunk: Chunk, data: bytes | bytearray) -> ChunkOutcome | ChunkLost:
-    """A worker's pickled outcome for ``chunk``, unpickled here.
-
-    A result can pickle in the worker and still fail to unpickle here (a
-    ``__reduce__`` that only works there). The outcome is one pickle, so
-    which result broke is unknown: a chunk of several items is rerun one
-    item at a time, free of charge (as for a crash that named no item), and
-    a single item's failure is that item's ``SerializationError``.
-    """
+def decode_chunk_outcome(chunk: Chunk, data: bytes | bytearray) -> ChunkOutcome:
+    """A worker's pickled outcome for ``chunk``, unpickled here; a result that
+    pickled there but will not unpickle here fails alone (see
+    :func:`~parmap._worker.unreadable_outcome`)."""
     try:
         return decode_outcome(data)
     except Exception as exc:
-        if len(chunk.items) > 1:
-            return ChunkLost(None, detail=f"its results could not be unpickled here: {exc!r}")
-        error = SerializationError(
-            f"the result of item #{chunk.positions[0]} could not be unpickled here: {type(exc).__name__}: {exc}"
-        )
-        error.__cause__ = exc
-        return ChunkOutcome([None], errors={0: ErrorInfo.capture(error, pickle_it=False)})
+        return unreadable_outcome(exc, chunk.positions, results=True)
 
 
 def terminated_outcome() -> ChunkOutcome:

@@ -74,10 +74,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .._errors import PoolClosedError, SerializationError
+from .._errors import PoolClosedError
 from .._serialization import ErrorInfo
-from .._worker import ChunkOutcome, decode_outcome
-from ._base import Backend, Call, Capabilities, Chunk, ChunkLost, Done
+from .._worker import ChunkOutcome
+from ._base import Backend, Call, Capabilities, Chunk, ChunkLost, Done, decode_chunk_outcome
 from ._local import pickle_initializer
 from .executor import call_key, run_remote_chunk
 
@@ -356,7 +356,7 @@ class DaskBackend(Backend):
             with self._lock:
                 ignore = task.state.released or self._killed
             if not ignore:
-                task.done(task.chunk, self._outcome(task.future))
+                task.done(task.chunk, self._outcome(task.chunk, task.future))
         finally:
             with self._lock:
                 self._tasks.pop(task.future.key, None)
@@ -401,7 +401,7 @@ class DaskBackend(Backend):
         except Exception:  # noqa: S110 - closing under us: nothing to keep alive
             pass
 
-    def _outcome(self, future: Any) -> ChunkOutcome | ChunkLost:
+    def _outcome(self, chunk: Chunk, future: Any) -> ChunkOutcome | ChunkLost:
         status = future.status
         if status == "finished":
             while True:
@@ -418,12 +418,7 @@ class DaskBackend(Backend):
                     return self._killed_worker(future, exc)
                 except Exception as exc:
                     return ChunkLost(None, detail=f"its result could not be fetched from the dask cluster: {exc}")
-            try:
-                return decode_outcome(data)
-            except Exception as exc:
-                error = SerializationError(f"a result could not be unpickled here: {type(exc).__name__}: {exc}")
-                error.__cause__ = exc
-                return ChunkOutcome([], fatal=ErrorInfo.capture(error, pickle_it=False))
+            return decode_chunk_outcome(chunk, data)
         if status == "error":
             error = future.exception()
             if isinstance(error, self._distributed.KilledWorker):
