@@ -72,6 +72,12 @@ class ChunkOutcome:
     #: unknown: run them again one at a time (see :func:`unreadable_outcome`).
     split: bool = False
 
+    @classmethod
+    def failed(cls, exc: BaseException, *, pickle_it: bool = False) -> ChunkOutcome:
+        """The outcome of a chunk that ``exc`` stopped as a whole (``pickle_it``:
+        it must travel back from a worker process)."""
+        return cls([], fatal=ErrorInfo.capture(exc, pickle_it=pickle_it))
+
 
 class StatusSlot:
     """The worker's view of its shared status slot."""
@@ -244,7 +250,7 @@ def fatal_outcome(exc: BaseException, what: str) -> ChunkOutcome:
     """An outcome saying the whole call cannot run here (``what`` failed)."""
     error = SerializationError(f"{what} could not be loaded in the worker: {type(exc).__name__}: {exc}")
     error.__cause__ = exc
-    return ChunkOutcome([], fatal=ErrorInfo.capture(error, pickle_it=True))
+    return ChunkOutcome.failed(error, pickle_it=True)
 
 
 def prepare_worker_process(*, parent_death_signal: bool = True) -> None:

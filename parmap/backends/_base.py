@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .._errors import PoolClosedError
-from .._serialization import ErrorInfo, Pickled, check_function, dump_data, dumps_function
+from .._serialization import Pickled, check_function, dump_data, dumps_function
 from .._worker import ChunkOutcome, decode_outcome, unreadable_outcome
 
 __all__ = ["Backend", "Call", "Capabilities", "Chunk", "ChunkLost", "ChunkOutcome", "Done", "SourceSlice"]
@@ -225,7 +225,7 @@ def terminated_outcome() -> ChunkOutcome:
     """What a chunk still queued or running when its pool is terminated
     comes to: a call waiting on it (in another thread) must not wait for ever."""
     error = PoolClosedError("the pool was terminated before this work finished")
-    return ChunkOutcome([], fatal=ErrorInfo.capture(error, pickle_it=False))
+    return ChunkOutcome.failed(error)
 
 
 def describe_exit(exitcode: int | None) -> str:

@@ -46,7 +46,7 @@ from multiprocessing.connection import wait
 from typing import Any
 
 from .._errors import ParmapError, PoolClosedError, SerializationError
-from .._serialization import PROTOCOL, ErrorInfo, Pickled, dumps_function
+from .._serialization import PROTOCOL, Pickled, dumps_function
 from .._wire import recv_framed, send_framed
 from .._worker import SLOT_WIDTH, Inherited
 from ._base import (
@@ -272,7 +272,7 @@ class LocalWorkers(Backend):
         """Fail every queued and running chunk with ``exc``; take no more work."""
         error = ParmapError(f"parmap's dispatcher thread failed, so this pool can run nothing more: {exc!r}")
         error.__cause__ = exc
-        self._fail_all(ChunkOutcome([], fatal=ErrorInfo.capture(error, pickle_it=False)))
+        self._fail_all(ChunkOutcome.failed(error))
 
     def _fail_all(self, outcome: ChunkOutcome) -> None:
         """End every queued and running chunk with ``outcome``; take no more work."""
@@ -373,7 +373,7 @@ class LocalWorkers(Backend):
                     # chunks had all left the queue, so it lacks the input.
                     queued.items = queued.chunk.pickled_items()
             except SerializationError as exc:  # both checked in submit: only a fickle __reduce__ lands here
-                queued.done(queued.chunk, ChunkOutcome([], fatal=ErrorInfo.capture(exc, pickle_it=False)))
+                queued.done(queued.chunk, ChunkOutcome.failed(exc))
                 self._wake()  # this worker is still idle: come round again
                 continue
             try:

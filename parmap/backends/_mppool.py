@@ -353,7 +353,7 @@ class MPPoolBackend(Backend):
             error.__cause__ = exc
             with self._lock:
                 self._closing = True
-                self._fail_all(ChunkOutcome([], fatal=ErrorInfo.capture(error, pickle_it=False)))
+                self._fail_all(ChunkOutcome.failed(error))
         finally:
             self._shutdown_pool()
 

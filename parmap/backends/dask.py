@@ -75,7 +75,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._errors import PoolClosedError
-from .._serialization import ErrorInfo
 from .._worker import ChunkOutcome
 from ._base import Backend, Call, Capabilities, Chunk, ChunkLost, Done, decode_chunk_outcome
 from ._local import pickle_initializer
@@ -426,7 +425,7 @@ class DaskBackend(Backend):
             # run_remote_chunk never raises: the task could not even start there.
             if isinstance(error, ImportError):
                 error.add_note("parmap: parmap (and what fn imports) must be installed on every dask worker")
-            return ChunkOutcome([], fatal=ErrorInfo.capture(error, pickle_it=False))
+            return ChunkOutcome.failed(error)
         if status == "lost":
             # It had finished, but its result died with its worker (result()
             # would wait for Dask to recompute it).

@@ -178,10 +178,10 @@ class ExecutorBackend(Backend):
                 self._broken = True
             crashed = WorkerCrashedError(_broken_message(exc))
             crashed.__cause__ = exc
-            done(chunk, ChunkOutcome([], fatal=ErrorInfo.capture(crashed, pickle_it=False)))
+            done(chunk, ChunkOutcome.failed(crashed))
             return
         except BaseException as exc:
-            done(chunk, ChunkOutcome([], fatal=ErrorInfo.capture(exc, pickle_it=False)))
+            done(chunk, ChunkOutcome.failed(exc))
             return
         done(chunk, value if self._in_process else decode_chunk_outcome(chunk, value))
 

@@ -20,7 +20,6 @@ from typing import Any
 
 from .. import _context
 from .._errors import PoolClosedError
-from .._serialization import ErrorInfo
 from .._worker import ChunkOutcome, run_chunk
 from ._base import Backend, Call, Capabilities, Chunk, Done, terminated_outcome
 
@@ -85,13 +84,13 @@ class ThreadBackend(Backend):
         if chunk.call.id in self._released:
             return None  # the call is over: skip its queued chunks
         if self._init_error is not None:
-            return ChunkOutcome([], fatal=ErrorInfo.capture(self._init_error, pickle_it=False))
+            return ChunkOutcome.failed(self._init_error)
         try:
             return _run_in_thread(chunk)
         except BaseException as exc:
             # SystemExit or KeyboardInterrupt from fn: raised in the caller, as
             # a serial map would, rather than ending this thread unreported.
-            return ChunkOutcome([], fatal=ErrorInfo.capture(exc, pickle_it=False))
+            return ChunkOutcome.failed(exc)
 
     def release(self, call: Call) -> None:
         self._released.add(call.id)
