@@ -263,14 +263,12 @@ class Output:
         self._journal = journal
         self._path = path
         self.done = done
-        self.written = 0  # by this run
         self.skipped = 0
         self.lines = done.count - done.skipped  # results in the output, earlier runs' included
 
     def write(self, index: int, line: bytes) -> None:
         """Write one result line (then its journal entry)."""
         _write_all(self._stream, line)
-        self.written += 1
         self.lines += 1
         if self._journal is not None:
             _write_all(self._journal, b"%d written\n" % index)
