@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import operator
 import os
 import pickle
 import reprlib
@@ -182,6 +183,13 @@ def refused_items(values: Sequence[Any], positions: Sequence[int]) -> dict[int, 
     way on every start method. Cheap for plain data (a type check in C), else
     one pickling pass into nothing.
     """
+    if not values:
+        return {}
+    first = type(values[0])
+    # All of one such type, the common case: counting identities is about a
+    # third cheaper than collecting a set of types (benchmark W1).
+    if first in _ALWAYS_PICKLABLE and operator.countOf(map(type, values), first) == len(values):
+        return {}
     if set(map(type, values)) <= _ALWAYS_PICKLABLE:
         return {}
     for pickler in (pickle.Pickler, cloudpickle.Pickler):

@@ -53,6 +53,22 @@ def worker_pipe() -> tuple[Connection, Connection]:
     return ends
 
 
+def send_room(conn: Connection) -> int:
+    """Bytes that a write to ``conn`` can always hand to the kernel while the
+    other end reads nothing: a quarter of the send buffer, leaving room for
+    the kernel's own bookkeeping per packet. 0 where it cannot be asked."""
+    try:
+        sock = socket.socket(fileno=conn.fileno())
+    except OSError:
+        return 0
+    try:
+        return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)) // 4
+    except OSError:
+        return 0
+    finally:
+        sock.detach()
+
+
 def send_framed(conn: Connection, parts: Sequence[bytes]) -> None:
     """Send ``parts`` as one payload, read whole by :func:`recv_framed`."""
     if not _VECTORED:

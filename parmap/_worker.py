@@ -20,9 +20,11 @@ payloads that can be large framed by :mod:`parmap._wire`)::
                        None                                exit
     worker -> parent   the pickled outcome, framed         one per chunk, in order
 
-A worker runs one chunk at a time and the parent sends a chunk only to an
-idle worker, so neither side can block writing while the other is writing
-too (the pipe-deadlock that a pipelined design has to work around).
+A worker runs one chunk at a time. The parent sends a busy worker at most one
+more chunk, and only one that the socket's buffer takes whole while the
+worker reads nothing (``_wire.send_room``): the worker reads it only after
+writing its current outcome, so neither side can block writing while the
+other is writing too (the pipe deadlock of a pipelined design).
 """
 
 from __future__ import annotations

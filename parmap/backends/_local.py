@@ -4,10 +4,11 @@
 
     caller thread                 dispatcher thread                 workers
     ─────────────                 ─────────────────                 ───────
-    submit(chunk) ─ pickles ─▶ pending ─▶ idle worker? ── pipe ──▶  worker_main
-                   items        deque     send fn once             run_chunk
-                                          per call                    │
-    done(chunk, outcome) ◀── decode ◀── wait(pipes, sentinels, ◀─ pipe ┘
+    submit(chunk) ─ pickles ─▶ pending ─▶ idle worker, or ─ pipe ─▶ worker_main
+                   items        deque     one ahead of a            run_chunk
+                                          busy one; fn once              │
+                                          per call                       │
+    done(chunk, outcome) ◀── decode ◀── wait(pipes, sentinels, ◀─ pipe ──┘
                                              wake-up pipe,
                                              next timeout deadline)
 
@@ -47,7 +48,7 @@ from typing import Any
 
 from .._errors import ParmapError, PoolClosedError, SerializationError
 from .._serialization import PROTOCOL, Pickled, dumps_function
-from .._wire import recv_framed, send_framed
+from .._wire import recv_framed, send_framed, send_room
 from .._worker import SLOT_WIDTH, Inherited
 from ._base import (
     Backend,
@@ -94,6 +95,10 @@ class WorkerProcess:
     ran_anything: bool = False
     timed_out_offset: int | None = None
     sent: int = 0  # chunks sent; the worker counts those it read in its status slot
+    seq: int = 0  # the running chunk's number among those sent
+    #: A chunk sent behind the running one, with its number (see _prefetch).
+    ahead: tuple[Chunk, Done, int] | None = None
+    room: int = 0  # bytes a chunk may take to be sent ahead (see _wire.send_room)
 
 
 @dataclass(eq=False, slots=True)
@@ -193,7 +198,7 @@ class LocalWorkers(Backend):
             # lock): waking it now would cost a round of its loop per chunk
             # (benchmark W2: the parent's CPU time, which on 2 cores comes out of
             # the workers', fell by about a quarter).
-            wake = any(w is None or w.chunk is None for w in self._procs)
+            wake = any(w is None or w.chunk is None or self._can_go_ahead(w, chunk) for w in self._procs)
             if self._thread is None:
                 self._status = self._make_status_array(self.workers * SLOT_WIDTH)
                 self._thread = threading.Thread(target=self._dispatch_loop, name="parmap-dispatcher", daemon=True)
@@ -280,7 +285,7 @@ class LocalWorkers(Backend):
             self._closing = True
             failed: list[tuple[Chunk | None, Done | None]] = [(q.chunk, q.done) for q in self._pending]
             self._pending = deque()
-        failed += [self._take(w) for w in self._procs if w is not None and w.chunk is not None]
+        failed += [taken for w in self._procs if w is not None for taken in self._take_all(w)]
         for chunk, done in failed:
             if chunk is not None and done is not None:
                 done(chunk, outcome)
@@ -376,6 +381,8 @@ class LocalWorkers(Backend):
                 queued.done(queued.chunk, ChunkOutcome.failed(exc))
                 self._wake()  # this worker is still idle: come round again
                 continue
+            worker.chunk, worker.done, worker.sent_at = queued.chunk, queued.done, time.monotonic()
+            worker.seq = worker.sent + 1
             try:
                 for call_id in ended:
                     worker.conn.send_bytes(_control(("forget", call_id)))
@@ -384,15 +391,55 @@ class LocalWorkers(Backend):
                 if call.id not in worker.known_calls:
                     worker.conn.send_bytes(_control(("fn", call.id, fn_bytes)))
                     worker.known_calls.add(call.id)
-                worker.chunk, worker.done, worker.sent_at = queued.chunk, queued.done, time.monotonic()
-                worker.sent += 1
-                header = (*queued.chunk.header(), from_source)
-                worker.conn.send_bytes(_control(header))
-                if queued.items is not None and not from_source:
-                    send_framed(worker.conn, queued.items.parts)
+                self._send_chunk(worker, queued, from_source)
             except OSError:
-                # The worker died under us; its sentinel reports the chunk.
-                worker.chunk, worker.done = queued.chunk, queued.done
+                pass  # the worker died under us; its sentinel reports the chunk
+        self._prefetch()
+
+    def _can_go_ahead(self, worker: WorkerProcess, chunk: Chunk) -> bool:
+        """Whether ``chunk`` may be sent to ``worker`` behind the one it runs."""
+        running = worker.chunk
+        if running is None or worker.ahead is not None or running.call is not chunk.call:
+            return False
+        # Timeouts watch one chunk per worker, from when it was sent.
+        return chunk.call.timeout is None and None not in self._procs
+
+    def _prefetch(self) -> None:
+        """Send each busy worker its next chunk while it computes the current
+        one, so that it goes on the moment it finishes instead of waiting for
+        the dispatcher, which may be busy unpickling another worker's results
+        (benchmark W1: the workers stood idle for a quarter of the run).
+
+        Only a chunk of the same call, with no timeout to watch, and only
+        one small enough for the socket to take whole while the worker reads
+        nothing: the worker reads it only after writing its current outcome,
+        so a send that had to wait for it would deadlock both.
+        """
+        for worker in self._procs:
+            if worker is None:
+                return
+            with self._lock:
+                if not self._pending or self._kill:
+                    return
+                queued = self._pending[0]
+                if not self._can_go_ahead(worker, queued.chunk):
+                    continue
+                from_source = queued.chunk.from_source and queued.chunk.call.id in worker.sources
+                if not from_source and (queued.items is None or queued.items.nbytes > worker.room):
+                    continue
+                self._pending.popleft()
+            worker.ahead = (queued.chunk, queued.done, worker.sent + 1)
+            try:
+                self._send_chunk(worker, queued, from_source)
+            except OSError:
+                pass  # the worker died under us; its sentinel reports the chunk
+
+    def _send_chunk(self, worker: WorkerProcess, queued: _Queued, from_source: bool) -> None:
+        worker.sent += 1
+        header = (*queued.chunk.header(), from_source)
+        worker.conn.send_bytes(_control(header))
+        if queued.items is not None and not from_source:
+            send_framed(worker.conn, queued.items.parts)
 
     def _next_deadline(self) -> float | None:
         """Seconds until the earliest running item could pass its timeout,
@@ -446,11 +493,23 @@ class LocalWorkers(Backend):
             self._enforce_timeouts()
 
     def _take(self, worker: WorkerProcess) -> tuple[Chunk | None, Done | None]:
-        """Take the worker's chunk off it: it is idle again."""
+        """Take the worker's running chunk off it: it is idle again, or runs
+        the chunk sent ahead."""
         chunk, done = worker.chunk, worker.done
         worker.chunk = worker.done = None
         worker.ran_anything = True
+        if worker.ahead is not None:
+            worker.chunk, worker.done, worker.seq = worker.ahead
+            worker.ahead = None
+            worker.sent_at = time.monotonic()
         return chunk, done
+
+    def _take_all(self, worker: WorkerProcess) -> list[tuple[Chunk | None, Done | None]]:
+        """Take every chunk off the worker: the running one, then the one ahead."""
+        taken: list[tuple[Chunk | None, Done | None]] = []
+        while worker.chunk is not None:
+            taken.append(self._take(worker))
+        return taken
 
     def _finish(self, worker: WorkerProcess, outcome: ChunkOutcome | ChunkLost) -> None:
         chunk, done = self._take(worker)
@@ -468,11 +527,13 @@ class LocalWorkers(Backend):
         worker.conn.close()
         if worker.chunk is not None:
             timed_out = worker.timed_out_offset is not None
+            read = self._status[worker.index * SLOT_WIDTH + 3]
             # Dead, after earlier work, before it read this chunk (killed while
             # idle, say): the chunk did no harm and runs again free of charge.
             # A worker that never got going is charged, or a worker that
             # cannot start would rerun the chunk for ever.
-            unread = worker.ran_anything and self._status[worker.index * SLOT_WIDTH + 3] < worker.sent
+            unread = worker.ran_anything and read < worker.seq
+            ahead = worker.ahead
             self._finish(
                 worker,
                 ChunkLost(
@@ -483,6 +544,8 @@ class LocalWorkers(Backend):
                     innocent=unread and not timed_out,
                 ),
             )
+            if ahead is not None:  # not read unless the chunk before it was done with
+                self._finish(worker, ChunkLost(exitcode, worker.pid, innocent=read < ahead[2]))
             self._startup_failures = 0
         elif not worker.ran_anything:
             self._startup_failures += 1
@@ -509,6 +572,7 @@ class LocalWorkers(Backend):
         worker = self._start_worker(index, inherited)
         worker.started_at = time.monotonic()
         self._start_cost = worker.started_at - began
+        worker.room = send_room(worker.conn)
         worker.known_calls.update(inherited)
         worker.sources.update(i for i, (_, source) in inherited.items() if source is not None)
         return worker
