@@ -44,7 +44,7 @@ from typing import Any
 
 from . import _context
 from ._errors import SerializationError
-from ._serialization import ErrorInfo, Pickled, dump_data, find_unpicklable, loads, refused_items
+from ._serialization import ErrorInfo, Pickled, dump_data, find_unpicklable, loads, plain_text, refused_items
 from ._wire import recv_framed, send_framed
 
 # Status slots let the parent see which item a worker is running and since
@@ -174,9 +174,10 @@ class _Refusing:
 
 def pickle_outcome(outcome: ChunkOutcome, positions: Sequence[int]) -> Pickled:
     """Pickle an outcome; a result that will not pickle becomes that item's error."""
+    memoless = plain_text(outcome.results)
     while True:
         try:
-            return dump_data([outcome], "the result of item", positions)  # type: ignore[list-item]
+            return dump_data([outcome], "the result of item", positions, memoless=memoless)  # type: ignore[list-item]
         except SerializationError:
             bad, exc = find_unpicklable(outcome.results)
             if bad is None:

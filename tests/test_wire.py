@@ -9,9 +9,11 @@ import threading
 from pathlib import Path
 
 import pytest
+import workfns
 
+import parmap
 from parmap import _wire
-from parmap._serialization import dump_data
+from parmap._serialization import MEMOLESS_LIMIT, dump_data, plain_text
 from parmap._wire import SOCKET_BUFFER_BYTES, recv_framed, send_framed, worker_pipe
 
 
@@ -23,6 +25,28 @@ def test_big_bytes_are_pickled_by_reference_and_the_rest_copied():
     assert pickled.nbytes == sum(len(p) for p in pickled.parts)
     mutable[:3] = b"zzz"  # after pickling: must not leak into what was pickled
     assert pickle.loads(pickled.getvalue()) == [big, 7, bytearray(b"y" * 200_000)]
+
+
+def test_chunks_of_text_are_pickled_without_the_memo():
+    text = ["some words " * 4] * 1000  # one object, repeated: the memo would refer back to it
+    assert plain_text(text) and plain_text([b"a", b"b"])
+    assert not plain_text(["a", 1]) and not plain_text([]) and not plain_text([("a",)])
+    memoless, with_memo = dump_data(text, "item", range(1000)), dump_data(text, "item", range(1000), memoless=False)
+    assert memoless.nbytes > with_memo.nbytes
+    assert pickle.loads(memoless.getvalue()) == text
+
+
+def test_a_chunk_repeating_one_big_string_is_pickled_with_the_memo_after_all():
+    big = ["x" * (1 << 20)] * (MEMOLESS_LIMIT // (1 << 20) + 8)
+    pickled = dump_data(big, "item", range(len(big)))
+    assert pickled.nbytes < 2 * (1 << 20)
+    assert pickle.loads(pickled.getvalue()) == big
+
+
+@pytest.mark.parametrize("backend", ["process", "fork"])
+def test_results_that_share_a_part_still_share_it(backend):
+    for first, second in parmap.map(workfns.same_list_twice, range(6), workers=2, backend=backend):
+        assert first is second
 
 
 def test_parts_arrive_whole_through_a_socket_smaller_than_them():

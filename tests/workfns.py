@@ -31,6 +31,11 @@ def pack(*args):
     return args
 
 
+def same_list_twice(x):
+    part = [x]
+    return (part, part)
+
+
 def getpid(_=None):
     return os.getpid()
 
