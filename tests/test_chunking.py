@@ -28,7 +28,7 @@ def test_chunks_aim_at_the_target_duration():
 
 def test_chunks_shrink_towards_the_end_of_a_sized_input():
     sizer = ChunkSizer(None, workers=2, total=10_000)
-    sizer.observe(10, 10 * 0.004)  # 4 ms per item: 5 per chunk
+    sizer.observe(10, 10 * TARGET_CHUNK_SECONDS / 5)  # 5 per chunk
     assert sizer.next_size(10_000) == 5
     assert sizer.next_size(8) == 2
     assert sizer.next_size(3) == 1
