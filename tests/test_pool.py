@@ -119,6 +119,27 @@ def test_closing_runs_what_was_submitted_first(backend):
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.parametrize("how", ["close", "terminate"])
+def test_a_done_callback_may_close_the_pool(backend, how):
+    # The callback runs on a thread of the backend's own; closing must not
+    # wait there for that very thread to end.
+    pool = parmap.Pool(workers=2, backend=backend)
+    closed = threading.Event()
+
+    def stop(_):
+        getattr(pool, how)()
+        closed.set()
+
+    try:
+        future = pool.submit(pow, 2, 5)
+        future.add_done_callback(stop)
+        assert closed.wait(10), f"{how}() in a done-callback did not return"
+        assert future.result() == 32
+    finally:
+        pool.terminate()
+
+
+@pytest.mark.timeout(30)
 @pytest.mark.parametrize("backend", ["process", "fork", "pool", "apply_async", "thread"])
 def test_terminate_from_another_thread_ends_a_running_map(backend):
     pool = parmap.Pool(workers=2, backend=backend)

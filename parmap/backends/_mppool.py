@@ -150,6 +150,10 @@ class MPPoolBackend(Backend):
         self._lock = threading.RLock()
         self._pool: Any = None
         self._started = threading.Event()
+        # Set on multiprocessing's result thread while it reports a chunk: a
+        # done-callback there that closes the pool must not wait for that
+        # very thread to end.
+        self._reporting = threading.local()
         self._start_error: BaseException | None = None
         self._monitor: threading.Thread | None = None
         self._wake_r, self._wake_w = os.pipe()
@@ -220,7 +224,7 @@ class MPPoolBackend(Backend):
         if not already or kill:
             self._kill_on_close = kill
             self._wake()
-        if monitor is not threading.current_thread():
+        if monitor is not threading.current_thread() and not getattr(self._reporting, "active", False):
             monitor.join()
 
     # -- internals ---------------------------------------------------------
@@ -273,7 +277,7 @@ class MPPoolBackend(Backend):
                 return  # already reported lost
             self._free_slots.append(flight.slot)
             self._launch_waiting()
-        flight.done(flight.chunk, decode_chunk_outcome(flight.chunk, data))
+        self._report(flight, decode_chunk_outcome(flight.chunk, data))
 
     def _on_task_error(self, key: int, exc: BaseException) -> None:
         """The pool itself failed a task (run_pool_task does not raise): report it."""
@@ -284,7 +288,15 @@ class MPPoolBackend(Backend):
             self._free_slots.append(flight.slot)
             self._launch_waiting()
         info = ErrorInfo.capture(exc, pickle_it=False)
-        flight.done(flight.chunk, ChunkOutcome([], fatal=info))
+        self._report(flight, ChunkOutcome([], fatal=info))
+
+    def _report(self, flight: _Flight, outcome: ChunkOutcome) -> None:
+        """Hand ``outcome`` over, on multiprocessing's result thread."""
+        self._reporting.active = True
+        try:
+            flight.done(flight.chunk, outcome)
+        finally:
+            self._reporting.active = False
 
     def _after_shutdown(self) -> None:
         """Called once the pool is gone."""
