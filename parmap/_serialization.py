@@ -225,8 +225,8 @@ def refused_items(values: Sequence[Any], positions: Sequence[int]) -> dict[int, 
     way on every start method. Cheap for plain data (a type check in C), else
     one pickling pass into nothing.
     """
-    if not values:
-        return {}
+    if not values or type(values) is range:
+        return {}  # a slice of a range input holds ints only
     first = type(values[0])
     # All of one such type, the common case: counting identities is about a
     # third cheaper than collecting a set of types (benchmark W1).
