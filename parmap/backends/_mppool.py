@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import multiprocessing
+import multiprocessing.pool
 import os
 import signal
 import tempfile
@@ -154,6 +155,10 @@ class MPPoolBackend(Backend):
         # done-callback there that closes the pool must not wait for that
         # very thread to end.
         self._reporting = threading.local()
+        # Every worker process the pools start, as they start it: one that
+        # starts and dies between two looks at the pool's own list would
+        # otherwise be reaped by the pool with its exit code unseen.
+        self._started_workers: deque[Any] = deque()
         self._start_error: BaseException | None = None
         self._monitor: threading.Thread | None = None
         self._wake_r, self._wake_w = os.pipe()
@@ -338,6 +343,12 @@ class MPPoolBackend(Backend):
                 current = list(self._pool._pool)
                 for process in current:
                     known.setdefault(process.pid, process)
+                for _ in range(len(self._started_workers)):
+                    process = self._started_workers.popleft()
+                    if process.pid is None:
+                        self._started_workers.append(process)  # not started yet: next time
+                    else:
+                        known.setdefault(process.pid, process)
                 sentinels = {p.sentinel: p for pid, p in known.items() if pid not in handled}
                 timeout = self._next_deadline()
                 if busy:
@@ -370,7 +381,14 @@ class MPPoolBackend(Backend):
             self._shutdown_pool()
 
     def _new_pool(self) -> Any:
-        pool = self._ctx.Pool(self.workers, initializer=_pool_worker_init, initargs=(self._status, self._init_bytes))
+        self._started_workers.clear()  # those of the pool replaced
+        pool = _RecordingPool(
+            self.workers,
+            initializer=_pool_worker_init,
+            initargs=(self._status, self._init_bytes),
+            context=self._ctx,
+            record=self._started_workers.append,
+        )
         self._start_feeding(pool)
         return pool
 
@@ -428,8 +446,10 @@ class MPPoolBackend(Backend):
             try:
                 os.kill(pid, 0)
             except ProcessLookupError:
+                # Gone, and perhaps reaped by the pool's own thread this very
+                # moment: its exit code is on the way (see _exitcode).
                 handled.add(pid)
-                self._worker_died(pid, None)
+                self._worker_died(pid, _exitcode(process) if process is not None else None)
 
     def _worker_died(self, pid: int, exitcode: int | None) -> None:
         """Report the chunk that ``pid`` was running when it died.
@@ -499,6 +519,22 @@ class MPPoolBackend(Backend):
             self._close_wake_pipe()
             if self._tmpdir is not None:
                 self._tmpdir.cleanup()
+
+
+class _RecordingPool(multiprocessing.pool.Pool):
+    """A ``multiprocessing.Pool`` that hands each worker process it makes to
+    ``record`` (replacements included), before starting it."""
+
+    def __init__(self, *args: Any, record: Callable[[Any], None], **kwargs: Any) -> None:
+        def make(ctx: Any, *process_args: Any, **process_kwargs: Any) -> Any:
+            process = ctx.Process(*process_args, **process_kwargs)
+            record(process)
+            return process
+
+        # Pool makes every worker through self.Process(ctx, ...), also on its
+        # maintenance thread: an attribute here comes before the staticmethod.
+        self.Process = make  # type: ignore[method-assign]
+        super().__init__(*args, **kwargs)
 
 
 def _terminate(pool: Any) -> None:
