@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 import os
 import signal
 import threading
 import time
+import weakref
 
 import psutil
 import pytest
@@ -15,6 +17,20 @@ import workfns
 import parmap
 from parmap.backends import _local
 from parmap.backends.fork import ForkBackend
+
+
+@pytest.mark.parametrize("shape", ["list", "generator"])
+def test_a_finished_call_keeps_no_item_alive(backend, shape):
+    # As CPython's test_release_task_refs asks of multiprocessing.Pool: the
+    # pool lives on, but nothing of the call's input does.
+    items = [workfns.Traveller(i) for i in range(40)]
+    refs = [weakref.ref(item) for item in items]
+    with parmap.Pool(workers=2, backend=backend) as pool:
+        source = items if shape == "list" else (x for x in items)
+        assert len(pool.map(workfns.tag, source, chunksize=3)) == 40
+        del items, source
+        gc.collect()
+        assert [ref for ref in refs if ref() is not None] == []
 
 
 def test_workers_are_reused_between_calls(process_backend):

@@ -66,11 +66,17 @@ class ThreadBackend(Backend):
         if self._user_initializer is not None:
             self._initialize(self._user_initializer)
         while (job := self._jobs.get()) is not None:
-            chunk, done = job
-            outcome = self._run(chunk)
-            if outcome is not None:
-                done(chunk, outcome)
+            self._serve_one(*job)
+            # A chunk holds its call, and the call the whole input: an idle
+            # thread must not keep the last one alive (CPython's
+            # test_release_task_refs asks the same of multiprocessing.Pool).
+            del job
             self._idle.release()
+
+    def _serve_one(self, chunk: Chunk, done: Done) -> None:
+        outcome = self._run(chunk)
+        if outcome is not None:
+            done(chunk, outcome)
 
     def _initialize(self, initializer: Callable[..., Any]) -> None:
         # Kept, so that the caller sees the initializer's own error.
