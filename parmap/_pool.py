@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import multiprocessing.util  # noqa: F401 - its exit handler must be registered before ours
+import queue
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -92,6 +93,12 @@ class Pool:
         self._closed = False
         self._lock = threading.Lock()
         self._futures: set[Future[Any]] = set()
+        # submit() futures are settled on a thread of their own: their done-
+        # callbacks are user code, and on a backend's thread a callback that
+        # waits on this pool (map, close) would wait on that very thread.
+        self._settlements: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._settler: threading.Thread | None = None
+        self._settler_stopped = False
         _open_pools.add(self)
 
     def _serve_one_call(self) -> None:
@@ -153,23 +160,29 @@ class Pool:
                 except PoolClosedError:
                     pass  # closed meanwhile: report this attempt's failure
             self._backend.release(call)
+            settle = _settlement(future, call, fn, result)
             with self._lock:
                 if future not in self._futures:
                     return  # failed by terminate() already
                 self._futures.discard(future)
-            if isinstance(result, ChunkLost):
-                future.set_exception(lost_error(call, f"submit({short_repr(fn)}, ...)", result))
-            elif result.fatal is not None:
-                future.set_exception(result.fatal.rebuild())
-            elif result.errors:
-                future.set_exception(result.errors[0].rebuild())
-            else:
-                future.set_result(result.results[0])
+                if self._settler_stopped:
+                    # Closed while a backend not ours still ran this call.
+                    settle()
+                    return
+                self._settlements.put(settle)
 
         with self._lock:
             self._futures.add(future)
+            if self._settler is None:
+                self._settler = threading.Thread(target=self._settle_futures, name="parmap-futures", daemon=True)
+                self._settler.start()
         self._backend.submit(Chunk(call, [0], [None]), done)
         return future
+
+    def _settle_futures(self) -> None:
+        while (settle := self._settlements.get()) is not None:
+            settle()  # a done-callback's own error is logged by concurrent.futures
+            del settle
 
     # -- lifecycle -----------------------------------------------------------------
     def close(self) -> None:
@@ -224,6 +237,14 @@ class Pool:
                 unfinished, self._futures = self._futures, set()
             for future in unfinished:
                 future.set_exception(PoolClosedError("the pool was terminated before this call finished"))
+        # Every future the workers settled is settled before close() returns,
+        # unless this is a done-callback, on the settling thread itself.
+        with self._lock:
+            self._settler_stopped = True
+            self._settlements.put(None)
+            settler = self._settler
+        if settler is not None and settler is not threading.current_thread():
+            settler.join()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -315,6 +336,22 @@ def _flatten(records: Iterator[Record], *, skip: bool, owner: Pool | None) -> It
                 owner.close()
             else:
                 owner.terminate()
+
+
+def _settlement(
+    future: Future[Any], call: Call, fn: Callable[..., Any], result: ChunkOutcome | ChunkLost
+) -> Callable[[], None]:
+    """What settles a ``submit()`` future with ``result``."""
+    if isinstance(result, ChunkLost):
+        error: BaseException = lost_error(call, f"submit({short_repr(fn)}, ...)", result)
+    elif result.fatal is not None:
+        error = result.fatal.rebuild()
+    elif result.errors:
+        error = result.errors[0].rebuild()
+    else:
+        value = result.results[0]
+        return lambda: future.set_result(value)
+    return lambda: future.set_exception(error)
 
 
 class _Bound:

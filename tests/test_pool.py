@@ -135,22 +135,24 @@ def test_closing_runs_what_was_submitted_first(backend):
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("how", ["close", "terminate"])
-def test_a_done_callback_may_close_the_pool(backend, how):
-    # The callback runs on a thread of the backend's own; closing must not
-    # wait there for that very thread to end.
+@pytest.mark.parametrize("how", ["map", "close", "terminate"])
+def test_a_done_callback_may_use_or_close_the_pool(backend, how):
+    # A callback that waits on the pool must not run on a thread the pool
+    # itself waits on (a dispatcher, multiprocessing's result thread).
     pool = parmap.Pool(workers=2, backend=backend)
-    closed = threading.Event()
+    returned = threading.Event()
+    got = []
 
-    def stop(_):
-        getattr(pool, how)()
-        closed.set()
+    def callback(_):
+        got.append(pool.map(abs, [-1, -2, -3]) if how == "map" else getattr(pool, how)())
+        returned.set()
 
     try:
         future = pool.submit(pow, 2, 5)
-        future.add_done_callback(stop)
-        assert closed.wait(10), f"{how}() in a done-callback did not return"
+        future.add_done_callback(callback)
+        assert returned.wait(10), f"{how}() in a done-callback did not return"
         assert future.result() == 32
+        assert got == ([[1, 2, 3]] if how == "map" else [None])
     finally:
         pool.terminate()
 

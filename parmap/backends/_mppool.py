@@ -151,10 +151,6 @@ class MPPoolBackend(Backend):
         self._lock = threading.RLock()
         self._pool: Any = None
         self._started = threading.Event()
-        # Set on multiprocessing's result thread while it reports a chunk: a
-        # done-callback there that closes the pool must not wait for that
-        # very thread to end.
-        self._reporting = threading.local()
         # Every worker process the pools start, as they start it: one that
         # starts and dies between two looks at the pool's own list would
         # otherwise be reaped by the pool with its exit code unseen.
@@ -229,7 +225,7 @@ class MPPoolBackend(Backend):
         if not already or kill:
             self._kill_on_close = kill
             self._wake()
-        if monitor is not threading.current_thread() and not getattr(self._reporting, "active", False):
+        if monitor is not threading.current_thread():
             monitor.join()
 
     # -- internals ---------------------------------------------------------
@@ -282,7 +278,7 @@ class MPPoolBackend(Backend):
                 return  # already reported lost
             self._free_slots.append(flight.slot)
             self._launch_waiting()
-        self._report(flight, decode_chunk_outcome(flight.chunk, data))
+        flight.done(flight.chunk, decode_chunk_outcome(flight.chunk, data))
 
     def _on_task_error(self, key: int, exc: BaseException) -> None:
         """The pool itself failed a task (run_pool_task does not raise): report it."""
@@ -293,15 +289,7 @@ class MPPoolBackend(Backend):
             self._free_slots.append(flight.slot)
             self._launch_waiting()
         info = ErrorInfo.capture(exc, pickle_it=False)
-        self._report(flight, ChunkOutcome([], fatal=info))
-
-    def _report(self, flight: _Flight, outcome: ChunkOutcome) -> None:
-        """Hand ``outcome`` over, on multiprocessing's result thread."""
-        self._reporting.active = True
-        try:
-            flight.done(flight.chunk, outcome)
-        finally:
-            self._reporting.active = False
+        flight.done(flight.chunk, ChunkOutcome([], fatal=info))
 
     def _after_shutdown(self) -> None:
         """Called once the pool is gone."""
