@@ -91,8 +91,10 @@ class Pool:
         self._backend, self._owns_backend = create_backend(self._options)
         self._check_capabilities(self._defaults)
         self._closed = False
+        self._killed = False
         self._lock = threading.Lock()
         self._futures: set[Future[Any]] = set()
+        self._all_settled = threading.Condition(self._lock)  # notified when _futures empties
         # submit() futures are settled on a thread of their own: their done-
         # callbacks are user code, and on a backend's thread a callback that
         # waits on this pool (map, close) would wait on that very thread.
@@ -153,7 +155,8 @@ class Pool:
             failed = isinstance(result, ChunkLost) or bool(result.errors)
             if failed and not (isinstance(result, ChunkLost) and result.innocent):
                 attempts += 1
-            if failed and attempts <= self._defaults.retries and not self._closed:
+            # A polite close waits for retries too; only terminate() refuses them.
+            if failed and attempts <= self._defaults.retries and not self._killed:
                 try:
                     self._backend.submit(Chunk(call, [0], [None]), done)  # retries=N, as for map
                     return
@@ -165,6 +168,8 @@ class Pool:
                 if future not in self._futures:
                     return  # failed by terminate() already
                 self._futures.discard(future)
+                if not self._futures:
+                    self._all_settled.notify_all()
                 if self._settler_stopped:
                     # Closed while a backend not ours still ran this call.
                     settle()
@@ -226,15 +231,22 @@ class Pool:
     # -- internals ---------------------------------------------------------------
     def _shutdown(self, kill: bool) -> None:
         with self._lock:
-            if self._closed:
-                return
+            if self._killed or (self._closed and not kill):
+                return  # terminate() still may end a close() that waits
             self._closed = True
+            self._killed = kill
+            if not kill and self._owns_backend:
+                # Submitted calls first, retries included: the backend would
+                # refuse a retry once closing.
+                while self._futures and not self._killed:
+                    self._all_settled.wait()
         if self._owns_backend:
             self._backend.close(kill=kill)
         if kill:
             # Whatever the backend could not end (one not ours runs on).
             with self._lock:
                 unfinished, self._futures = self._futures, set()
+                self._all_settled.notify_all()
             for future in unfinished:
                 future.set_exception(PoolClosedError("the pool was terminated before this call finished"))
         # Every future the workers settled is settled before close() returns,

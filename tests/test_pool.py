@@ -76,6 +76,13 @@ def test_submit_honours_the_pools_retries(backend, tmp_marker_dir):
 
 
 @pytest.mark.timeout(30)
+def test_closing_waits_for_the_retries_of_submitted_calls(backend, tmp_marker_dir):
+    with parmap.Pool(workers=2, backend=backend, retries=1) as pool:
+        futures = [pool.submit(workfns.fail_first_time, tmp_marker_dir, i) for i in range(4)]
+    assert [f.result(timeout=0) for f in futures] == [0, 1, 2, 3]
+
+
+@pytest.mark.timeout(30)
 def test_submit_retries_a_crash(process_backend, tmp_marker_dir):
     with parmap.Pool(workers=2, backend=process_backend, retries=1) as pool:
         assert pool.submit(workfns.crash_first_time, tmp_marker_dir, workfns.BAD).result(timeout=20) == workfns.BAD
