@@ -94,7 +94,9 @@ class Pool:
         self._killed = False
         self._lock = threading.Lock()
         self._futures: set[Future[Any]] = set()
-        self._all_settled = threading.Condition(self._lock)  # notified when _futures empties
+        self._running_maps = 0  # map/starmap calls under way, in any thread
+        # Notified when the last submitted call settles or the last map returns.
+        self._all_settled = threading.Condition(self._lock)
         # submit() futures are settled on a thread of their own: their done-
         # callbacks are user code, and on a backend's thread a callback that
         # waits on this pool (map, close) would wait on that very thread.
@@ -168,7 +170,7 @@ class Pool:
                 if future not in self._futures:
                     return  # failed by terminate() already
                 self._futures.discard(future)
-                if not self._futures:
+                if not self._futures and not self._running_maps:
                     self._all_settled.notify_all()
                 if self._settler_stopped:
                     # Closed while a backend not ours still ran this call.
@@ -236,9 +238,10 @@ class Pool:
             self._closed = True
             self._killed = kill
             if not kill and self._owns_backend:
-                # Submitted calls first, retries included: the backend would
-                # refuse a retry once closing.
-                while self._futures and not self._killed:
+                # Submitted calls first, retries included (the backend would
+                # refuse a retry once closing), and maps running in other
+                # threads (which hand the backend their chunks as they go).
+                while (self._futures or self._running_maps) and not self._killed:
                     self._all_settled.wait()
         if self._owns_backend:
             self._backend.close(kill=kill)
@@ -301,6 +304,20 @@ class Pool:
         return Scheduler(self._backend, call, items, options, deliver_in_order=in_order)
 
     def _map(
+        self, fn: Callable[..., Any], items: Iterable[Any], overrides: Mapping[str, Any], *, star: bool
+    ) -> list[Any]:
+        with self._lock:
+            self._check_open()
+            self._running_maps += 1
+        try:
+            return self._run_map(fn, items, overrides, star=star)
+        finally:
+            with self._lock:
+                self._running_maps -= 1
+                if not self._futures and not self._running_maps:
+                    self._all_settled.notify_all()
+
+    def _run_map(
         self, fn: Callable[..., Any], items: Iterable[Any], overrides: Mapping[str, Any], *, star: bool
     ) -> list[Any]:
         options = self._call_options(overrides)

@@ -165,6 +165,23 @@ def test_a_done_callback_may_use_or_close_the_pool(backend, how):
 
 
 @pytest.mark.timeout(30)
+def test_close_from_another_thread_lets_a_running_map_finish(backend):
+    # As multiprocessing.Pool.close() does: running work is finished first.
+    pool = parmap.Pool(workers=2, backend=backend)
+    closer = threading.Timer(0.2, pool.close)
+    closer.start()
+    try:
+        assert pool.map(time.sleep, [0.04] * 30, chunksize=1) == [None] * 30
+        closer.join()
+        assert pool.closed
+        with pytest.raises(parmap.PoolClosedError):
+            pool.map(abs, [1])
+    finally:
+        closer.join()
+        pool.terminate()
+
+
+@pytest.mark.timeout(30)
 @pytest.mark.parametrize("backend", ["process", "fork", "pool", "apply_async", "thread"])
 def test_terminate_from_another_thread_ends_a_running_map(backend):
     pool = parmap.Pool(workers=2, backend=backend)
