@@ -181,15 +181,14 @@ class Pool:
         with self._lock:
             self._futures.add(future)
             if self._settler is None:
-                self._settler = threading.Thread(target=self._settle_futures, name="parmap-futures", daemon=True)
+                # Given the queue, not the pool: a pool dropped unclosed must
+                # still be collected, so that __del__ stops its workers.
+                self._settler = threading.Thread(
+                    target=_settle_futures, args=(self._settlements,), name="parmap-futures", daemon=True
+                )
                 self._settler.start()
         self._backend.submit(Chunk(call, [0], [None]), done)
         return future
-
-    def _settle_futures(self) -> None:
-        while (settle := self._settlements.get()) is not None:
-            settle()  # a done-callback's own error is logged by concurrent.futures
-            del settle
 
     # -- lifecycle -----------------------------------------------------------------
     def close(self) -> None:
@@ -365,6 +364,13 @@ def _flatten(records: Iterator[Record], *, skip: bool, owner: Pool | None) -> It
                 owner.close()
             else:
                 owner.terminate()
+
+
+def _settle_futures(settlements: queue.SimpleQueue[Callable[[], None] | None]) -> None:
+    """The loop of a pool's ``parmap-futures`` thread, until ``None``."""
+    while (settle := settlements.get()) is not None:
+        settle()  # a done-callback's own error is logged by concurrent.futures
+        del settle
 
 
 def _settlement(

@@ -277,6 +277,20 @@ def test_imap_dropped_without_close(backend):
     gc.collect()  # the one-call pool stops its workers (no_orphans checks)
 
 
+def test_a_pool_dropped_after_submit_stops_its_workers(process_backend):
+    def use_and_drop():
+        pool = parmap.Pool(workers=2, backend=process_backend)
+        assert pool.submit(pow, 2, 3).result(timeout=10) == 8
+
+    before = len(psutil.Process().children())
+    use_and_drop()
+    gc.collect()
+    deadline = time.monotonic() + 5
+    while len(psutil.Process().children()) > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(psutil.Process().children()) <= before
+
+
 def test_executor_as_backend_is_not_shut_down():
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as executor:
         assert parmap.map(workfns.square, range(10), backend=executor) == [x * x for x in range(10)]
