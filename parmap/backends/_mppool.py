@@ -151,10 +151,6 @@ class MPPoolBackend(Backend):
         self._lock = threading.RLock()
         self._pool: Any = None
         self._started = threading.Event()
-        # Every worker process the pools start, as they start it: one that
-        # starts and dies between two looks at the pool's own list would
-        # otherwise be reaped by the pool with its exit code unseen.
-        self._started_workers: deque[Any] = deque()
         self._start_error: BaseException | None = None
         self._monitor: threading.Thread | None = None
         self._wake_r, self._wake_w = os.pipe()
@@ -331,10 +327,14 @@ class MPPoolBackend(Backend):
                 current = list(self._pool._pool)
                 for process in current:
                     known.setdefault(process.pid, process)
-                for _ in range(len(self._started_workers)):
-                    process = self._started_workers.popleft()
+                # Also those the pool started since the last look: one that
+                # started and died in between would otherwise be reaped by
+                # the pool with its exit code unseen.
+                started = self._pool.started
+                for _ in range(len(started)):
+                    process = started.popleft()
                     if process.pid is None:
-                        self._started_workers.append(process)  # not started yet: next time
+                        started.append(process)  # not started yet: next time
                     else:
                         known.setdefault(process.pid, process)
                 sentinels = {p.sentinel: p for pid, p in known.items() if pid not in handled}
@@ -369,13 +369,8 @@ class MPPoolBackend(Backend):
             self._shutdown_pool()
 
     def _new_pool(self) -> Any:
-        self._started_workers.clear()  # those of the pool replaced
         pool = _RecordingPool(
-            self.workers,
-            initializer=_pool_worker_init,
-            initargs=(self._status, self._init_bytes),
-            context=self._ctx,
-            record=self._started_workers.append,
+            self.workers, initializer=_pool_worker_init, initargs=(self._status, self._init_bytes), context=self._ctx
         )
         self._start_feeding(pool)
         return pool
@@ -510,13 +505,15 @@ class MPPoolBackend(Backend):
 
 
 class _RecordingPool(multiprocessing.pool.Pool):
-    """A ``multiprocessing.Pool`` that hands each worker process it makes to
-    ``record`` (replacements included), before starting it."""
+    """A ``multiprocessing.Pool`` that also puts each worker process it makes
+    (replacements included) in :attr:`started`, before starting it."""
 
-    def __init__(self, *args: Any, record: Callable[[Any], None], **kwargs: Any) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.started: deque[Any] = deque()
+
         def make(ctx: Any, *process_args: Any, **process_kwargs: Any) -> Any:
             process = ctx.Process(*process_args, **process_kwargs)
-            record(process)
+            self.started.append(process)
             return process
 
         # Pool makes every worker through self.Process(ctx, ...), also on its
