@@ -192,7 +192,13 @@ class Pool:
 
     # -- lifecycle -----------------------------------------------------------------
     def close(self) -> None:
-        """Wait for running work, then stop the workers. Idempotent."""
+        """Wait for running work, then stop the workers. Idempotent.
+
+        Running work is every ``submit()``ted call, retries included, and
+        every ``map``/``starmap`` under way in another thread; an ``imap``
+        is not waited for (its consumer may never come back). ``terminate()``
+        from another thread ends the wait.
+        """
         self._shutdown(kill=False)
 
     def terminate(self) -> None:
