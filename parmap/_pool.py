@@ -170,8 +170,7 @@ class Pool:
                 if future not in self._futures:
                     return  # failed by terminate() already
                 self._futures.discard(future)
-                if not self._futures and not self._running_maps:
-                    self._all_settled.notify_all()
+                self._notify_if_idle()
                 if self._settler_stopped:
                     # Closed while a backend not ours still ran this call.
                     settle()
@@ -266,6 +265,11 @@ class Pool:
         if settler is not None and settler is not threading.current_thread():
             settler.join()
 
+    def _notify_if_idle(self) -> None:
+        """Wake a close() waiting for running work, if none is left (under the lock)."""
+        if not self._futures and not self._running_maps:
+            self._all_settled.notify_all()
+
     def _check_open(self) -> None:
         if self._closed:
             raise PoolClosedError("this parmap.Pool is closed; create a new one")
@@ -319,8 +323,7 @@ class Pool:
         finally:
             with self._lock:
                 self._running_maps -= 1
-                if not self._futures and not self._running_maps:
-                    self._all_settled.notify_all()
+                self._notify_if_idle()
 
     def _run_map(
         self, fn: Callable[..., Any], items: Iterable[Any], overrides: Mapping[str, Any], *, star: bool

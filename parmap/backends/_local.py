@@ -123,6 +123,11 @@ def pickle_initializer(
     return dumps_function((initializer, initargs), local=local, what="the initializer or its initargs")
 
 
+def _reads_source(worker: WorkerProcess, chunk: Chunk) -> bool:
+    """Whether ``worker`` reads ``chunk``'s items from its own copy of the input."""
+    return chunk.from_source and chunk.call.id in worker.sources
+
+
 class LocalWorkers(Backend):
     """A fixed number of worker processes, replaced when they die."""
 
@@ -369,7 +374,7 @@ class LocalWorkers(Backend):
                 queued = self._pending.popleft()
                 ended = self._ended_calls & worker.known_calls
             call = queued.chunk.call
-            from_source = queued.chunk.from_source and call.id in worker.sources
+            from_source = _reads_source(worker, queued.chunk)
             try:
                 if call.id not in worker.known_calls:
                     fn_bytes = call.local_fn_bytes
@@ -424,7 +429,7 @@ class LocalWorkers(Backend):
                 queued = self._pending[0]
                 if not self._can_go_ahead(worker, queued.chunk):
                     continue
-                from_source = queued.chunk.from_source and queued.chunk.call.id in worker.sources
+                from_source = _reads_source(worker, queued.chunk)
                 if not from_source and (queued.items is None or queued.items.nbytes > worker.room):
                     continue
                 self._pending.popleft()

@@ -325,11 +325,9 @@ class MPPoolBackend(Backend):
                         break
                     busy = bool(self._flights)
                 current = list(self._pool._pool)
-                for process in current:
-                    known.setdefault(process.pid, process)
-                # Also those the pool started since the last look: one that
-                # started and died in between would otherwise be reaped by
-                # the pool with its exit code unseen.
+                # Every worker the pool started since the last look, from its
+                # own record rather than its list: one that started and died in
+                # between would be reaped by the pool with its exit code unseen.
                 started = self._pool.started
                 for _ in range(len(started)):
                     process = started.popleft()
