@@ -12,7 +12,7 @@ import workfns
 from conftest import PROCESS_BACKENDS
 
 import parmap
-from parmap._serialization import refused_items
+from parmap._serialization import MEMOLESS_LIMIT, _pickles_memoless, refused_items
 from parmap.backends._base import SourceSlice
 
 FORKED = [pytest.param("fork", {}, id="fork"), pytest.param("process", {"start_method": "fork"}, id="process-fork")]
@@ -103,3 +103,23 @@ def test_refused_items_names_each_unpicklable_item():
     assert sorted(refused) == [1, 3]
     assert str(refused[1]).startswith("item #11 cannot be serialised: TypeError")
     assert refused[3].position == 13
+
+
+def test_refused_items_checks_containers_without_the_memo_where_it_can():
+    pairs = [(x, str(x)) for x in range(1000)]
+    assert _pickles_memoless(pairs)
+    assert refused_items(pairs, range(1000)) == {}
+    refused = refused_items([(1, 2), (threading.Lock(),), {"k": 3}], range(5, 8))
+    assert list(refused) == [1]
+    assert str(refused[1]).startswith("item #6 cannot be serialised: TypeError")
+
+
+def test_refused_items_falls_back_to_the_memo_for_cycles_and_heavy_sharing():
+    cycle: list = []
+    cycle.append(cycle)
+    assert not _pickles_memoless([cycle])  # fast mode cannot pickle a cycle
+    assert refused_items([cycle, cycle], range(2)) == {}
+    shared = ["x" * (1 << 20)]
+    repeated = [shared] * (MEMOLESS_LIMIT // (1 << 20) + 8)
+    assert not _pickles_memoless(repeated)  # each repeat written out again: over the limit
+    assert refused_items(repeated, range(len(repeated))) == {}
