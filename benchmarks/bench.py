@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import json
 import math
 import multiprocessing
@@ -63,35 +64,39 @@ def pool_chunksize(n: int, workers: int) -> int:
     return max(1, math.ceil(n / (4 * workers)))
 
 
-def run_map(lib: str, fn: Callable[[Any], Any], items: list[Any], workers: int) -> list[Any]:
-    """``[fn(x) for x in items]`` by ``lib``, starting and stopping its workers."""
+def run_map(lib: str, fn: Callable[..., Any], items: list[Any], workers: int, *, star: bool = False) -> list[Any]:
+    """``[fn(x) for x in items]`` (``star``: ``fn(*x)``) by ``lib``, starting
+    and stopping its workers."""
     if lib == "serial":
-        return list(map(fn, items))
+        return list(itertools.starmap(fn, items) if star else map(fn, items))
     if lib == "mp_pool":
         import multiprocessing
 
         with multiprocessing.Pool(workers) as pool:
-            return pool.map(fn, items)
+            return pool.starmap(fn, items) if star else pool.map(fn, items)
     if lib == "ppe":
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(workers) as executor:
-            return list(executor.map(fn, items, chunksize=pool_chunksize(len(items), workers)))
+            columns = list(zip(*items, strict=True)) if star else [items]
+            return list(executor.map(fn, *columns, chunksize=pool_chunksize(len(items), workers)))
     if lib == "joblib":
         from joblib import Parallel, delayed
 
-        return list(Parallel(n_jobs=workers)(delayed(fn)(x) for x in items))
+        calls = (delayed(fn)(*x) for x in items) if star else (delayed(fn)(x) for x in items)
+        return list(Parallel(n_jobs=workers)(calls))
     if lib == "mpire":
         from mpire import WorkerPool
 
         with WorkerPool(n_jobs=workers) as pool:
-            # mpire unpacks tuple/dict items into arguments; none of ours are.
+            # mpire unpacks tuple items into arguments by itself: that is its starmap.
             return pool.map(fn, items)
     import parmap
 
-    if lib == "auto":
-        return parmap.map(fn, items, workers=workers)
-    return parmap.map(fn, items, workers=workers, backend=lib)
+    options: dict[str, Any] = {} if lib == "auto" else {"backend": lib}
+    if star:
+        return parmap.starmap(fn, items, workers=workers, **options)
+    return parmap.map(fn, items, workers=workers, **options)
 
 
 class _Stream:
@@ -208,8 +213,11 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
         out["digest"] = f"{taken}:{digest}"
         return out
     by_reference = lib in ("mp_pool", "ppe")
+    star = workload == "W1s"
     if workload == "W1":
         fn, items = wl.square, list(range(size))
+    elif workload == "W1s":
+        fn, items = wl.multiply, [(x, x) for x in range(size)]
     elif workload == "W2":
         fn, items = wl.spin, [spec["spin"]] * size
     elif workload == "W3":
@@ -226,7 +234,7 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         raise SystemExit(f"unknown workload {workload!r}")
     started = time.perf_counter()
-    results = run_map(lib, fn, items, workers)
+    results = run_map(lib, fn, items, workers, star=star)
     out["time"] = time.perf_counter() - started
     out["digest"] = wl.Digest().extend(results).hexdigest()
     return out
@@ -266,6 +274,7 @@ def workload_table(scale: float, spin_10ms: int) -> list[Workload]:
     streams = ("serial", "auto", "process", "fork", "pool", "apply_async", *PEERS)
     return [
         Workload("W1", f"{n(1_000_000):,} x x*x (pure overhead)", n(1_000_000), everyone),
+        Workload("W1s", f"starmap over {n(1_000_000):,} pairs, a*b (overhead with tuples)", n(1_000_000), everyone),
         Workload("W2", f"{n(200)} x ~10 ms CPU-bound, even", n(200), everyone, {"spin": spin_10ms}),
         Workload(
             "W3",

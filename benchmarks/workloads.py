@@ -27,6 +27,11 @@ def square(x: int) -> int:
     return x * x
 
 
+def multiply(a: int, b: int) -> int:
+    """W1s: as little work as a two-argument task can be."""
+    return a * b
+
+
 def spin(n: int) -> int:
     """W2, W3: ``n`` iterations of pure-Python CPU work (holds the GIL)."""
     total = 0
