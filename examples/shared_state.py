@@ -25,7 +25,6 @@ import hashlib
 import multiprocessing
 import os
 import re
-import sys
 import time
 from collections import Counter
 from typing import Any
@@ -35,30 +34,18 @@ import parmap
 # -- part 1: per-worker setup with initializer, results combined in the caller --
 
 
-def worker_state() -> dict[str, Any]:
-    """This worker's state, as set up by ``setup_worker``.
-
-    The natural spelling is a module-level ``_worker_state = {}`` that the
-    initializer fills and ``count_words`` reads. parmap currently ships the
-    initializer and ``fn`` as two separate cloudpickle copies when they are
-    defined in the script being run, and each copy gets its own module
-    globals, so the function never sees what the initializer stored (reported
-    with issue 7). Keeping the dict on the module object, which both copies
-    reach by reference, sidesteps that until it is fixed.
-    """
-    return vars(sys.modules[__name__]).setdefault("_parmap_worker_state", {})
+# This worker's state: filled once per worker by setup_worker, read by every task.
+_worker_state: dict[str, Any] = {}
 
 
 def setup_worker(stop_words: list[str]) -> None:
     # Runs once in each worker: costly set-up is paid per worker, not per item.
-    state = worker_state()
-    state["pattern"] = re.compile(r"[a-z']+")
-    state["stop"] = frozenset(stop_words)
+    _worker_state["pattern"] = re.compile(r"[a-z']+")
+    _worker_state["stop"] = frozenset(stop_words)
 
 
 def count_words(document: str) -> tuple[int, Counter[str]]:
-    state = worker_state()
-    pattern, stop = state["pattern"], state["stop"]
+    pattern, stop = _worker_state["pattern"], _worker_state["stop"]
     words = (w for w in pattern.findall(document.lower()) if w not in stop)
     return os.getpid(), Counter(words)
 
