@@ -26,13 +26,12 @@ An explicit ``chunksize`` is used as given. Otherwise the size adapts:
 from __future__ import annotations
 
 # A chunk should compute for about this long. A chunk's own overhead is only
-# ~0.1-0.3 ms on the process backends, but each finished chunk also wakes two
-# threads of the caller, and where the workers fill every core those wake-ups
-# preempt them and slow every item they compute: on 2 cores, W2 (200 x 10 ms)
-# at 20 ms chunks ran each item ~8% slower than multiprocessing.Pool's 25-item
-# chunks did (CPU time measured inside the items). 100 ms chunks, 12
-# interleaved pairs: W2 932 -> 895 ms, W3 1406 -> 1384 ms; the shrinking tail
-# below still balances the end (benchmarks/bench.py, W1-W3).
+# ~0.1-0.3 ms on the process backends, plus a wake-up of two of the caller's
+# threads, which where the workers fill every core preempt one of them. From
+# 20 ms to 100 ms chunks, 12 interleaved pairs: W2 932 -> 895 ms, W3 1406 ->
+# 1384 ms; 250-500 ms measured the same as 100 within noise, and W2 with
+# multiprocessing.Pool's 25-item chunks only ~1% faster (docs/performance.md).
+# The shrinking tail below still balances the end (benchmarks/bench.py, W1-W3).
 TARGET_CHUNK_SECONDS = 0.1
 # With no length to pace against, cap the chunk so that the in-flight window
 # (2 chunks per worker + 1) holds ~10,000 items on 2 workers (benchmark W6bp).
