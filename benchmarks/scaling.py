@@ -59,14 +59,13 @@ def main(argv: list[str] | None = None) -> int:
         serial = bench.Outcome()
         rows: dict[int, dict[str, bench.Outcome]] = {n: {lib: bench.Outcome() for lib in libs} for n in counts}
         ceilings = {n: bench.parallel_ceiling(n, spin_10ms) if n > 1 else 1.0 for n in counts}
+        cases = [("serial", 1), *((lib, n) for n in counts for lib in libs)]
         for rep in range(args.reps):
-            spec = {"workload": name, "lib": "serial", "workers": 1, "size": work.size, **work.extra}
-            record(serial, bench.run_subprocess(spec, timeout=600))
-            for n in counts:
-                order = libs[rep % len(libs) :] + libs[: rep % len(libs)]
-                for lib in order:
-                    spec = {"workload": name, "lib": lib, "workers": n, "size": work.size, **work.extra}
-                    record(rows[n][lib], bench.run_subprocess(spec, timeout=600))
+            # Rotated, serial included: no case always runs first or after the same one.
+            shift = rep * len(cases) // args.reps
+            for lib, n in cases[shift:] + cases[:shift]:
+                spec = {"workload": name, "lib": lib, "workers": n, "size": work.size, **work.extra}
+                record(serial if lib == "serial" else rows[n][lib], bench.run_subprocess(spec, timeout=600))
             print(f"{name} repetition {rep + 1} done at {time.perf_counter() - started:.0f} s", file=sys.stderr)
         failed |= print_curve(work, serial, rows, ceilings, libs)
     print(f"\n(total {time.perf_counter() - started:.0f} s)")
