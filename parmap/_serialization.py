@@ -102,10 +102,14 @@ class _Discard:
         self.limit = limit
 
     def write(self, data: Any) -> int:
-        self.nbytes += len(data)
+        # Protocol 5 hands a large buffer (a numpy array's data) over as a
+        # PickleBuffer, which has no len(); and a view's len() counts its
+        # first dimension, not its bytes.
+        size = len(data) if type(data) is bytes else memoryview(data).nbytes
+        self.nbytes += size
         if self.nbytes > self.limit:
             raise _TooBig
-        return len(data)
+        return size
 
 
 def _function_error(fn: object, what: str, exc: BaseException) -> SerializationError:

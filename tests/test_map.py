@@ -7,6 +7,7 @@ import itertools
 import time
 
 import pytest
+import workfns
 
 import parmap
 
@@ -156,3 +157,16 @@ def test_imap_pull_ahead_stays_a_fraction_of_what_was_taken():
     pulled = next(source)  # the next item nobody pulled
     assert head[-1] == (taken - 1) ** 2
     assert pulled - taken <= 6 * max(2048, taken // 8)
+
+
+def test_large_buffers_travel_as_items_and_in_closures(any_backend):
+    # A large buffer pickled under protocol 5 (a numpy array's data) reaches
+    # the pickler's file as a PickleBuffer; the checks that pickle into
+    # nothing used to call len() on it and refused the item and the function.
+    blobs = [workfns.Blob(bytes([n]) * (1 << 20)) for n in range(3)]
+    assert parmap.map(workfns.blob_size, blobs, workers=2, backend=any_backend) == [1 << 20] * 3
+    captured = workfns.Blob(b"x" * (1 << 20))
+    assert parmap.map(lambda n: n + len(captured.data), [1, 2], workers=2, backend=any_backend) == [
+        (1 << 20) + 1,
+        (1 << 20) + 2,
+    ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -273,3 +274,19 @@ class Traveller:
 
 def tag(traveller):
     return traveller.tag
+
+
+class Blob:
+    """Pickles its data as a ``pickle.PickleBuffer``, the way numpy arrays do
+    under protocol 5: a large one reaches the pickler's file as that object
+    itself, which has no ``len()``."""
+
+    def __init__(self, data):
+        self.data = bytearray(data)
+
+    def __reduce_ex__(self, protocol):
+        return (Blob, (pickle.PickleBuffer(self.data),))
+
+
+def blob_size(blob):
+    return len(blob.data)
