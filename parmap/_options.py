@@ -145,7 +145,14 @@ class CallOptions:
         """A copy with ``overrides`` applied (validated; unknown names rejected)."""
         unknown = set(overrides) - CALL_OPTION_NAMES
         if unknown:
-            raise TypeError(f"unexpected per-call option(s): {', '.join(sorted(unknown))}")
+            message = f"unexpected per-call option(s): {', '.join(sorted(unknown))}"
+            if fixed := sorted(unknown & POOL_OPTION_NAMES):
+                one = len(fixed) == 1
+                message += (
+                    f"; {', '.join(fixed)} {'is' if one else 'are'} fixed for the pool's life: "
+                    f"pass {'it' if one else 'them'} to parmap.Pool(...)"
+                )
+            raise TypeError(f"{message}; a call takes {', '.join(sorted(CALL_OPTION_NAMES))}")
         return replace(self, **overrides) if overrides else self
 
 

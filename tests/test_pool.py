@@ -51,8 +51,11 @@ def test_per_call_overrides(backend):
 
 
 def test_pool_level_options_are_not_per_call():
-    with parmap.Pool(workers=2, backend="thread") as pool, pytest.raises(TypeError, match="workers"):
-        pool.map(workfns.square, [1], workers=3)
+    with parmap.Pool(workers=2, backend="thread") as pool:
+        with pytest.raises(TypeError, match=r"workers is fixed for the pool's life: pass it to parmap\.Pool"):
+            pool.map(workfns.square, [1], workers=3)
+        with pytest.raises(TypeError, match="bogus; a call takes chunksize, on_error, ordered, progress, retries"):
+            pool.imap(workfns.square, [1], bogus=3)
 
 
 def test_submit_returns_a_future(backend):
