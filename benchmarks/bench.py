@@ -99,6 +99,37 @@ def run_map(lib: str, fn: Callable[..., Any], items: list[Any], workers: int, *,
     return parmap.map(fn, items, workers=workers, **options)
 
 
+def run_submits(lib: str, fn: Callable[[Any], Any], items: list[Any], workers: int) -> list[Any]:
+    """``fn(x)`` for each item as one submitted call each (a future or an
+    async result per item), then every result in order."""
+    if lib == "serial":
+        return [fn(x) for x in items]
+    if lib == "mp_pool":
+        import multiprocessing
+
+        with multiprocessing.Pool(workers) as pool:
+            pending = [pool.apply_async(fn, (x,)) for x in items]
+            return [p.get() for p in pending]
+    if lib == "ppe":
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers) as executor:
+            futures = [executor.submit(fn, x) for x in items]
+            return [f.result() for f in futures]
+    if lib == "mpire":
+        from mpire import WorkerPool
+
+        with WorkerPool(n_jobs=workers) as pool:
+            pending = [pool.apply_async(fn, (x,)) for x in items]
+            return [p.get() for p in pending]
+    import parmap
+
+    options: dict[str, Any] = {} if lib == "auto" else {"backend": lib}
+    with parmap.Pool(workers, **options) as pool:
+        futures = [pool.submit(fn, x) for x in items]
+        return [f.result() for f in futures]
+
+
 class _Stream:
     """An ``imap`` by ``lib`` over ``source``; ``close()`` stops its workers."""
 
@@ -213,6 +244,12 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
         out["digest"] = f"{taken}:{digest}"
         return out
     by_reference = lib in ("mp_pool", "ppe")
+    if workload == "W8":
+        started = time.perf_counter()
+        results = run_submits(lib, wl.square, list(range(size)), workers)
+        out["time"] = time.perf_counter() - started
+        out["digest"] = wl.Digest().extend(results).hexdigest()
+        return out
     star = workload == "W1s"
     if workload == "W1":
         fn, items = wl.square, list(range(size))
@@ -295,6 +332,12 @@ def workload_table(scale: float, spin_10ms: int) -> list[Workload]:
         ),
         Workload("W7", f"{n(200)} items, a lambda capturing 10 MB", n(200), everyone),
         Workload("W7base", f"{n(200)} items, the same lambda without the capture", n(200), everyone),
+        Workload(
+            "W8",
+            f"{n(10_000):,} submits of x*x, one future each",
+            n(10_000),
+            ("serial", *PARMAP_BACKENDS, "mp_pool", "ppe", "mpire"),
+        ),
     ]
 
 

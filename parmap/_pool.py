@@ -16,10 +16,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar, cast
 
-from ._errors import PoolClosedError
+from ._errors import PoolClosedError, SerializationError
 from ._options import CallOptions, OnError, PoolOptions
 from ._scheduler import SKIPPED, Record, Scheduler, lost_error
-from ._serialization import short_repr
+from ._serialization import find_unpicklable, short_repr
 from .backends import create_backend
 from .backends._base import Call, Chunk, ChunkLost, ChunkOutcome
 
@@ -103,6 +103,10 @@ class Pool:
         self._settlements: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._settler: threading.Thread | None = None
         self._settler_stopped = False
+        # submit(): the call of the last function submitted, and how many
+        # submits of each call have not ended (see _submit_call_for).
+        self._submit_call: tuple[Callable[..., Any], Call] | None = None
+        self._submits_running: dict[int, int] = {}
         _open_pools.add(self)
 
     def _serve_one_call(self) -> None:
@@ -145,11 +149,16 @@ class Pool:
         The future is running from the start (``cancel()`` returns False):
         once handed to the workers, the call cannot be taken back. If the
         pool is terminated first, the future fails with ``PoolClosedError``.
+        Consecutive submits of one function share one call, so ``fn`` goes
+        to each worker once and only the arguments travel with each submit.
         """
         self._check_open()
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {fn!r}")
         future: Future[R] = Future()
         future.set_running_or_notify_cancel()
-        call = Call(_Bound(fn, args, kwargs), timeout=self._defaults.timeout)
+        call = self._submit_call_for(fn)
+        item = (args, kwargs)
         attempts = 0
 
         def done(_: Chunk, result: ChunkOutcome | ChunkLost) -> None:
@@ -160,11 +169,11 @@ class Pool:
             # A polite close waits for retries too; only terminate() refuses them.
             if failed and attempts <= self._defaults.retries and not self._killed:
                 try:
-                    self._backend.submit(Chunk(call, [0], [None]), done)  # retries=N, as for map
+                    self._backend.submit(Chunk(call, [0], [item]), done)  # retries=N, as for map
                     return
                 except PoolClosedError:
                     pass  # closed meanwhile: report this attempt's failure
-            self._backend.release(call)
+            self._submit_ended(call)
             settle = _settlement(future, call, fn, result)
             with self._lock:
                 if future not in self._futures:
@@ -186,8 +195,45 @@ class Pool:
                     target=_settle_futures, args=(self._settlements,), name="parmap-futures", daemon=True
                 )
                 self._settler.start()
-        self._backend.submit(Chunk(call, [0], [None]), done)
+        try:
+            self._backend.submit(Chunk(call, [0], [item]), done)
+        except BaseException as exc:
+            # Nothing was handed over: this future is not the pool's to wait for.
+            with self._lock:
+                self._futures.discard(future)
+                self._notify_if_idle()
+            self._submit_ended(call)
+            if isinstance(exc, SerializationError):
+                raise _submit_error(fn, args, kwargs, exc) from exc
+            raise
         return future
+
+    def _submit_call_for(self, fn: Callable[..., Any]) -> Call:
+        """The call that runs ``fn`` for ``submit``: the last one's when ``fn``
+        is the same function again (benchmark: 10,000 submits), else a new one;
+        a call replaced so is released once its last submit has ended."""
+        idle: Call | None = None
+        with self._lock:
+            if self._submit_call is None or self._submit_call[0] is not fn:
+                if self._submit_call is not None and self._submit_call[1].id not in self._submits_running:
+                    idle = self._submit_call[1]  # nothing of it runs: release it now
+                self._submit_call = (fn, Call(_Apply(fn), timeout=self._defaults.timeout))
+            call = self._submit_call[1]
+            self._submits_running[call.id] = self._submits_running.get(call.id, 0) + 1
+        if idle is not None:
+            self._backend.release(idle)
+        return call
+
+    def _submit_ended(self, call: Call) -> None:
+        with self._lock:
+            left = self._submits_running[call.id] - 1
+            if left:
+                self._submits_running[call.id] = left
+                return
+            del self._submits_running[call.id]
+            if self._submit_call is not None and call is self._submit_call[1]:
+                return  # kept for the next submit of the same function
+        self._backend.release(call)
 
     # -- lifecycle -----------------------------------------------------------------
     def close(self) -> None:
@@ -398,16 +444,39 @@ def _settlement(
     return lambda: future.set_exception(error)
 
 
-class _Bound:
-    """``fn`` with its arguments, for ``submit``: called with the dummy item."""
+class _Apply:
+    """The function of a ``submit`` call: ``fn(*args, **kwargs)`` for each
+    item ``(args, kwargs)``, so that ``fn`` travels once per call and only
+    the arguments travel with each submit."""
 
-    __slots__ = ("args", "fn", "kwargs")
+    __slots__ = ("fn",)
 
-    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        self.fn, self.args, self.kwargs = fn, args, kwargs
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
 
-    def __call__(self, _: object) -> Any:
-        return self.fn(*self.args, **self.kwargs)
+    def __call__(self, item: tuple[tuple[Any, ...], dict[str, Any]]) -> Any:
+        args, kwargs = item
+        return self.fn(*args, **kwargs)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_Bound, (self.fn, self.args, self.kwargs))
+        return (_Apply, (self.fn,))
+
+    def __repr__(self) -> str:
+        return repr(self.fn)  # errors name the user's function, not this wrapper
+
+
+def _submit_error(
+    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], exc: SerializationError
+) -> SerializationError:
+    """``exc`` (about the wrapped call or its one item) retold as what the
+    user passed to ``submit``: the function, or which argument."""
+    if exc.position is None:
+        return exc  # the function itself, already named
+    where = f"submit({short_repr(fn)}, ...)"
+    named = [(f"argument #{i} ({short_repr(a)})", a) for i, a in enumerate(args)]
+    named += [(f"keyword argument {k!r} ({short_repr(v)})", v) for k, v in kwargs.items()]
+    for what, value in named:
+        _, problem = find_unpicklable([value])
+        if _ is not None:
+            return SerializationError(f"{where}: {what} cannot be serialised: {type(problem).__name__}: {problem}")
+    return SerializationError(f"{where}: the arguments cannot be serialised: {exc}")

@@ -99,6 +99,32 @@ def test_submit_survives_a_crash(process_backend):
         assert pool.submit(workfns.square, 7).result(timeout=20) == 49
 
 
+def test_submits_of_one_function_send_it_once_per_worker(process_backend, tmp_marker_dir):
+    fn = workfns.CountingFn(tmp_marker_dir)
+    with parmap.Pool(workers=2, backend=process_backend) as pool:
+        pool.map(workfns.square, range(4))  # workers up before fn exists: they must be sent it
+        futures = [pool.submit(fn, i) for i in range(30)]
+        assert [f.result(timeout=20) for f in futures] == list(range(30))
+        # Another function, then the first again: each is a new call, sent anew.
+        assert pool.submit(workfns.square, 3).result(timeout=20) == 9
+        assert pool.submit(fn, 5).result(timeout=20) == 5
+    assert 1 <= len(os.listdir(tmp_marker_dir)) <= 4  # was one per submit
+
+
+@pytest.mark.timeout(60)
+def test_submit_with_an_unpicklable_argument_names_it_and_leaves_the_pool_usable(any_backend):
+    with parmap.Pool(workers=2, backend=any_backend) as pool:
+        if any_backend in ("thread", "serial"):  # nothing is pickled: it just runs
+            assert pool.submit(workfns.getpid, threading.Lock()).result(timeout=20) == os.getpid()
+            return
+        with pytest.raises(parmap.SerializationError, match=r"submit\(.*getpid.*\): argument #0 \(<unlocked"):
+            pool.submit(workfns.getpid, threading.Lock())
+        with pytest.raises(parmap.SerializationError, match="keyword argument '_'"):
+            pool.submit(workfns.getpid, _=threading.Lock())
+        assert pool.submit(workfns.square, 4).result(timeout=20) == 16
+    # Leaving the block closes the pool: it used to wait for ever on the refused call.
+
+
 def test_closed_pool_says_so(backend):
     pool = parmap.Pool(workers=2, backend=backend)
     assert pool.map(workfns.square, [1, 2]) == [1, 4]
