@@ -408,6 +408,8 @@ class Scheduler:
         if not isinstance(exc, ParmapError) or isinstance(exc, TaskError):
             tries = f" on each of {attempts} attempts" if attempts > 1 else ""
             exc.add_note(f"parmap: raised by item #{record.start + offset} ({short_repr(record.items[offset])}){tries}")
+        elif attempts > 1:  # a crash or a timeout: the message names the item already
+            exc.add_note(f"parmap: the same on each of {attempts} attempts")
         policy = self._options.on_error
         if policy == "raise":
             position = record.start + offset

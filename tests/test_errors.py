@@ -203,6 +203,13 @@ def test_retries_survive_a_crash(process_backend, tmp_marker_dir):
 
 
 @pytest.mark.timeout(30)
+def test_a_crash_on_every_attempt_says_how_many(process_backend):
+    with pytest.raises(parmap.WorkerCrashedError, match=rf"item #{workfns.BAD} \({workfns.BAD}\)") as info:
+        parmap.map(workfns.sigkill_self, ITEMS, workers=2, backend=process_backend, retries=2)
+    assert "parmap: the same on each of 3 attempts" in info.value.__notes__
+
+
+@pytest.mark.timeout(30)
 def test_pool_survives_a_crash(process_backend):
     """One dead worker costs one item; the pool carries on with a replacement."""
     with parmap.Pool(workers=2, backend=process_backend) as pool:
