@@ -161,8 +161,15 @@ class Pool:
         item = (args, kwargs)
         attempts = 0
 
-        def done(_: Chunk, result: ChunkOutcome | ChunkLost) -> None:
+        def done(chunk: Chunk, result: ChunkOutcome | ChunkLost) -> None:
             nonlocal attempts
+            if isinstance(result, ChunkOutcome) and result.unreadable and not chunk.by_value and not self._killed:
+                # The arguments did not load in the worker: once more by value, free of charge.
+                try:
+                    self._backend.submit(Chunk(call, [0], [item], by_value=True), done)
+                    return
+                except PoolClosedError:
+                    pass
             failed = isinstance(result, ChunkLost) or bool(result.errors)
             if failed and not (isinstance(result, ChunkLost) and result.innocent):
                 attempts += 1

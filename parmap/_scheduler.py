@@ -58,7 +58,7 @@ _UNSET: Any = object()
 class Record:
     """Consecutive input items submitted together, kept until all are final."""
 
-    __slots__ = ("attempts", "items", "pending", "start", "suspects", "values")
+    __slots__ = ("attempts", "by_value", "items", "pending", "start", "suspects", "values")
 
     def __init__(self, start: int, items: list[Any] | SourceSlice) -> None:
         self.start = start
@@ -69,6 +69,7 @@ class Record:
         self.pending = len(items)
         self.attempts: dict[int, int] = {}
         self.suspects: set[int] = set()  # offsets that were on a worker when it died
+        self.by_value = False  # its items did not load in a worker: send them by value
 
     @property
     def complete(self) -> bool:
@@ -258,7 +259,7 @@ class Scheduler:
         else:
             positions = [record.start + o for o in offsets]
             items = [record.items[o] for o in offsets]
-        chunk = Chunk(self._call, positions, items, tag=(record, offsets, alone))
+        chunk = Chunk(self._call, positions, items, tag=(record, offsets, alone), by_value=record.by_value)
         self._in_flight += 1
         try:
             self._backend.submit(chunk, self._on_done)
@@ -324,6 +325,11 @@ class Scheduler:
                 self._settle_all(record, result.results)  # the common case: one step, not one per item
                 return
         offsets = list(range(len(chunk.items))) if offsets is None else offsets
+        if isinstance(result, ChunkOutcome) and result.unreadable and not chunk.by_value:
+            # Free of charge: most likely a class the worker's __main__ lacks.
+            record.by_value = True
+            self._retries.append((record, offsets))
+            return
         if isinstance(result, ChunkLost):
             self._lost(record, offsets, result, alone=alone)
             return

@@ -195,15 +195,27 @@ def plain_text(values: Sequence[Any]) -> bool:
     return kind is str or kind is bytes
 
 
-def dump_data(values: Sequence[Any], what: str, positions: Sequence[int], *, memoless: bool | None = None) -> Pickled:
+def dump_data(
+    values: Sequence[Any],
+    what: str,
+    positions: Sequence[int],
+    *,
+    memoless: bool | None = None,
+    by_value: bool = False,
+) -> Pickled:
     """Pickle a chunk of items or results into :class:`Pickled` parts.
 
     ``what`` is ``"item"`` or ``"the result of item"``; ``positions`` are the
     input positions, used to name the one value that cannot be serialised.
     ``memoless``: pickle without the memo (default: when the values are
-    :func:`plain_text`).
+    :func:`plain_text`). ``by_value``: with cloudpickle only, which sends
+    classes and functions of ``__main__`` by value, for a worker whose
+    ``__main__`` lacks them (forked before they were defined, or spawned
+    from a notebook or ``python -c``).
     """
-    if memoless is None:
+    if by_value:
+        memoless = False
+    elif memoless is None:
         memoless = plain_text(values)
     if memoless:
         try:
@@ -214,12 +226,13 @@ def dump_data(values: Sequence[Any], what: str, positions: Sequence[int], *, mem
             return out
         except Exception:  # noqa: S110 - _TooBig, or refused: the usual way below
             pass
-    try:
-        out = Pickled()
-        pickle.Pickler(out, protocol=PROTOCOL).dump(values)
-        return out
-    except Exception:  # noqa: S110 - plain pickle refused: cloudpickle may not
-        pass
+    if not by_value:
+        try:
+            out = Pickled()
+            pickle.Pickler(out, protocol=PROTOCOL).dump(values)
+            return out
+        except Exception:  # noqa: S110 - plain pickle refused: cloudpickle may not
+            pass
     try:
         out = Pickled()
         cloudpickle.Pickler(out, protocol=PROTOCOL).dump(values)

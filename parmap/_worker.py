@@ -73,6 +73,10 @@ class ChunkOutcome:
     #: The items could not all be unpickled here, and which one failed is
     #: unknown: run them again one at a time (see :func:`unreadable_outcome`).
     split: bool = False
+    #: The items did not load in the worker (``split``, or the one item's
+    #: error): the scheduler sends them again by value once before blaming
+    #: them (a class the worker's ``__main__`` lacks).
+    unreadable: bool = False
 
     @classmethod
     def failed(cls, exc: BaseException, *, pickle_it: bool = False) -> ChunkOutcome:
@@ -241,12 +245,12 @@ def unreadable_outcome(exc: BaseException, positions: Sequence[int], *, results:
     in one pickle: for several items a request to run them one at a time
     (free of charge), for one that item's ``SerializationError``."""
     if len(positions) > 1:
-        return ChunkOutcome([], split=True)
+        return ChunkOutcome([], split=True, unreadable=not results)
     what, where = ("the result of item", "here") if results else ("item", "in the worker")
     error = SerializationError(f"{what} #{positions[0]} could not be unpickled {where}: {type(exc).__name__}: {exc}")
     error.__cause__ = exc
     # In the worker the error must travel; in the caller it is already home.
-    return ChunkOutcome([None], errors={0: ErrorInfo.capture(error, pickle_it=not results)})
+    return ChunkOutcome([None], errors={0: ErrorInfo.capture(error, pickle_it=not results)}, unreadable=not results)
 
 
 def fatal_outcome(exc: BaseException, what: str) -> ChunkOutcome:

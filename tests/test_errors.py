@@ -72,6 +72,32 @@ def test_an_item_that_will_not_unpickle_in_the_worker_fails_alone(process_backen
     assert results[2].position == 2
 
 
+@pytest.fixture
+def define_late_main_class(monkeypatch):
+    """Defines a class of ``__main__`` when called, as a notebook cell defines
+    one after the cell that made the pool: the workers started before have
+    no such attribute in their ``__main__``."""
+    import sys
+
+    def define():
+        late = type("Late", (), {"__module__": "__main__"})
+        monkeypatch.setattr(sys.modules["__main__"], "Late", late, raising=False)
+        return late
+
+    return define
+
+
+@pytest.mark.timeout(60)
+def test_items_of_a_main_class_the_workers_lack_travel_by_value(any_backend, define_late_main_class):
+    with parmap.Pool(workers=2, backend=any_backend) as pool:
+        assert pool.map(workfns.square, range(8), chunksize=1) == [x * x for x in range(8)]  # workers up
+        late = define_late_main_class()
+        items = [late() for _ in range(5)]
+        assert pool.map(workfns.type_name, items, chunksize=2) == ["Late"] * 5
+        assert list(pool.imap(workfns.type_name, iter(items))) == ["Late"] * 5
+        assert pool.submit(workfns.type_name, late()).result(timeout=30) == "Late"
+
+
 @pytest.mark.timeout(30)
 def test_unordered_errors_say_which_item_they_belong_to(process_backend):
     results = list(

@@ -290,3 +290,7 @@ class Blob:
 
 def blob_size(blob):
     return len(blob.data)
+
+
+def type_name(x):
+    return type(x).__name__

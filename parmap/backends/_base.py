@@ -135,11 +135,14 @@ class Chunk:
     tag: Any = None
     #: The pickled size of the items, once a backend has pickled them.
     nbytes: int = 0
+    #: Pickle the items with cloudpickle, classes of ``__main__`` by value:
+    #: they did not load in a worker by reference (see ``ChunkOutcome.unreadable``).
+    by_value: bool = False
 
     def pickled_items(self) -> Pickled:
         """The items pickled in parts (see :class:`~parmap._serialization.Pickled`)."""
         items = self.items.read() if isinstance(self.items, SourceSlice) else self.items
-        pickled = dump_data(items, "item", self.positions)
+        pickled = dump_data(items, "item", self.positions, by_value=self.by_value)
         self.nbytes = pickled.nbytes
         return pickled
 
