@@ -77,6 +77,10 @@ class ChunkOutcome:
     #: error): the scheduler sends them again by value once before blaming
     #: them (a class the worker's ``__main__`` lacks).
     unreadable: bool = False
+    #: The function did not load in the worker (``fatal`` says why): a
+    #: backend sends it again by value once (a function the worker's
+    #: ``__main__`` lacks, defined after the worker started).
+    fn_unreadable: bool = False
 
     @classmethod
     def failed(cls, exc: BaseException, *, pickle_it: bool = False) -> ChunkOutcome:
@@ -257,7 +261,9 @@ def fatal_outcome(exc: BaseException, what: str) -> ChunkOutcome:
     """An outcome saying the whole call cannot run here (``what`` failed)."""
     error = SerializationError(f"{what} could not be loaded in the worker: {type(exc).__name__}: {exc}")
     error.__cause__ = exc
-    return ChunkOutcome.failed(error, pickle_it=True)
+    outcome = ChunkOutcome.failed(error, pickle_it=True)
+    outcome.fn_unreadable = True
+    return outcome
 
 
 def prepare_worker_process(*, parent_death_signal: bool = True) -> None:

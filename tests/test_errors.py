@@ -98,6 +98,28 @@ def test_items_of_a_main_class_the_workers_lack_travel_by_value(any_backend, def
         assert pool.submit(workfns.type_name, late()).result(timeout=30) == "Late"
 
 
+@pytest.mark.timeout(60)
+def test_a_main_function_the_workers_lack_travels_by_value(process_backend, monkeypatch):
+    import sys
+
+    with parmap.Pool(workers=2, backend=process_backend) as pool:
+        assert pool.map(workfns.square, range(8), chunksize=1) == [x * x for x in range(8)]  # workers up
+        # Defined in __main__ only now, as a script's later lines or a notebook cell would.
+        namespace: dict = {"__name__": "__main__"}
+        exec("def later(x):\n    return x + 100\n", namespace)
+        monkeypatch.setattr(sys.modules["__main__"], "later", namespace["later"], raising=False)
+        assert pool.map(namespace["later"], range(6), chunksize=1) == [x + 100 for x in range(6)]
+        assert pool.submit(namespace["later"], 1).result(timeout=30) == 101
+
+
+@pytest.mark.timeout(60)
+def test_a_function_that_loads_nowhere_still_fails_the_call(process_backend):
+    with parmap.Pool(workers=2, backend=process_backend) as pool:
+        assert pool.map(workfns.square, range(4)) == [0, 1, 4, 9]
+        with pytest.raises(parmap.SerializationError, match="the function could not be loaded in the worker"):
+            pool.map(workfns.CallableOnlyInTheCaller(), range(4))
+
+
 @pytest.mark.timeout(30)
 def test_unordered_errors_say_which_item_they_belong_to(process_backend):
     results = list(

@@ -67,6 +67,9 @@ class Call:
     #: demand weigh it against what starting one costs.
     backlog: float | None = None
     id: int = field(default_factory=lambda: next(_call_ids))
+    #: ``fn`` did not load by reference in a worker (a function of ``__main__``
+    #: defined after that worker started): local workers get it by value too.
+    fn_by_value: bool = False
     _fn_bytes: bytes | None = None
     _local_fn_bytes: bytes | None = None
     _local_checked: bool = False
@@ -81,6 +84,8 @@ class Call:
     @property
     def local_fn_bytes(self) -> bytes:
         """``fn`` pickled for worker processes on this machine (see ``dumps_function``)."""
+        if self.fn_by_value:
+            return self.fn_bytes
         if self._local_fn_bytes is None:
             self._local_fn_bytes = dumps_function(self.fn, local=True)
         return self._local_fn_bytes

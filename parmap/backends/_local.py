@@ -91,6 +91,9 @@ class WorkerProcess:
     sent_at: float = 0.0
     started_at: float = 0.0
     known_calls: set[int] = field(default_factory=set)
+    #: Call id -> the chunks sent before this worker was sent that call's
+    #: function by value (see _function_missed).
+    by_value_after: dict[int, int] = field(default_factory=dict)
     sources: set[int] = field(default_factory=set)
     ran_anything: bool = False
     timed_out_offset: int | None = None
@@ -393,9 +396,12 @@ class LocalWorkers(Backend):
                     worker.conn.send_bytes(_control(("forget", call_id)))
                     worker.known_calls.discard(call_id)
                     worker.sources.discard(call_id)
+                    worker.by_value_after.pop(call_id, None)
                 if call.id not in worker.known_calls:
                     worker.conn.send_bytes(_control(("fn", call.id, fn_bytes)))
                     worker.known_calls.add(call.id)
+                    if call.fn_by_value:
+                        worker.by_value_after.setdefault(call.id, worker.sent)
                 self._send_chunk(worker, queued, from_source)
             except OSError:
                 pass  # the worker died under us; its sentinel reports the chunk
@@ -470,7 +476,7 @@ class LocalWorkers(Backend):
         by_sentinel = {w.sentinel: w for w in live}
         ready = wait([self._wake_r, *(w.conn for w in live), *by_sentinel], timeout)
         died: list[WorkerProcess] = []
-        received: list[tuple[Chunk | None, Done | None, bytes | bytearray]] = []
+        received: list[tuple[WorkerProcess, int, Chunk | None, Done | None, bytes | bytearray]] = []
         for obj in ready:
             if isinstance(obj, int) and obj == self._wake_r:
                 os.read(self._wake_r, 65536)
@@ -480,7 +486,7 @@ class LocalWorkers(Backend):
                     data = recv_framed(worker.conn)
                 except (EOFError, OSError):
                     continue  # died mid-message: its sentinel is ready too
-                received.append((*self._take(worker), data))
+                received.append((worker, worker.seq, *self._take(worker), data))
             else:
                 died.append(by_sentinel[obj])
         # Replaced first, so that no chunk is sent to a worker already dead.
@@ -491,11 +497,32 @@ class LocalWorkers(Backend):
             # sent: decoding a big outcome takes milliseconds that the worker
             # would otherwise spend idle (benchmark W1).
             self._send_work()
-            for chunk, done, data in received:
+            for worker, seq, chunk, done, data in received:
                 if chunk is not None and done is not None:
-                    done(chunk, decode_chunk_outcome(chunk, data))
+                    outcome = decode_chunk_outcome(chunk, data)
+                    if outcome.fn_unreadable and self._function_missed(worker, seq, chunk, done):
+                        continue
+                    done(chunk, outcome)
         if timeout is not None:
             self._enforce_timeouts()
+
+    def _function_missed(self, worker: WorkerProcess, seq: int, chunk: Chunk, done: Done) -> bool:
+        """``worker`` could not load ``chunk``'s function: if it had it by
+        reference, send it by value and the chunk again, free of charge, and
+        return True. A function of ``__main__`` defined after the worker
+        started is not in the worker's ``__main__``; sent by value it needs
+        not be. Only a function that fails by value too is the call's error."""
+        call = chunk.call
+        after = worker.by_value_after.get(call.id)
+        if after is not None and seq > after:
+            return False  # it had the function by value, and that failed too
+        call.fn_by_value = True
+        if after is None:
+            worker.known_calls.discard(call.id)  # so that it is sent again, by value
+        with self._lock:
+            self._pending.appendleft(_Queued(chunk, done, None))
+        self._wake()
+        return True
 
     def _take(self, worker: WorkerProcess) -> tuple[Chunk | None, Done | None]:
         """Take the worker's running chunk off it: it is idle again, or runs

@@ -123,6 +123,7 @@ class _Flight:
     slot: int
     sent_at: float
     task: tuple[Any, ...]
+    by_value: bool = False  # the task carried its function by value
     timed_out_offset: int | None = None
 
 
@@ -250,7 +251,7 @@ class MPPoolBackend(Backend):
             call = chunk.call
             fn_ref = self._fn_files.get(call.id) or call.local_fn_bytes
             task = (key, slot, call.id, fn_ref, chunk.header(), items)
-            self._flights[key] = _Flight(chunk, done, slot, time.monotonic(), task)
+            self._flights[key] = _Flight(chunk, done, slot, time.monotonic(), task, call.fn_by_value)
             self._feed(task)
         if self._flights:
             self._wake()
@@ -274,7 +275,17 @@ class MPPoolBackend(Backend):
                 return  # already reported lost
             self._free_slots.append(flight.slot)
             self._launch_waiting()
-        flight.done(flight.chunk, decode_chunk_outcome(flight.chunk, data))
+        outcome = decode_chunk_outcome(flight.chunk, data)
+        if outcome.fn_unreadable and not flight.by_value:
+            # By reference it did not load (a function of __main__ defined
+            # after the pool started): once more by value, free of charge.
+            flight.chunk.call.fn_by_value = True
+            with self._lock:
+                if not self._closing or not self._kill_on_close:
+                    self._waiting.appendleft((flight.chunk, flight.done, flight.task[5]))
+                    self._launch_waiting()
+                    return
+        flight.done(flight.chunk, outcome)
 
     def _on_task_error(self, key: int, exc: BaseException) -> None:
         """The pool itself failed a task (run_pool_task does not raise): report it."""
