@@ -483,7 +483,7 @@ def _submit_error(
     named = [(f"argument #{i} ({short_repr(a)})", a) for i, a in enumerate(args)]
     named += [(f"keyword argument {k!r} ({short_repr(v)})", v) for k, v in kwargs.items()]
     for what, value in named:
-        _, problem = find_unpicklable([value])
-        if _ is not None:
+        bad, problem = find_unpicklable([value])
+        if bad is not None:
             return SerializationError(f"{where}: {what} cannot be serialised: {type(problem).__name__}: {problem}")
     return SerializationError(f"{where}: the arguments cannot be serialised: {exc}")
