@@ -12,9 +12,10 @@
                                              wake-up pipe,
                                              next timeout deadline)
 
-The dispatcher blocks in :func:`multiprocessing.connection.wait` on every
-worker's pipe and exit sentinel plus a wake-up pipe, with a timeout only when
-an item's ``timeout`` deadline is due; it never polls. A worker's death wakes
+The dispatcher blocks in one long-lived ``poll()`` (where the platform lacks
+it, :func:`multiprocessing.connection.wait`) on every worker's pipe and exit
+sentinel plus a wake-up pipe, with a timeout only when an item's ``timeout``
+deadline is due; it never busy-waits. A worker's death wakes
 it through the sentinel: the worker's chunk is reported as :class:`ChunkLost`
 and a replacement is started, so one crash costs one chunk, not the pool.
 
@@ -37,6 +38,7 @@ import abc
 import mmap
 import os
 import pickle
+import select
 import signal
 import threading
 import time
@@ -155,6 +157,8 @@ class LocalWorkers(Backend):
         self._grow_due: float | None = None  # when a deferred start is due (monotonic)
         self._one_call = False  # see serve_one_call
         self._abandoned: set[int] = set()  # calls released since the dispatcher last looked
+        self._poller = select.poll() if hasattr(select, "poll") else None
+        self._polled: dict[int, tuple[bool, WorkerProcess | None]] = {}  # fd -> (sentinel?, worker)
 
     # -- subclass hooks -------------------------------------------------
     def _make_status_array(self, size: int) -> Any:
@@ -470,25 +474,50 @@ class LocalWorkers(Backend):
             return None
         return min(max(0.0, deadline - time.monotonic()), MAX_WAIT_SECONDS)
 
-    def _watch(self, timeout: float | None) -> None:
-        live = [w for w in self._procs if w is not None]
-        by_conn = {id(w.conn): w for w in live}
-        by_sentinel = {w.sentinel: w for w in live}
-        ready = wait([self._wake_r, *(w.conn for w in live), *by_sentinel], timeout)
-        died: list[WorkerProcess] = []
-        received: list[tuple[WorkerProcess, int, Chunk | None, Done | None, bytes | bytearray]] = []
-        for obj in ready:
-            if isinstance(obj, int) and obj == self._wake_r:
-                os.read(self._wake_r, 65536)
-            elif id(obj) in by_conn:
-                worker = by_conn[id(obj)]
-                try:
-                    data = recv_framed(worker.conn)
-                except (EOFError, OSError):
-                    continue  # died mid-message: its sentinel is ready too
-                received.append((worker, worker.seq, *self._take(worker), data))
+    def _ready(self, timeout: float | None) -> tuple[bool, list[WorkerProcess], list[WorkerProcess]]:
+        """Wait for the wake-up pipe, worker pipes and exit sentinels; return
+        whether the pipe woke us, and the workers with a message and those
+        gone. One poll object serves every round, registered anew only
+        where the workers changed: building a selector per round, as
+        ``multiprocessing.connection.wait`` does, was a tenth of the
+        dispatcher's time on small chunks (``chunksize=1`` over 10,000 items)."""
+        roles: dict[int, tuple[bool, WorkerProcess | None]] = {self._wake_r: (False, None)}
+        for worker in self._procs:
+            if worker is not None:
+                roles[worker.conn.fileno()] = (False, worker)
+                roles[worker.sentinel] = (True, worker)
+        if self._poller is None:  # no poll() here (Windows): multiprocessing's portable wait
+            ready = wait(list(roles), timeout)
+            fds = [obj if isinstance(obj, int) else obj.fileno() for obj in ready]
+        else:
+            for fd in self._polled.keys() - roles.keys():
+                self._poller.unregister(fd)
+            for fd in roles.keys() - self._polled.keys():
+                self._poller.register(fd, select.POLLIN)
+            self._polled = roles
+            fds = [fd for fd, _ in self._poller.poll(None if timeout is None else max(0.0, timeout) * 1000.0)]
+        woken, readable, died = False, [], []
+        for fd in fds:
+            is_sentinel, worker = roles[fd]
+            if worker is None:
+                woken = True
+            elif is_sentinel:
+                died.append(worker)
             else:
-                died.append(by_sentinel[obj])
+                readable.append(worker)
+        return woken, readable, died
+
+    def _watch(self, timeout: float | None) -> None:
+        woken, readable, died = self._ready(timeout)
+        if woken:
+            os.read(self._wake_r, 65536)
+        received: list[tuple[WorkerProcess, int, Chunk | None, Done | None, bytes | bytearray]] = []
+        for worker in readable:
+            try:
+                data = recv_framed(worker.conn)
+            except (EOFError, OSError):
+                continue  # died mid-message: its sentinel is ready too
+            received.append((worker, worker.seq, *self._take(worker), data))
         # Replaced first, so that no chunk is sent to a worker already dead.
         for worker in died:
             self._replace(worker)
