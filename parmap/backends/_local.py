@@ -550,8 +550,7 @@ class LocalWorkers(Backend):
             worker.known_calls.discard(call.id)  # so that it is sent again, by value
         with self._lock:
             self._pending.appendleft(_Queued(chunk, done, None))
-        self._wake()
-        return True
+        return True  # the dispatch loop sends it on its next round, before it waits
 
     def _take(self, worker: WorkerProcess) -> tuple[Chunk | None, Done | None]:
         """Take the worker's running chunk off it: it is idle again, or runs

@@ -281,7 +281,7 @@ class MPPoolBackend(Backend):
             # after the pool started): once more by value, free of charge.
             flight.chunk.call.fn_by_value = True
             with self._lock:
-                if not self._closing or not self._kill_on_close:
+                if not self._kill_on_close:  # terminating: report it as it is
                     self._waiting.appendleft((flight.chunk, flight.done, flight.task[5]))
                     self._launch_waiting()
                     return
