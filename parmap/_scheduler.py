@@ -403,7 +403,10 @@ class Scheduler:
     def _item_failed(self, record: Record, offset: int, exc: BaseException, *, retryable: bool) -> None:
         attempts = record.attempts.get(offset, 0) + 1
         record.attempts[offset] = attempts
-        if retryable and attempts <= self._options.retries:
+        # SystemExit, KeyboardInterrupt, ...: fn asked to stop, and a serial
+        # map would stop there; neither retried nor skipped nor returned.
+        stops = not isinstance(exc, Exception)
+        if retryable and not stops and attempts <= self._options.retries:
             if offset in record.suspects:
                 self._suspects.append((record, offset))
             else:
@@ -416,7 +419,7 @@ class Scheduler:
             exc.add_note(f"parmap: raised by item #{record.start + offset} ({short_repr(record.items[offset])}){tries}")
         elif attempts > 1:  # a crash or a timeout: the message names the item already
             exc.add_note(f"parmap: the same on each of {attempts} attempts")
-        policy = self._options.on_error
+        policy = "raise" if stops else self._options.on_error
         if policy == "raise":
             position = record.start + offset
             if self._failure is None or position < self._failure[0]:

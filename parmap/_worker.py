@@ -151,6 +151,13 @@ def run_chunk(
             results.append(None)
             if stop_on_error:
                 break
+        except BaseException as exc:
+            # SystemExit, KeyboardInterrupt, ...: fn asks to stop, as it would
+            # stop a serial map. Carried back like any error, rather than
+            # ending a worker process (a "crash" that loses type and traceback).
+            errors[len(results)] = ErrorInfo.capture(exc, pickle_it=pickle_errors)
+            results.append(None)
+            break
     if status is not None:
         status.clear()
     return ChunkOutcome(results, errors, time.perf_counter() - started)

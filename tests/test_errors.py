@@ -4,6 +4,7 @@ and leaves no process behind (the autouse no_orphans fixture checks that)."""
 from __future__ import annotations
 
 import functools
+import os
 import pickle
 import threading
 
@@ -21,7 +22,6 @@ CRASH_MATRIX = [
     pytest.param(workfns.raise_value_error, {}, ValueError, "bad item 5", id="raise"),
     pytest.param(workfns.sigkill_self, {}, parmap.WorkerCrashedError, "SIGKILL", id="sigkill"),
     pytest.param(workfns.exit_3, {}, parmap.WorkerCrashedError, "exit code 3", id="os._exit"),
-    pytest.param(workfns.sys_exit_3, {}, parmap.WorkerCrashedError, "exit code 3", id="sys.exit"),
     pytest.param(workfns.segfault, {}, parmap.WorkerCrashedError, "SIGSEGV", id="segfault"),
     pytest.param(workfns.raise_unpicklable, {}, parmap.TaskError, "UnpicklableError", id="unpicklable-exception"),
     pytest.param(
@@ -176,16 +176,28 @@ def test_a_timeout_too_far_off_to_wait_for_is_no_limit(process_backend, timeout)
     ]
 
 
-@pytest.mark.timeout(30)
-@pytest.mark.parametrize("exc", [SystemExit(3), KeyboardInterrupt()], ids=["SystemExit", "KeyboardInterrupt"])
-def test_thread_backend_raises_what_fn_stopped_with(exc):
-    def stop_at_5(x):
-        if x == workfns.BAD:
-            raise exc
-        return x
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", sorted(workfns.STOPS))
+@pytest.mark.parametrize("policy", ["raise", "skip", "return"])
+def test_fn_raising_a_base_exception_stops_the_call_with_it(any_backend, kind, policy, tmp_marker_dir):
+    # As a serial map stops: the same type in the caller, whatever on_error
+    # says, tried once despite retries, and no worker counted as crashed.
+    fn = functools.partial(workfns.stop_at_bad, tmp_marker_dir, kind)
+    with pytest.raises(type(workfns.STOPS[kind]())) as info:
+        parmap.map(fn, ITEMS, workers=2, backend=any_backend, on_error=policy, retries=2, chunksize=2)
+    assert "item #5 (5)" in "".join(info.value.__notes__)
+    assert "stop_at_bad" in info.value.__cause__.text  # the worker's traceback
+    assert len(os.listdir(tmp_marker_dir)) == 1
 
-    with pytest.raises(type(exc)):
-        parmap.map(stop_at_5, ITEMS, workers=2, backend="thread")
+
+@pytest.mark.timeout(30)
+def test_a_pool_stopped_by_a_base_exception_goes_on_serving(process_backend, tmp_marker_dir):
+    with parmap.Pool(workers=2, backend=process_backend) as pool:
+        with pytest.raises(SystemExit):
+            pool.submit(workfns.sys_exit_3, workfns.BAD).result(timeout=10)
+        with pytest.raises(KeyboardInterrupt):
+            list(pool.imap(functools.partial(workfns.stop_at_bad, tmp_marker_dir, "KeyboardInterrupt"), ITEMS))
+        assert pool.map(workfns.square, ITEMS) == [x * x for x in ITEMS]
 
 
 class _FailingDispatcher(ForkBackend):

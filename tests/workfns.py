@@ -65,6 +65,22 @@ def sys_exit_3(x):
     return x
 
 
+class Stop(BaseException):
+    """Not an ``Exception``: what a function raises to stop, as ``SystemExit`` does."""
+
+
+STOPS = {"SystemExit": lambda: SystemExit(3), "KeyboardInterrupt": KeyboardInterrupt, "Stop": lambda: Stop("halt")}
+
+
+def stop_at_bad(marker_dir, kind, x):
+    """Raise the ``kind`` of ``STOPS`` on item 5, leaving a file per attempt."""
+    if x == BAD:
+        with open(os.path.join(marker_dir, f"{os.getpid()}-{time.monotonic_ns()}.tried"), "w"):
+            pass
+        raise STOPS[kind]()
+    return x
+
+
 def segfault(x):
     if x == BAD:
         ctypes.string_at(0)

@@ -42,7 +42,7 @@ class ForkBackend(LocalWorkers):
                 parent_conn.close()
                 self._close_inherited()
                 worker_main(child_conn, self._status, index, self._init_bytes, inherited)
-            except SystemExit as exc:  # fn called sys.exit(): report its code, as multiprocessing does
+            except SystemExit as exc:  # the initializer called sys.exit(): report its code, as multiprocessing does
                 code = exc.code if isinstance(exc.code, int) else 1
             except BaseException:
                 code = 1

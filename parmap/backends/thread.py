@@ -94,8 +94,8 @@ class ThreadBackend(Backend):
         try:
             return _run_in_thread(chunk)
         except BaseException as exc:
-            # SystemExit or KeyboardInterrupt from fn: raised in the caller, as
-            # a serial map would, rather than ending this thread unreported.
+            # Raised outside fn (run_chunk carries fn's own SystemExit back):
+            # fail the call rather than end this thread unreported.
             return ChunkOutcome.failed(exc)
 
     def release(self, call: Call) -> None:
