@@ -30,6 +30,8 @@ import parmap
         ({"start_method": "vfork"}, ValueError, "start_method"),
         ({"backend": "thread", "start_method": "spawn"}, ValueError, "start_method"),
         ({"initializer": 3}, TypeError, "initializer"),
+        ({"address": "tcp://127.0.0.1:1"}, ValueError, "address=.* applies to backend='dask'"),
+        ({"backend": "process", "address": "tcp://127.0.0.1:1"}, ValueError, "address"),
     ],
 )
 def test_bad_arguments_are_named(options, error, text):

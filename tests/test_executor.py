@@ -80,6 +80,8 @@ def test_timeout_and_start_method_are_refused(executor):
         parmap.map(square, range(3), backend=executor, timeout=1)
     with pytest.raises(ValueError, match="start_method"):
         parmap.map(square, range(3), backend=executor, start_method="spawn")
+    with pytest.raises(ValueError, match="address"):
+        parmap.map(square, range(3), backend=executor, address="tcp://127.0.0.1:1")
 
 
 def _kill_on_five(x):

@@ -68,6 +68,12 @@ def create_backend(options: PoolOptions) -> tuple[Backend, bool]:
             f"start_method={options.start_method!r} applies to the 'process', 'pool' and "
             f"'apply_async' backends, not to backend={backend!r}"
         )
+    if options.address is not None and name != "dask":
+        # Quietly running here what was meant for a cluster would hide the mistake.
+        raise ValueError(
+            f"address={options.address!r} names a Dask scheduler: it applies to backend='dask', "
+            f"not to backend={backend!r}"
+        )
     stands_in = backend in _PROCESS_BACKENDS and _context.in_worker()
     if stands_in:
         # A parmap call inside a worker: no pool of pools.
@@ -105,6 +111,8 @@ def _no_start_method(options: PoolOptions, what: str) -> None:
     """Options that only parmap-made workers can honour."""
     if options.start_method is not None:
         raise ValueError(f"start_method cannot be used with {what} as backend: its workers are already made")
+    if options.address is not None:
+        raise ValueError(f"address cannot be used with {what} as backend: it is already connected where it is")
     if options.initializer is not None:
         raise ValueError(
             f"initializer cannot be used with {what} as backend: parmap does not start its workers "
