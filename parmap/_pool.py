@@ -13,7 +13,7 @@ import queue
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from typing import Any, TypeVar, cast
 
 from ._errors import PoolClosedError, SerializationError
@@ -146,9 +146,13 @@ class Pool:
     def submit(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> Future[R]:
         """Run ``fn(*args, **kwargs)`` on a worker; returns a :class:`concurrent.futures.Future`.
 
-        The future is running from the start (``cancel()`` returns False):
-        once handed to the workers, the call cannot be taken back. If the
-        pool is terminated first, the future fails with ``PoolClosedError``.
+        As with :class:`concurrent.futures.ProcessPoolExecutor`, the future is
+        pending while the call waits for a free worker, and ``cancel()`` then
+        takes it back: it never runs. Once a worker takes it, it is running
+        and cannot be cancelled. (On the ``serial`` and ``dask`` backends and
+        an ``Executor`` given as backend, which hand the call on at once, it
+        is running from the start.) If the pool is terminated first, the
+        future fails with ``PoolClosedError``.
         Consecutive submits of one function share one call, so ``fn`` goes
         to each worker once and only the arguments travel with each submit.
         """
@@ -156,13 +160,29 @@ class Pool:
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {fn!r}")
         future: Future[R] = Future()
-        future.set_running_or_notify_cancel()
+        begin = None
+        if self._backend.queues_chunks:
+
+            def begin() -> bool:
+                try:
+                    return future.set_running_or_notify_cancel()
+                except RuntimeError:  # failed already, by terminate()
+                    return False
+
+        else:
+            future.set_running_or_notify_cancel()
         call = self._submit_call_for(fn)
         item = (args, kwargs)
         attempts = 0
 
         def done(chunk: Chunk, result: ChunkOutcome | ChunkLost) -> None:
             nonlocal attempts
+            if future.cancelled():  # dropped before it ran: nothing to settle
+                self._submit_ended(call)
+                with self._lock:
+                    self._futures.discard(future)
+                    self._notify_if_idle()
+                return
             if isinstance(result, ChunkOutcome) and result.unreadable and not chunk.by_value and not self._killed:
                 # The arguments did not load in the worker: once more by value, free of charge.
                 try:
@@ -203,7 +223,7 @@ class Pool:
                 )
                 self._settler.start()
         try:
-            self._backend.submit(Chunk(call, [0], [item]), done)
+            self._backend.submit(Chunk(call, [0], [item], begin=begin), done)
         except BaseException as exc:
             # Nothing was handed over: this future is not the pool's to wait for.
             with self._lock:
@@ -308,7 +328,10 @@ class Pool:
                 unfinished, self._futures = self._futures, set()
                 self._all_settled.notify_all()
             for future in unfinished:
-                future.set_exception(PoolClosedError("the pool was terminated before this call finished"))
+                try:
+                    future.set_exception(PoolClosedError("the pool was terminated before this call finished"))
+                except InvalidStateError:
+                    pass  # cancelled while it waited for a worker
         # Every future the workers settled is settled before close() returns,
         # unless this is a done-callback, on the settling thread itself.
         with self._lock:

@@ -13,6 +13,7 @@ import weakref
 import psutil
 import pytest
 import workfns
+from conftest import PROCESS_BACKENDS
 
 import parmap
 from parmap.backends import _local
@@ -85,6 +86,55 @@ def test_closing_waits_for_the_retries_of_submitted_calls(backend, tmp_marker_di
     assert [f.result(timeout=0) for f in futures] == [0, 1, 2, 3]
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", ["thread", *PROCESS_BACKENDS])
+def test_a_submit_still_waiting_for_a_worker_can_be_cancelled_and_never_runs(backend, tmp_marker_dir):
+    # As with ProcessPoolExecutor: pending until a worker takes it. The
+    # multiprocessing pools hand ~20 calls on at once: 30 leave some waiting.
+    gate = os.path.join(tmp_marker_dir, "gate")
+    with parmap.Pool(workers=1, backend=backend) as pool:
+        blocker = pool.submit(workfns.wait_for_file, gate)
+        futures = [pool.submit(workfns.mark, tmp_marker_dir, i) for i in range(30)]
+        waiting = futures[-5:]
+        assert not any(f.running() or f.done() for f in waiting)
+        assert all(f.cancel() for f in waiting)
+        open(gate, "w").close()
+        assert blocker.result(timeout=20) is True
+        assert [f.result(timeout=20) for f in futures[:-5]] == list(range(25))
+        assert not blocker.cancel()
+        for future in waiting:
+            assert future.cancelled()
+            with pytest.raises(concurrent.futures.CancelledError):
+                future.result()
+    assert sorted(os.listdir(tmp_marker_dir)) == sorted(["gate", *(f"{i}.ran" for i in range(25))])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", ["thread", *PROCESS_BACKENDS])
+def test_terminate_fails_the_waiting_submits_it_finds_and_leaves_cancelled_ones_be(backend, tmp_marker_dir):
+    pool = parmap.Pool(workers=1, backend=backend)
+    blocker = pool.submit(workfns.wait_for_file, os.path.join(tmp_marker_dir, "gate"))
+    futures = [pool.submit(workfns.mark, tmp_marker_dir, i) for i in range(30)]
+    assert futures[-1].cancel()
+    pool.terminate()
+    assert futures[-1].cancelled()
+    with pytest.raises(parmap.PoolClosedError):
+        futures[-2].result(timeout=10)
+    if backend != "thread":  # a thread cannot be stopped: it waits out the gate unwatched
+        with pytest.raises(parmap.PoolClosedError):
+            blocker.result(timeout=10)
+
+
+@pytest.mark.parametrize("backend", ["serial", "dask"])
+def test_a_backend_that_hands_work_on_at_once_starts_the_future_at_once(backend, request):
+    if backend == "dask":
+        request.getfixturevalue("dask_address")
+    with parmap.Pool(workers=1, backend=backend) as pool:
+        future = pool.submit(workfns.square, 3)
+        assert not future.cancel()
+        assert future.result(timeout=30) == 9
+
+
 @pytest.mark.timeout(30)
 def test_submit_retries_a_crash(process_backend, tmp_marker_dir):
     with parmap.Pool(workers=2, backend=process_backend, retries=1) as pool:
@@ -149,7 +199,10 @@ def test_a_submitted_call_runs_for_good_until_terminate_fails_it(backend):
     try:
         running = pool.submit(time.sleep, 2)
         queued = pool.submit(time.sleep, 0.1)
-        assert running.running() and not running.cancel() and not queued.cancel()
+        deadline = time.monotonic() + 10
+        while not running.running() and time.monotonic() < deadline:
+            time.sleep(0.01)  # pending until a worker takes it
+        assert running.running() and not running.cancel()
     finally:
         pool.terminate()
     with pytest.raises(parmap.PoolClosedError, match="terminated"):

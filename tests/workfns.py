@@ -317,3 +317,20 @@ class CallableOnlyInTheCaller(OnlyInTheCaller):
 
     def __call__(self, x):
         return x
+
+
+def wait_for_file(path):
+    """Block until ``path`` exists (a gate the test opens)."""
+    deadline = time.monotonic() + 20
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} never appeared")
+        time.sleep(0.01)
+    return True
+
+
+def mark(marker_dir, x):
+    """Leave ``x.ran`` behind: proof that the item ran."""
+    with open(os.path.join(marker_dir, f"{x}.ran"), "w"):
+        pass
+    return x

@@ -25,6 +25,7 @@ from __future__ import annotations
 import abc
 import itertools
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -143,6 +144,16 @@ class Chunk:
     #: Pickle the items with cloudpickle, classes of ``__main__`` by value:
     #: they did not load in a worker by reference (see ``ChunkOutcome.unreadable``).
     by_value: bool = False
+    #: Asked by a backend that :attr:`~Backend.queues_chunks` as the chunk
+    #: leaves its queue for a worker; ``False`` (its ``submit`` future was
+    #: cancelled) drops it: ``done`` gets :func:`dropped_outcome` instead.
+    begin: Callable[[], bool] | None = None
+
+    def begins(self) -> bool:
+        """Whether the chunk is still wanted, now that a worker is free for it;
+        asked once: a chunk requeued after it began is wanted still."""
+        begin, self.begin = self.begin, None
+        return begin is None or begin()
 
     def pickled_items(self) -> Pickled:
         """The items pickled in parts (see :class:`~parmap._serialization.Pickled`)."""
@@ -202,6 +213,10 @@ class Backend(abc.ABC):
     #: Runs a nested call in place of the worker processes it asked for: the
     #: options only they could honour (``timeout``) are not held against it.
     stands_in: bool = False
+    #: Holds chunks in a queue of its own until a worker is free, and asks
+    #: each :meth:`Chunk.begins` as it leaves: a ``submit`` future stays
+    #: cancellable until then. Otherwise it is running from the start.
+    queues_chunks: ClassVar[bool] = False
 
     @abc.abstractmethod
     def submit(self, chunk: Chunk, done: Done) -> None:
@@ -227,6 +242,11 @@ def decode_chunk_outcome(chunk: Chunk, data: bytes | bytearray) -> ChunkOutcome:
         return decode_outcome(data)
     except Exception as exc:
         return unreadable_outcome(exc, chunk.positions, results=True)
+
+
+def dropped_outcome() -> ChunkOutcome:
+    """What a chunk that :meth:`Chunk.begins` refused comes to; it never ran."""
+    return ChunkOutcome.failed(CancelledError())
 
 
 def terminated_outcome() -> ChunkOutcome:

@@ -61,6 +61,7 @@ from ._base import (
     ChunkOutcome,
     Done,
     decode_chunk_outcome,
+    dropped_outcome,
     terminated_outcome,
 )
 
@@ -139,6 +140,7 @@ class LocalWorkers(Backend):
     capabilities = Capabilities(isolated=True, can_timeout=True)
     #: Workers are started by ``fork``: they inherit what the parent holds.
     forks_workers = True
+    queues_chunks = True
 
     def __init__(self, workers: int, initializer: Callable[..., Any] | None, initargs: tuple[Any, ...]) -> None:
         self.workers = workers
@@ -376,10 +378,18 @@ class LocalWorkers(Backend):
             if worker is None or worker.chunk is not None:
                 continue
             with self._lock:
-                if not self._pending or self._kill:
-                    return
-                queued = self._pending.popleft()
+                queued, dropped = None, []
+                while self._pending and not self._kill:
+                    candidate = self._pending.popleft()
+                    if candidate.chunk.begins():
+                        queued = candidate
+                        break
+                    dropped.append(candidate)
                 ended = self._ended_calls & worker.known_calls
+            for gone in dropped:
+                gone.done(gone.chunk, dropped_outcome())
+            if queued is None:
+                return
             call = queued.chunk.call
             from_source = _reads_source(worker, queued.chunk)
             try:
@@ -443,6 +453,10 @@ class LocalWorkers(Backend):
                 if not from_source and (queued.items is None or queued.items.nbytes > worker.room):
                     continue
                 self._pending.popleft()
+                wanted = queued.chunk.begins()
+            if not wanted:
+                queued.done(queued.chunk, dropped_outcome())
+                continue
             worker.ahead = (queued.chunk, queued.done, worker.sent + 1)
             try:
                 self._send_chunk(worker, queued, from_source)

@@ -42,7 +42,17 @@ from .._worker import (
     run_initializer,
     unreadable_outcome,
 )
-from ._base import Backend, Call, Capabilities, Chunk, ChunkLost, Done, decode_chunk_outcome, terminated_outcome
+from ._base import (
+    Backend,
+    Call,
+    Capabilities,
+    Chunk,
+    ChunkLost,
+    Done,
+    decode_chunk_outcome,
+    dropped_outcome,
+    terminated_outcome,
+)
 from ._local import pickle_initializer
 from .process import default_start_method
 
@@ -131,6 +141,7 @@ class MPPoolBackend(Backend):
     """Runs chunks on a ``multiprocessing.Pool``; subclasses say how tasks go in."""
 
     capabilities = Capabilities(isolated=True, can_timeout=True)
+    queues_chunks = True
 
     def __init__(
         self,
@@ -147,6 +158,7 @@ class MPPoolBackend(Backend):
         self._status: Any = None
         self._free_slots: deque[int] = deque(range(self._slots))
         self._waiting: deque[tuple[Chunk, Done, bytes]] = deque()
+        self._dropped: list[tuple[Chunk, Done]] = []  # refused by Chunk.begins, to report
         self._flights: dict[int, _Flight] = {}
         self._next_key = 0
         self._lock = threading.RLock()
@@ -242,6 +254,11 @@ class MPPoolBackend(Backend):
     def _launch_waiting(self) -> None:
         while self._waiting and self._free_slots and not self._replacing:
             chunk, done, items = self._waiting.popleft()
+            if not chunk.begins():
+                # Reported by the monitor thread: done() may call back in, and this holds the lock.
+                self._dropped.append((chunk, done))
+                self._wake()
+                continue
             slot = self._free_slots.popleft()
             base = slot * SLOT_WIDTH
             self._status[base] = 0.0
@@ -329,10 +346,14 @@ class MPPoolBackend(Backend):
         try:
             while True:
                 with self._lock:
+                    dropped, self._dropped = self._dropped, []
+                for chunk, done in dropped:
+                    done(chunk, dropped_outcome())
+                with self._lock:
                     if self._closing and self._kill_on_close:
                         self._fail_all()
                         break
-                    if self._closing and not self._flights and not self._waiting:
+                    if self._closing and not self._flights and not self._waiting and not self._dropped:
                         break
                     busy = bool(self._flights)
                 current = list(self._pool._pool)

@@ -21,7 +21,7 @@ from typing import Any
 from .. import _context
 from .._errors import PoolClosedError
 from .._worker import ChunkOutcome, run_chunk
-from ._base import Backend, Call, Capabilities, Chunk, Done, terminated_outcome
+from ._base import Backend, Call, Capabilities, Chunk, Done, dropped_outcome, terminated_outcome
 
 
 def _run_in_thread(chunk: Chunk) -> ChunkOutcome:
@@ -37,6 +37,7 @@ class ThreadBackend(Backend):
     """A pool of up to ``workers`` threads in this process, started as work needs them."""
 
     capabilities = Capabilities(isolated=False, can_timeout=False)
+    queues_chunks = True
 
     def __init__(
         self, workers: int, initializer: Callable[..., Any] | None = None, initargs: tuple[Any, ...] = ()
@@ -89,6 +90,8 @@ class ThreadBackend(Backend):
     def _run(self, chunk: Chunk) -> ChunkOutcome | None:
         if chunk.call.id in self._released:
             return None  # the call is over: skip its queued chunks
+        if not chunk.begins():
+            return dropped_outcome()
         if self._init_error is not None:
             return ChunkOutcome.failed(self._init_error)
         try:
