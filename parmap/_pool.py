@@ -391,6 +391,12 @@ class Pool:
     def _map(
         self, fn: Callable[..., Any], items: Iterable[Any], overrides: Mapping[str, Any], *, star: bool
     ) -> list[Any]:
+        if "ordered" in overrides:
+            # As parmap.map: a list comes in input order; only imap can yield as results finish.
+            raise TypeError(
+                f"{'starmap' if star else 'map'}() got an unexpected keyword argument 'ordered': its list is in "
+                "input order; imap(..., ordered=False) yields results as they finish"
+            )
         with self._lock:
             self._check_open()
             self._running_maps += 1

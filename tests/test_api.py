@@ -50,6 +50,16 @@ def test_unknown_option_is_a_type_error():
         parmap.parallel(bogus=1)
 
 
+def test_ordered_is_for_imap_alone():
+    # A list is in input order: map and starmap refuse ordered=, on a pool as at the top level.
+    with parmap.Pool(workers=2, backend="thread", ordered=False) as pool:
+        assert pool.map(workfns.square, [1, 2]) == [1, 4]  # the pool's default is imap's
+        for method in (pool.map, pool.starmap, parmap.map, parmap.starmap):
+            with pytest.raises(TypeError, match="ordered"):
+                method(workfns.square, [(1,)], ordered=False)
+        assert list(pool.imap(workfns.square, [1, 2], ordered=True)) == [1, 4]
+
+
 def test_non_callable_and_non_iterable():
     with pytest.raises(TypeError, match="callable"):
         parmap.map(3, [1])
