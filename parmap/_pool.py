@@ -159,7 +159,7 @@ class Pool:
         self._check_open()
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {fn!r}")
-        future: Future[R] = Future()
+        future: _SubmitFuture[R] = _SubmitFuture()
         begin = None
         if self._backend.queues_chunks:
 
@@ -205,6 +205,14 @@ class Pool:
             with self._lock:
                 if future not in self._futures:
                     return  # failed by terminate() already
+            # Nothing of the user's runs when a future without callbacks is
+            # settled: here, then, and not one thread further (10,000 submits).
+            if future.settle_unhooked(settle):
+                with self._lock:
+                    self._futures.discard(future)
+                    self._notify_if_idle()
+                return
+            with self._lock:
                 self._futures.discard(future)
                 self._notify_if_idle()
                 if self._settler_stopped:
@@ -457,6 +465,29 @@ def _flatten(records: Iterator[Record], *, skip: bool, owner: Pool | None) -> It
                 owner.terminate()
 
 
+class _SubmitFuture(Future[R]):
+    """A ``submit()`` future that knows whether done-callbacks were added, so
+    that one without any can be settled on whichever thread has its outcome."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._hooks = threading.Lock()
+        self._hooked = False
+
+    def add_done_callback(self, fn: Callable[[Future[R]], object]) -> None:
+        with self._hooks:
+            self._hooked = True
+        super().add_done_callback(fn)
+
+    def settle_unhooked(self, settle: Callable[[], None]) -> bool:
+        """Run ``settle`` now unless a callback waits (it would run here too)."""
+        with self._hooks:  # a callback added meanwhile finds the future done: it runs in its adder
+            if self._hooked:
+                return False
+            settle()
+            return True
+
+
 def _settle_futures(settlements: queue.SimpleQueue[Callable[[], None] | None]) -> None:
     """The loop of a pool's ``parmap-futures`` thread, until ``None``."""
     while (settle := settlements.get()) is not None:
@@ -476,8 +507,15 @@ def _settlement(
         error = result.errors[0].rebuild()
     else:
         value = result.results[0]
-        return lambda: future.set_result(value)
-    return lambda: future.set_exception(error)
+        return lambda: _settle(future.set_result, value)
+    return lambda: _settle(future.set_exception, error)
+
+
+def _settle(setter: Callable[[Any], None], outcome: Any) -> None:
+    try:
+        setter(outcome)
+    except InvalidStateError:
+        pass  # cancelled while it had not begun (a pool terminated under it): nothing to settle
 
 
 class _Apply:
