@@ -38,7 +38,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,6 +136,7 @@ def run_chunk(
     results: list[Any] = []
     errors: dict[int, ErrorInfo] = {}
     started = time.perf_counter()
+    count = len(items) if isinstance(items, Sized) else None
     source = iter(items)
     apply = itertools.starmap if star else map
     if status is not None:
@@ -145,7 +146,19 @@ def run_chunk(
     while True:
         try:
             results.extend(apply(fn, source))
-            break
+            if count is None or len(results) >= count:
+                break
+            # A StopIteration from fn looks to map like the end of the items,
+            # and list.extend swallows it: the item that raised it is the one
+            # after the last result, and the rest follow it in source.
+            exc = RuntimeError(
+                "the function raised StopIteration, which ends the loop that runs it; "
+                "its message and traceback are lost: raise another exception type instead"
+            )
+            errors[len(results)] = ErrorInfo.capture(exc, pickle_it=pickle_errors)
+            results.append(None)
+            if stop_on_error:
+                break
         except Exception as exc:
             errors[len(results)] = ErrorInfo.capture(exc, pickle_it=pickle_errors)
             results.append(None)

@@ -190,6 +190,21 @@ def test_fn_raising_a_base_exception_stops_the_call_with_it(any_backend, kind, p
     assert len(os.listdir(tmp_marker_dir)) == 1
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("star", [False, True], ids=["map", "starmap"])
+def test_a_stop_iteration_from_fn_fails_its_item_instead_of_ending_the_chunk(any_backend, star):
+    # list(map(fn, items)) takes a StopIteration from fn for the end of the
+    # items: the chunk came back short, and its last item was retried for ever.
+    run = parmap.starmap if star else parmap.map
+    fn = workfns.stop_iteration_on_bad_pair if star else workfns.stop_iteration_on_bad
+    items = [(x, 0) for x in ITEMS] if star else ITEMS
+    with pytest.raises(RuntimeError, match="raised StopIteration") as info:
+        run(fn, items, workers=2, backend=any_backend, chunksize=4)
+    assert "item #5" in "".join(info.value.__notes__)
+    kept = run(fn, items, workers=2, backend=any_backend, chunksize=4, on_error="skip")
+    assert kept == [x for x in ITEMS if x != workfns.BAD]
+
+
 @pytest.mark.timeout(30)
 def test_a_pool_stopped_by_a_base_exception_goes_on_serving(process_backend, tmp_marker_dir):
     with parmap.Pool(workers=2, backend=process_backend) as pool:

@@ -334,3 +334,14 @@ def mark(marker_dir, x):
     with open(os.path.join(marker_dir, f"{x}.ran"), "w"):
         pass
     return x
+
+
+def stop_iteration_on_bad(x):
+    """Raises StopIteration, which a loop over ``map`` takes for the end of the items."""
+    if x == BAD:
+        raise StopIteration("no more")
+    return x
+
+
+def stop_iteration_on_bad_pair(x, y):
+    return stop_iteration_on_bad(x) + y
