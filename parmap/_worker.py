@@ -286,6 +286,18 @@ def fatal_outcome(exc: BaseException, what: str) -> ChunkOutcome:
     return outcome
 
 
+def _empty_stdin() -> None:
+    if sys.stdin is not None:
+        try:
+            sys.stdin.close()  # this process's descriptor only; the caller keeps its own
+        except (OSError, ValueError):
+            pass
+    try:
+        sys.stdin = open(os.devnull, encoding="utf-8")  # noqa: SIM115 - lives as long as the process
+    except OSError:  # pragma: no cover - no /dev/null
+        sys.stdin = None  # type: ignore[assignment]
+
+
 def prepare_worker_process(*, parent_death_signal: bool = True) -> None:
     """Set a freshly started worker process up as a well-behaved child.
 
@@ -305,8 +317,12 @@ def prepare_worker_process(*, parent_death_signal: bool = True) -> None:
       fork without exec): a collection in the worker would otherwise walk
       every object the caller holds, each time, and write to their headers,
       which copies the pages they share with the caller.
+    * Standard input is empty, as in ``multiprocessing``'s workers: a worker
+      forked by ``fork`` would otherwise read what was meant for the caller
+      (or wait on its terminal).
     """
     gc.freeze()
+    _empty_stdin()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _context.mark_worker_process()
     if parent_death_signal and sys.platform.startswith("linux"):

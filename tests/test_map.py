@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -170,3 +173,28 @@ def test_large_buffers_travel_as_items_and_in_closures(any_backend):
         (1 << 20) + 1,
         (1 << 20) + 2,
     ]
+
+
+STDIN_SCRIPT = """
+import sys
+sys.path[:0] = [{root!r}, {tests!r}]
+import parmap, workfns
+if __name__ == "__main__":
+    for backend in ("process", "fork", "pool", "apply_async"):
+        assert parmap.map(workfns.read_stdin, range(2), workers=2, backend=backend) == ["", ""], backend
+    assert sys.stdin.read() == "meant for the caller\\n"
+    print("ok")
+"""
+
+
+@pytest.mark.timeout(60)
+def test_workers_read_an_empty_stdin_and_leave_the_callers_alone(tmp_path):
+    # As multiprocessing's workers: a forked worker must not take the caller's input.
+    tests = os.path.dirname(os.path.abspath(__file__))
+    script = tmp_path / "reads_stdin.py"
+    script.write_text(STDIN_SCRIPT.format(root=os.path.dirname(tests), tests=tests))
+    result = subprocess.run(
+        [sys.executable, str(script)], input="meant for the caller\n", capture_output=True, text=True, timeout=50
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "ok\n"

@@ -345,3 +345,8 @@ def stop_iteration_on_bad(x):
 
 def stop_iteration_on_bad_pair(x, y):
     return stop_iteration_on_bad(x) + y
+
+
+def read_stdin(_):
+    """What standard input holds for a worker."""
+    return sys.stdin.read()
