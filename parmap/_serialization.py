@@ -357,19 +357,26 @@ class ErrorInfo:
         # Drop the chained traceback objects: they are not picklable and the
         # text above already carries them.
         exc.__traceback__ = None
-        try:
-            # By reference first: a class the caller can import (a forked
-            # worker's __main__ is the caller's) comes back as the caller's
-            # very class, so `except MyError:` works. cloudpickle would send a
-            # class of __main__ by value, and the caller would get a twin.
-            info.payload = pickle.dumps(exc, protocol=PROTOCOL)
-            pickle.loads(info.payload)
-        except Exception:
+        # By reference first: a class the caller can import (a forked worker's
+        # __main__ is the caller's) comes back as the caller's very class, so
+        # `except MyError:` works. cloudpickle would send a class of __main__
+        # by value, and the caller would get a twin. Each form is loaded here
+        # once: an exception can pickle and still not load, most often one
+        # whose __init__ takes other arguments than it passes on to
+        # Exception.__init__ (its args); its state alone then rebuilds it.
+        for dumps, form in (
+            (pickle.dumps, exc),
+            (pickle.dumps, _ExceptionState(exc)),
+            (cloudpickle.dumps, exc),
+            (cloudpickle.dumps, _ExceptionState(exc)),
+        ):
             try:
-                info.payload = cloudpickle.dumps(exc, protocol=PROTOCOL)
-                pickle.loads(info.payload)  # an exception that pickles but will not load
-            except Exception:
-                info.payload = None
+                payload = dumps(form, protocol=PROTOCOL)
+                pickle.loads(payload)
+            except Exception:  # noqa: S112 - the next form, or TaskError in the end
+                continue
+            info.payload = payload
+            break
         return info
 
     def __getstate__(self) -> tuple[object, ...]:
@@ -392,6 +399,27 @@ class ErrorInfo:
             exc = TaskError(self.type_name, self.message, self.traceback_text)
         exc.__cause__ = RemoteTraceback(self.traceback_text)
         return exc
+
+
+class _ExceptionState:
+    """Pickles an exception as its class, ``args`` and attributes, and
+    unpickles it without calling its ``__init__`` (see ``ErrorInfo.capture``)."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        exc = self.exc
+        return (_restore_exception, (type(exc), exc.args, dict(getattr(exc, "__dict__", {}))))
+
+
+def _restore_exception(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]) -> BaseException:
+    exc = cls.__new__(cls, *args)
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc
 
 
 def _safe_str(exc: BaseException) -> str:

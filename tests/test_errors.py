@@ -206,6 +206,16 @@ def test_a_stop_iteration_from_fn_fails_its_item_instead_of_ending_the_chunk(any
 
 
 @pytest.mark.timeout(30)
+def test_an_exception_whose_init_takes_other_arguments_comes_back_as_itself(any_backend):
+    # pickle would call TwoArgumentError("needs its state") and fail: its state rebuilds it.
+    with pytest.raises(workfns.TwoArgumentError, match="needs its state") as info:
+        parmap.map(workfns.raise_two_argument_error, ITEMS, workers=2, backend=any_backend)
+    assert info.value.code == 7
+    assert "item #5 (5)" in "".join(info.value.__notes__)
+    assert "raise_two_argument_error" in info.value.__cause__.text
+
+
+@pytest.mark.timeout(30)
 def test_a_pool_stopped_by_a_base_exception_goes_on_serving(process_backend, tmp_marker_dir):
     with parmap.Pool(workers=2, backend=process_backend) as pool:
         with pytest.raises(SystemExit):

@@ -93,17 +93,31 @@ def sleep_forever(x):
     return x
 
 
-class UnpicklableError(Exception):
-    """Pickles, but cannot be rebuilt: __init__ takes two arguments."""
+class TwoArgumentError(Exception):
+    """Pickles, but pickle cannot rebuild it: __init__ takes two arguments and passes one on."""
 
     def __init__(self, message, code):
         super().__init__(message)
         self.code = code
 
 
+def raise_two_argument_error(x):
+    if x == BAD:
+        raise TwoArgumentError("needs its state", 7)
+    return x
+
+
+class UnpicklableError(Exception):
+    """Cannot travel in any form: it holds a lock."""
+
+    def __init__(self, message):
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
 def raise_unpicklable(x):
     if x == BAD:
-        raise UnpicklableError("cannot travel", 7)
+        raise UnpicklableError("cannot travel")
     return x
 
 
