@@ -379,13 +379,45 @@ def _write_all(file: _Sink, data: bytes) -> None:
 
 
 class _StdoutWriter:
-    """Standard output's bytes, flushed after every line so a reader sees results as they come."""
+    """Standard output's bytes, flushed after every line so a reader sees results as they come.
+
+    Standard output is the results' alone: while this is open, the process's
+    descriptor 1 points at standard error, so what the function prints (here,
+    or in a worker, which inherits the descriptor) goes there instead of
+    between result lines (a ``| jq`` downstream would choke on it).
+    """
+
+    def __init__(self) -> None:
+        self._fd: int | None = None
+        self._broken = False
+        try:
+            out, err = sys.stdout.fileno(), sys.stderr.fileno()
+            sys.stdout.flush()
+            self._fd = os.dup(out)
+            os.dup2(err, out)
+        except (AttributeError, OSError, ValueError):  # not real descriptors: share them, as before
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
     def write(self, data: bytes | memoryview) -> int:
-        out = sys.stdout.buffer
-        count = out.write(data)
-        out.flush()
-        return count
+        if self._fd is None:
+            out = sys.stdout.buffer
+            count = out.write(data)
+            out.flush()
+            return count
+        try:
+            return os.write(self._fd, data)
+        except BrokenPipeError:
+            self._broken = True
+            raise
 
     def close(self) -> None:
-        sys.stdout.buffer.flush()
+        if self._fd is None:
+            sys.stdout.buffer.flush()
+            return
+        sys.stdout.flush()  # what was printed here goes to standard error still
+        if not self._broken:  # else leave descriptor 1 where the broken-pipe handling put it
+            os.dup2(self._fd, sys.stdout.fileno())
+        os.close(self._fd)
+        self._fd = None

@@ -282,6 +282,16 @@ def test_a_task_calling_sys_exit_fails_like_any_task(targets: Path, backend: str
     assert result.out == '"1"\n'
 
 
+@pytest.mark.parametrize("backend", ["serial", "thread", "process", "fork", "pool"])
+def test_what_the_function_prints_goes_to_stderr_when_results_go_to_stdout(targets: Path, backend: str) -> None:
+    # Standard output is one result per line, for whatever reads it.
+    write(targets / "chatty.py", "def shout(x):\n    print('working on', x)\n    return x.upper()\n")
+    write(targets / "in.txt", "a\nb\nc\n")
+    result = cli("chatty:shout", "in.txt", "-b", backend, "-w", "2", cwd=targets)
+    assert (result.code, result.out) == (0, '"A"\n"B"\n"C"\n'), result.err
+    assert sorted(line for line in result.err.splitlines() if line) == ["working on a", "working on b", "working on c"]
+
+
 def test_dash_output_is_standard_output(targets: Path) -> None:
     write(targets / "in.txt", "1\n2\n")
     result = cli("tgt:square", "in.txt", "-o", "-", cwd=targets)
