@@ -8,6 +8,7 @@ machinery with a Pool that lives for one call.
 from __future__ import annotations
 
 import atexit
+import inspect
 import multiprocessing.util  # noqa: F401 - its exit handler must be registered before ours
 import queue
 import threading
@@ -157,8 +158,7 @@ class Pool:
         to each worker once and only the arguments travel with each submit.
         """
         self._check_open()
-        if not callable(fn):
-            raise TypeError(f"fn must be callable, got {fn!r}")
+        _check_fn(fn)
         future: _SubmitFuture[R] = _SubmitFuture()
         begin = None
         if self._backend.queues_chunks:
@@ -381,8 +381,7 @@ class Pool:
         source: Sequence[Any] | None = None,
     ) -> Scheduler:
         self._check_open()
-        if not callable(fn):
-            raise TypeError(f"fn must be callable, got {fn!r}")
+        _check_fn(fn)
         try:
             iter(items)
         except TypeError:
@@ -463,6 +462,17 @@ def _flatten(records: Iterator[Record], *, skip: bool, owner: Pool | None) -> It
                 owner.close()
             else:
                 owner.terminate()
+
+
+def _check_fn(fn: object) -> None:
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {fn!r}")
+    if inspect.iscoroutinefunction(fn):
+        # Called, it returns a coroutine, not a result (nor anything that pickles).
+        raise TypeError(
+            f"fn {short_repr(fn)} is an async function: parmap calls plain functions; "
+            "give it one that runs the coroutine, e.g. lambda x: asyncio.run(fn(x))"
+        )
 
 
 class _SubmitFuture(Future[R]):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import psutil
 import pytest
 import workfns
@@ -65,6 +67,24 @@ def test_non_callable_and_non_iterable():
         parmap.map(3, [1])
     with pytest.raises(TypeError, match="iterable"):
         parmap.map(workfns.square, 5)
+
+
+async def _async_square(x):
+    return x * x
+
+
+def test_an_async_function_is_refused_at_the_call(backend):
+    # It would return coroutines, never awaited, or fail to pickle them.
+    with parmap.Pool(workers=2, backend=backend) as pool:
+        for call in (
+            lambda: pool.map(_async_square, [1]),
+            lambda: pool.imap(_async_square, [1]),
+            lambda: pool.submit(_async_square, 1),
+            lambda: pool.map(functools.partial(_async_square), [1]),
+        ):
+            with pytest.raises(TypeError, match="async function"):
+                call()
+        assert pool.map(workfns.square, [3]) == [9]
 
 
 def test_workers_none_means_usable_cpus():
