@@ -14,6 +14,7 @@ starts.
 
 from __future__ import annotations
 
+import inspect
 import numbers
 import os
 from collections.abc import Callable, Mapping
@@ -107,6 +108,8 @@ def _check_start_method(value: object) -> str | None:
 def _check_initializer(value: object) -> Callable[..., object] | None:
     if value is not None and not callable(value):
         raise TypeError(f"initializer must be callable or None, got {value!r}")
+    if inspect.iscoroutinefunction(value):
+        raise TypeError(f"initializer {value!r} is an async function: called, it would only make a coroutine")
     return value  # type: ignore[return-value]
 
 

@@ -85,6 +85,8 @@ def test_an_async_function_is_refused_at_the_call(backend):
             with pytest.raises(TypeError, match="async function"):
                 call()
         assert pool.map(workfns.square, [3]) == [9]
+    with pytest.raises(TypeError, match="async function"):
+        parmap.map(workfns.square, [1], initializer=_async_square, initargs=(1,))
 
 
 def test_workers_none_means_usable_cpus():
