@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import inspect
 import multiprocessing.util  # noqa: F401 - its exit handler must be registered before ours
+import os
 import queue
 import threading
 import weakref
@@ -93,6 +94,9 @@ class Pool:
         self._check_capabilities(self._defaults)
         self._closed = False
         self._killed = False
+        # Its workers, threads and pipes belong to this process: a child made
+        # by os.fork() inherits the object but none of that (see _check_open).
+        self._pid = os.getpid()
         self._lock = threading.Lock()
         self._futures: set[Future[Any]] = set()
         self._running_maps = 0  # map/starmap calls under way, in any thread
@@ -317,6 +321,11 @@ class Pool:
 
     # -- internals ---------------------------------------------------------------
     def _shutdown(self, kill: bool) -> None:
+        if os.getpid() != self._pid:
+            # A forked child's copy: the workers are the parent's, still at
+            # work for it, and a lock held at the fork would never come free.
+            self._closed = True
+            return
         with self._lock:
             if self._killed or (self._closed and not kill):
                 return  # terminate() still may end a close() that waits
@@ -355,6 +364,11 @@ class Pool:
             self._all_settled.notify_all()
 
     def _check_open(self) -> None:
+        if os.getpid() != self._pid:
+            raise PoolClosedError(
+                f"this parmap.Pool was made in process {self._pid}, and this is a child forked from it, "
+                "which cannot reach that pool's workers: create a Pool in this process"
+            )
         if self._closed:
             raise PoolClosedError("this parmap.Pool is closed; create a new one")
 
@@ -398,6 +412,7 @@ class Pool:
     def _map(
         self, fn: Callable[..., Any], items: Iterable[Any], overrides: Mapping[str, Any], *, star: bool
     ) -> list[Any]:
+        self._check_open()  # before the lock: a forked child's copy may hold it for ever
         if "ordered" in overrides:
             # As parmap.map: a list comes in input order; only imap can yield as results finish.
             raise TypeError(

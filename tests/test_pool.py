@@ -16,6 +16,7 @@ import workfns
 from conftest import PROCESS_BACKENDS
 
 import parmap
+from parmap import _pool
 from parmap.backends import _local
 from parmap.backends.fork import ForkBackend
 
@@ -133,6 +134,35 @@ def test_a_backend_that_hands_work_on_at_once_starts_the_future_at_once(backend,
         future = pool.submit(workfns.square, 3)
         assert not future.cancel()
         assert future.result(timeout=30) == 9
+
+
+@pytest.mark.timeout(30)
+def test_a_forked_child_is_refused_the_parents_pool_and_leaves_it_working(backend):
+    # The child inherits the object, not the workers, threads and pipes
+    # behind it: a call there used to wait for ever, and its exit could
+    # have stopped the parent's workers.
+    with parmap.Pool(workers=2, backend=backend) as pool:
+        assert pool.map(workfns.square, range(4)) == [0, 1, 4, 9]
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: never return into pytest
+            try:
+                try:
+                    pool.map(workfns.square, range(4))
+                    said = b"ran"
+                except parmap.PoolClosedError as exc:
+                    said = b"refused" if "forked" in str(exc) else b"other"
+                _pool._terminate_open_pools()  # what its exit would run
+                os.write(write_end, said)
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        said = os.read(read_end, 16)
+        os.close(read_end)
+        os.waitpid(pid, 0)
+        assert said == b"refused"
+        assert pool.map(workfns.square, range(4)) == [0, 1, 4, 9]
+        assert pool.submit(workfns.square, 5).result(timeout=10) == 25
 
 
 @pytest.mark.timeout(30)
