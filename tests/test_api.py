@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import multiprocessing
 
 import psutil
 import pytest
@@ -87,6 +88,18 @@ def test_an_async_function_is_refused_at_the_call(backend):
         assert pool.map(workfns.square, [3]) == [9]
     with pytest.raises(TypeError, match="async function"):
         parmap.map(workfns.square, [1], initializer=_async_square, initargs=(1,))
+
+
+@pytest.mark.timeout(60)
+def test_a_call_inside_a_daemonic_multiprocessing_worker_uses_fork(tmp_path):
+    # multiprocessing forbids its daemonic processes (Pool workers, Celery's)
+    # children: auto uses parmap's fork workers there; the backends built on
+    # multiprocessing say why they cannot run.
+    with multiprocessing.get_context("fork").Pool(1) as outer:
+        auto, fork, process, pool = outer.map(workfns.parmap_inside, ["auto", "fork", "process", "pool"])
+    assert auto == fork == [x * x for x in range(6)]
+    for refused in (process, pool):
+        assert refused.startswith("ValueError:") and "daemonic" in refused and "backend='fork'" in refused
 
 
 def test_workers_none_means_usable_cpus():

@@ -364,3 +364,11 @@ def stop_iteration_on_bad_pair(x, y):
 def read_stdin(_):
     """What standard input holds for a worker."""
     return sys.stdin.read()
+
+
+def parmap_inside(backend):
+    """A call made inside a daemonic multiprocessing worker: its results, or its error."""
+    try:
+        return parmap.map(square, range(6), workers=2, backend=backend)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"

@@ -7,6 +7,8 @@ Adding a backend is one line in :data:`_REGISTRY` plus its module.
 from __future__ import annotations
 
 import importlib
+import multiprocessing
+import os
 import sys
 from concurrent.futures import Executor
 from typing import Any
@@ -40,8 +42,19 @@ def auto_backend() -> str:
     platform has it, the quickest to start (see benchmarks/README.md). It
     never runs ``fn`` in the calling process, so a crashing ``fn`` cannot
     take the caller down.
+
+    In a daemonic ``multiprocessing`` process (a ``multiprocessing.Pool``
+    worker, a Celery prefork worker), which ``multiprocessing`` forbids to
+    start processes of its own, it is ``fork``: the same machinery, with
+    workers started by ``os.fork()`` rather than ``multiprocessing.Process``.
     """
+    if hasattr(os, "fork") and _in_daemon():
+        return "fork"
     return "process"
+
+
+def _in_daemon() -> bool:
+    return bool(multiprocessing.current_process().daemon)
 
 
 def create_backend(options: PoolOptions) -> tuple[Backend, bool]:
@@ -62,6 +75,8 @@ def create_backend(options: PoolOptions) -> tuple[Backend, bool]:
     check_backend(backend)
     assert isinstance(backend, str)
     name = auto_backend() if backend == "auto" else backend
+    if backend == "auto" and options.start_method is not None:
+        name = "process"  # a start method asks for multiprocessing's workers
     module_name, class_name, takes_start_method = _REGISTRY[name]
     if options.start_method is not None and not takes_start_method:
         raise ValueError(
@@ -78,6 +93,12 @@ def create_backend(options: PoolOptions) -> tuple[Backend, bool]:
     if stands_in:
         # A parmap call inside a worker: no pool of pools.
         name, module_name, class_name = "serial", "serial", "SerialBackend"
+    if takes_start_method and name != "serial" and _in_daemon():
+        raise ValueError(
+            f"backend={name!r} cannot start workers here: this is a daemonic multiprocessing process "
+            "(a multiprocessing.Pool worker, say), and multiprocessing forbids those children; "
+            "backend='fork' (or 'auto', which picks it here) or 'thread' can"
+        )
     if name == "fork" and sys.platform == "win32":  # pragma: no cover
         raise ValueError("backend='fork' needs os.fork(), which Windows lacks")
     module = importlib.import_module(f"{__name__}.{module_name}")
