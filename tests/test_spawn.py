@@ -89,3 +89,34 @@ def test_python_dash_c_lambda_under_spawn():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[1, 2, 3]"
+
+
+GLOBAL_METHOD_SCRIPT = textwrap.dedent(
+    """
+    import multiprocessing, sys
+    sys.path.insert(0, {root!r})
+    import parmap
+
+    def main_name(_):
+        return sys.modules["__main__"].__name__  # '__mp_main__' in a spawned worker
+
+    if __name__ == "__main__":
+        assert parmap.map(main_name, range(2), workers=2) == ["__main__"] * 2  # forked
+        multiprocessing.set_start_method("spawn")
+        for backend in ("auto", "process", "pool", "apply_async"):
+            assert parmap.map(main_name, range(2), workers=2, backend=backend) == ["__mp_main__"] * 2, backend
+        assert parmap.map(main_name, range(2), workers=2, start_method="fork") == ["__main__"] * 2
+        print("all good")
+    """
+)
+
+
+@pytest.mark.timeout(120)
+def test_the_programs_own_start_method_is_the_default(tmp_path):
+    # As for multiprocessing.Pool and ProcessPoolExecutor: a program that chose
+    # spawn (CUDA does not survive a fork) gets spawned workers unless it asks otherwise.
+    script = tmp_path / "global_method.py"
+    script.write_text(GLOBAL_METHOD_SCRIPT.format(root=ROOT))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=110)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "all good"

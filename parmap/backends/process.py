@@ -60,6 +60,11 @@ class ProcessBackend(LocalWorkers):
 
 
 def default_start_method() -> str:
-    """``fork`` where it exists (the cheapest start, see benchmarks/startup.py), else ``spawn``."""
+    """The program's own choice, made with :func:`multiprocessing.set_start_method`
+    (say, ``spawn`` because CUDA does not survive a fork); else ``fork`` where
+    it exists (the cheapest start, see benchmarks/startup.py), else ``spawn``."""
+    chosen = multiprocessing.get_start_method(allow_none=True)
+    if chosen is not None:
+        return chosen
     methods = multiprocessing.get_all_start_methods()
     return "fork" if "fork" in methods else "spawn"
