@@ -305,7 +305,7 @@ class DaskBackend(Backend):
             try:
                 try:
                     client = distributed.Client(address, set_as_default=False, timeout=CONNECT_TIMEOUT)
-                except OSError as exc:
+                except Exception as exc:  # OSError mostly; whatever a non-scheduler answered, too
                     source = "address=" if self._address_given else f"${ADDRESS_ENV}"
                     exc.add_note(f"parmap: backend='dask' could not reach the scheduler at {address} (from {source})")
                     raise
