@@ -319,6 +319,13 @@ class Pool:
         """True once the pool has been closed or terminated."""
         return self._closed
 
+    def __repr__(self) -> str:
+        # What was asked for: a Dask backend would have to reach its cluster to count threads.
+        backend, state = self._options.backend, "closed" if self._closed else "open"
+        if not isinstance(backend, str):
+            return f"<parmap.Pool backend={type(backend).__name__} {state}>"
+        return f"<parmap.Pool workers={self._options.worker_count} backend={backend!r} {state}>"
+
     # -- internals ---------------------------------------------------------------
     def _shutdown(self, kill: bool) -> None:
         if os.getpid() != self._pid:

@@ -482,3 +482,10 @@ def test_multiprocessing_idioms_imap_unordered_close_join():
     pool.close()
     pool.join()
     assert pool.closed
+
+
+def test_a_pool_says_what_it_is():
+    pool = parmap.Pool(workers=3, backend="thread")
+    assert repr(pool) == "<parmap.Pool workers=3 backend='thread' open>"
+    pool.close()
+    assert repr(pool) == "<parmap.Pool workers=3 backend='thread' closed>"
