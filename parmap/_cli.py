@@ -142,7 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="lines",
         help="lines: each line is a str item (default); jsonl: each line is JSON; csv: each row is a dict",
     )
-    parser.add_argument("-o", "--output", metavar="PATH", help="output file; - or absent: standard output")
+    parser.add_argument(
+        "-o",
+        "--output",
+        metavar="PATH",
+        help="output file; - or absent: standard output, which then holds the results alone "
+        "(what FUNCTION prints goes to stderr)",
+    )
     parser.add_argument(
         "--output-format",
         choices=OUTPUT_FORMATS,
