@@ -289,7 +289,9 @@ def test_what_the_function_prints_goes_to_stderr_when_results_go_to_stdout(targe
     write(targets / "in.txt", "a\nb\nc\n")
     result = cli("chatty:shout", "in.txt", "-b", backend, "-w", "2", cwd=targets)
     assert (result.code, result.out) == (0, '"A"\n"B"\n"C"\n'), result.err
-    assert sorted(line for line in result.err.splitlines() if line) == ["working on a", "working on b", "working on c"]
+    # Workers printing at once may interleave their pieces there, as on any terminal.
+    assert result.err.count("working on") == 3
+    assert sorted(c for c in result.err.replace("working on", "") if c.isalpha()) == ["a", "b", "c"]
 
 
 def test_dash_output_is_standard_output(targets: Path) -> None:
