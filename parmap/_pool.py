@@ -94,6 +94,7 @@ class Pool:
         self._check_capabilities(self._defaults)
         self._closed = False
         self._killed = False
+        self._refusing = False  # shutdown(wait=False): closing in the background
         # Its workers, threads and pipes belong to this process: a child made
         # by os.fork() inherits the object but none of that (see _check_open).
         self._pid = os.getpid()
@@ -289,6 +290,26 @@ class Pool:
         """Stop the workers now; futures not yet done fail with ``PoolClosedError``."""
         self._shutdown(kill=True)
 
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """:meth:`concurrent.futures.Executor.shutdown`, for code written against an executor.
+
+        ``cancel_futures`` first cancels the ``submit()`` calls still waiting
+        for a worker (they never run). ``wait=True`` is then :meth:`close`.
+        ``wait=False`` returns at once: the pool takes no new work from then
+        on and closes in the background once its running work is done (an
+        interpreter that exits first terminates it, as any pool left open).
+        """
+        if cancel_futures:
+            with self._lock:
+                waiting = list(self._futures)
+            for future in waiting:
+                future.cancel()  # only those not yet running give way
+        if wait:
+            self.close()
+            return
+        self._refusing = True
+        threading.Thread(target=self.close, name="parmap-shutdown", daemon=True).start()
+
     def join(self) -> None:
         """Return once the workers are gone; for ``close(); join()`` written for ``multiprocessing``.
 
@@ -316,12 +337,12 @@ class Pool:
 
     @property
     def closed(self) -> bool:
-        """True once the pool has been closed or terminated."""
-        return self._closed
+        """True once the pool has been closed or terminated (or shut down, even in the background)."""
+        return self._closed or self._refusing
 
     def __repr__(self) -> str:
         # What was asked for: a Dask backend would have to reach its cluster to count threads.
-        backend, state = self._options.backend, "closed" if self._closed else "open"
+        backend, state = self._options.backend, "closed" if self.closed else "open"
         if not isinstance(backend, str):
             return f"<parmap.Pool backend={type(backend).__name__} {state}>"
         return f"<parmap.Pool workers={self._options.worker_count} backend={backend!r} {state}>"
@@ -376,7 +397,7 @@ class Pool:
                 f"this parmap.Pool was made in process {self._pid}, and this is a child forked from it, "
                 "which cannot reach that pool's workers: create a Pool in this process"
             )
-        if self._closed:
+        if self._closed or self._refusing:
             raise PoolClosedError("this parmap.Pool is closed; create a new one")
 
     def _call_options(self, overrides: Mapping[str, Any]) -> CallOptions:

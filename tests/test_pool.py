@@ -489,3 +489,32 @@ def test_a_pool_says_what_it_is():
     assert repr(pool) == "<parmap.Pool workers=3 backend='thread' open>"
     pool.close()
     assert repr(pool) == "<parmap.Pool workers=3 backend='thread' closed>"
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("backend", ["thread", *PROCESS_BACKENDS])
+def test_shutdown_as_an_executor_does(backend, tmp_marker_dir):
+    # cancel_futures: what still waits for a worker never runs; the running call finishes.
+    pool = parmap.Pool(workers=1, backend=backend)
+    running = pool.submit(time.sleep, 0.5)
+    waiting = [pool.submit(workfns.mark, tmp_marker_dir, i) for i in range(30)]
+    deadline = time.monotonic() + 10
+    while not running.running() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    pool.shutdown(cancel_futures=True)
+    assert pool.closed and running.result(timeout=0) is None
+    assert waiting[-1].cancelled()
+    ran = {int(name.split(".")[0]) for name in os.listdir(tmp_marker_dir)}
+    assert all(waiting[i].result(timeout=0) == i for i in ran)  # handed on before the cancel: ran
+    assert all(f.cancelled() for i, f in enumerate(waiting) if i not in ran)
+
+    # wait=False: returns at once, takes nothing more, finishes what it has.
+    pool = parmap.Pool(workers=2, backend=backend)
+    slow = pool.submit(time.sleep, 0.3)
+    started = time.monotonic()
+    pool.shutdown(wait=False)
+    assert time.monotonic() - started < 0.25
+    assert pool.closed
+    with pytest.raises(parmap.PoolClosedError):
+        pool.submit(workfns.square, 2)
+    assert slow.result(timeout=10) is None
