@@ -72,13 +72,18 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.timeout(120)
-def test_main_script_functions_and_lambdas(tmp_path):
-    script = tmp_path / "user_script.py"
-    script.write_text(SCRIPT.format(root=ROOT))
+def _run_script(tmp_path, name, template):
+    """Run ``template`` as the script ``name``: its own ``__main__``, as a user's would be."""
+    script = tmp_path / name
+    script.write_text(template.format(root=ROOT))
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=110)
     assert result.returncode == 0, result.stderr
-    assert "all good" in result.stdout
+    return result.stdout
+
+
+@pytest.mark.timeout(120)
+def test_main_script_functions_and_lambdas(tmp_path):
+    assert "all good" in _run_script(tmp_path, "user_script.py", SCRIPT)
 
 
 def test_python_dash_c_lambda_under_spawn():
@@ -115,8 +120,4 @@ GLOBAL_METHOD_SCRIPT = textwrap.dedent(
 def test_the_programs_own_start_method_is_the_default(tmp_path):
     # As for multiprocessing.Pool and ProcessPoolExecutor: a program that chose
     # spawn (CUDA does not survive a fork) gets spawned workers unless it asks otherwise.
-    script = tmp_path / "global_method.py"
-    script.write_text(GLOBAL_METHOD_SCRIPT.format(root=ROOT))
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=110)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "all good"
+    assert _run_script(tmp_path, "global_method.py", GLOBAL_METHOD_SCRIPT).strip() == "all good"
