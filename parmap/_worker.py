@@ -364,7 +364,9 @@ def run_initializer(init_bytes: bytes | None) -> ErrorInfo | None:
     try:
         initializer, initargs = loads(init_bytes)
         initializer(*initargs)
-    except Exception as exc:
+    except BaseException as exc:
+        # SystemExit too: a worker that exited here would be replaced by one
+        # that exits the same way (multiprocessing.Pool does so for ever).
         exc.add_note("parmap: raised by the initializer")
         return ErrorInfo.capture(exc, pickle_it=True)
     return None

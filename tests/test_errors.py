@@ -322,6 +322,28 @@ def test_initializer_failure_is_reported(backend):
     assert any("initializer" in note for note in info.value.__notes__)
 
 
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("init", [workfns.init_sys_exit, workfns.init_keyboard_interrupt])
+def test_an_initializer_that_exits_is_reported_as_itself(backend, init):
+    # Left to end its worker, multiprocessing.Pool would replace it with one
+    # that exits the same way, for ever.
+    with pytest.raises((SystemExit, KeyboardInterrupt)) as info:
+        parmap.map(workfns.square, range(4), workers=2, backend=backend, initializer=init)
+    assert any("initializer" in note for note in info.value.__notes__)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_workers_that_die_before_running_anything_end_the_call(process_backend, on_error):
+    # An initializer that kills its worker: every replacement dies alike.
+    run = functools.partial(parmap.map, workfns.square, range(6), workers=2, backend=process_backend)
+    if on_error == "skip":
+        assert run(initializer=workfns.init_os_exit, on_error="skip") == []
+    else:
+        with pytest.raises(parmap.WorkerCrashedError):
+            run(initializer=workfns.init_os_exit)
+
+
 def test_generator_error_propagates(any_backend):
     def broken():
         yield 1

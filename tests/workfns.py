@@ -372,3 +372,16 @@ def parmap_inside(backend):
         return parmap.map(square, range(6), workers=2, backend=backend)
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
+
+
+def init_sys_exit():
+    sys.exit(2)
+
+
+def init_keyboard_interrupt():
+    raise KeyboardInterrupt
+
+
+def init_os_exit():
+    """Kills each worker before it runs anything."""
+    os._exit(3)

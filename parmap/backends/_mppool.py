@@ -53,7 +53,7 @@ from ._base import (
     dropped_outcome,
     terminated_outcome,
 )
-from ._local import pickle_initializer
+from ._local import MAX_STARTUP_FAILURES, pickle_initializer
 from .process import default_start_method
 
 # Functions bigger than this go through a file rather than inside every task
@@ -159,6 +159,7 @@ class MPPoolBackend(Backend):
         self._free_slots: deque[int] = deque(range(self._slots))
         self._waiting: deque[tuple[Chunk, Done, bytes]] = deque()
         self._dropped: list[tuple[Chunk, Done]] = []  # refused by Chunk.begins, to report
+        self._startup_failures = 0  # workers dead before running anything, in a row
         self._flights: dict[int, _Flight] = {}
         self._next_key = 0
         self._lock = threading.RLock()
@@ -287,6 +288,7 @@ class MPPoolBackend(Backend):
     def _on_result(self, result: tuple[int, bytes]) -> None:
         key, data = result
         with self._lock:
+            self._startup_failures = 0  # the workers can run things
             flight = self._flights.pop(key, None)
             if flight is None:
                 return  # already reported lost
@@ -478,6 +480,10 @@ class MPPoolBackend(Backend):
                 if int(self._status[f.slot * SLOT_WIDTH]) == pid
             ]
             if not mine:
+                failed = self._count_startup_failure()
+                if failed:
+                    for chunk, done in failed:
+                        done(chunk, ChunkLost(exitcode, pid, detail="worker processes fail to start"))
                 return
             _, key = max(mine)
             flight = self._flights.pop(key)
@@ -485,6 +491,27 @@ class MPPoolBackend(Backend):
             self._launch_waiting()
         offset = flight.timed_out_offset
         flight.done(flight.chunk, ChunkLost(exitcode, pid, offset=offset, timed_out=offset is not None))
+
+    def _count_startup_failure(self) -> list[tuple[Chunk, Done]]:
+        """A worker died holding no chunk while work waited (under the lock).
+
+        Dying so several times in a row, with no result in between, means no
+        worker can start (an initializer that calls ``os._exit``, say): each
+        replacement pool would die alike for ever. The chunks are taken back
+        to be failed, as :class:`~parmap.backends._local.LocalWorkers` does.
+        """
+        if not self._flights and not self._waiting:
+            return []
+        self._startup_failures += 1
+        if self._startup_failures < MAX_STARTUP_FAILURES:
+            return []
+        self._startup_failures = 0
+        failed = [(f.chunk, f.done) for f in self._flights.values()]
+        failed += [(chunk, done) for chunk, done, _ in self._waiting]
+        self._free_slots.extend(f.slot for f in self._flights.values())
+        self._flights.clear()
+        self._waiting.clear()
+        return failed
 
     def _next_deadline(self) -> float | None:
         deadline: float | None = None

@@ -29,7 +29,7 @@ class SerialBackend(Backend):
             initializer, self._initializer = self._initializer, None
             try:
                 initializer(*self._initargs)
-            except Exception as exc:
+            except BaseException as exc:  # SystemExit too, as on every backend
                 exc.add_note("parmap: raised by the initializer")
                 raise
         call = chunk.call
