@@ -481,14 +481,15 @@ class MPPoolBackend(Backend):
             ]
             if not mine:
                 failed = self._count_startup_failure()
-                if failed:
-                    for chunk, done in failed:
-                        done(chunk, ChunkLost(exitcode, pid, detail="worker processes fail to start"))
-                return
-            _, key = max(mine)
-            flight = self._flights.pop(key)
-            self._free_slots.append(flight.slot)
-            self._launch_waiting()
+            else:
+                _, key = max(mine)
+                flight = self._flights.pop(key)
+                self._free_slots.append(flight.slot)
+                self._launch_waiting()
+        if not mine:
+            for chunk, done in failed:
+                done(chunk, ChunkLost(exitcode, pid, detail="worker processes fail to start"))
+            return
         offset = flight.timed_out_offset
         flight.done(flight.chunk, ChunkLost(exitcode, pid, offset=offset, timed_out=offset is not None))
 
