@@ -7,7 +7,9 @@ import functools
 import os
 import pickle
 import threading
+import time
 
+import psutil
 import pytest
 import workfns
 from conftest import PROCESS_BACKENDS
@@ -342,6 +344,24 @@ def test_workers_that_die_before_running_anything_end_the_call(process_backend, 
     else:
         with pytest.raises(parmap.WorkerCrashedError):
             run(initializer=workfns.init_os_exit)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("backend", ["process", "fork"])
+def test_a_pool_whose_workers_cannot_start_stops_trying_while_idle(backend):
+    # They used to be restarted at once, each dying again: a fork loop that
+    # took most of a core for as long as the pool stayed open.
+    with parmap.Pool(workers=2, backend=backend, initializer=workfns.init_os_exit) as pool:
+        with pytest.raises(parmap.WorkerCrashedError):
+            pool.submit(workfns.square, 3).result(timeout=10)
+        time.sleep(0.2)
+        seen = set()
+        for _ in range(25):
+            seen.update(child.pid for child in psutil.Process().children())
+            time.sleep(0.02)
+        assert seen == set()
+        with pytest.raises(parmap.WorkerCrashedError):  # new work still gets its answer
+            pool.map(workfns.square, range(4))
 
 
 def test_generator_error_propagates(any_backend):

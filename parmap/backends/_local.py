@@ -631,6 +631,13 @@ class LocalWorkers(Backend):
         if self._startup_failures >= MAX_STARTUP_FAILURES:
             self._fail_pending(exitcode)
             self._startup_failures = 0
+        if not worker.ran_anything:
+            with self._lock:
+                waiting = bool(self._pending)
+            if not waiting:
+                # One that cannot start would die again at once, over and over,
+                # while nothing needs it: _grow starts one when work comes.
+                return
         self._procs[worker.index] = self._start(worker.index)
 
     def _start(self, index: int) -> WorkerProcess:
