@@ -351,6 +351,7 @@ def test_workers_that_die_before_running_anything_end_the_call(process_backend, 
 def test_a_pool_whose_workers_cannot_start_stops_trying_while_idle(backend):
     # They used to be restarted at once, each dying again: a fork loop that
     # took most of a core for as long as the pool stayed open.
+    others = {child.pid for child in psutil.Process().children()}  # a session's Dask cluster, say
     with parmap.Pool(workers=2, backend=backend, initializer=workfns.init_os_exit) as pool:
         with pytest.raises(parmap.WorkerCrashedError):
             pool.submit(workfns.square, 3).result(timeout=10)
@@ -359,7 +360,7 @@ def test_a_pool_whose_workers_cannot_start_stops_trying_while_idle(backend):
         for _ in range(25):
             seen.update(child.pid for child in psutil.Process().children())
             time.sleep(0.02)
-        assert seen == set()
+        assert seen - others == set()
         with pytest.raises(parmap.WorkerCrashedError):  # new work still gets its answer
             pool.map(workfns.square, range(4))
 
