@@ -184,9 +184,7 @@ class Pool:
             nonlocal attempts
             if future.cancelled():  # dropped before it ran: nothing to settle
                 self._submit_ended(call)
-                with self._lock:
-                    self._futures.discard(future)
-                    self._notify_if_idle()
+                self._forget(future)
                 return
             if isinstance(result, ChunkOutcome) and result.unreadable and not chunk.by_value and not self._killed:
                 # The arguments did not load in the worker: once more by value, free of charge.
@@ -213,9 +211,7 @@ class Pool:
             # Nothing of the user's runs when a future without callbacks is
             # settled: here, then, and not one thread further (10,000 submits).
             if future.settle_unhooked(settle):
-                with self._lock:
-                    self._futures.discard(future)
-                    self._notify_if_idle()
+                self._forget(future)
                 return
             with self._lock:
                 self._futures.discard(future)
@@ -239,9 +235,7 @@ class Pool:
             self._backend.submit(Chunk(call, [0], [item], begin=begin), done)
         except BaseException as exc:
             # Nothing was handed over: this future is not the pool's to wait for.
-            with self._lock:
-                self._futures.discard(future)
-                self._notify_if_idle()
+            self._forget(future)
             self._submit_ended(call)
             if isinstance(exc, SerializationError):
                 raise _submit_error(fn, args, kwargs, exc) from exc
@@ -373,10 +367,7 @@ class Pool:
                 unfinished, self._futures = self._futures, set()
                 self._all_settled.notify_all()
             for future in unfinished:
-                try:
-                    future.set_exception(PoolClosedError("the pool was terminated before this call finished"))
-                except InvalidStateError:
-                    pass  # cancelled while it waited for a worker
+                _settle(future.set_exception, PoolClosedError("the pool was terminated before this call finished"))
         # Every future the workers settled is settled before close() returns,
         # unless this is a done-callback, on the settling thread itself.
         with self._lock:
@@ -385,6 +376,12 @@ class Pool:
             settler = self._settler
         if settler is not None and settler is not threading.current_thread():
             settler.join()
+
+    def _forget(self, future: Future[Any]) -> None:
+        """``future`` is no longer the pool's to wait for."""
+        with self._lock:
+            self._futures.discard(future)
+            self._notify_if_idle()
 
     def _notify_if_idle(self) -> None:
         """Wake a close() waiting for running work, if none is left (under the lock)."""

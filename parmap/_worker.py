@@ -144,6 +144,7 @@ def run_chunk(
     if refused:
         source = _Refusing(source, refused)
     while True:
+        failure: BaseException
         try:
             results.extend(apply(fn, source))
             if count is None or len(results) >= count:
@@ -151,25 +152,18 @@ def run_chunk(
             # A StopIteration from fn looks to map like the end of the items,
             # and list.extend swallows it: the item that raised it is the one
             # after the last result, and the rest follow it in source.
-            exc = RuntimeError(
+            failure = RuntimeError(
                 "the function raised StopIteration, which ends the loop that runs it; "
                 "its message and traceback are lost: raise another exception type instead"
             )
-            errors[len(results)] = ErrorInfo.capture(exc, pickle_it=pickle_errors)
-            results.append(None)
-            if stop_on_error:
-                break
-        except Exception as exc:
-            errors[len(results)] = ErrorInfo.capture(exc, pickle_it=pickle_errors)
-            results.append(None)
-            if stop_on_error:
-                break
         except BaseException as exc:
-            # SystemExit, KeyboardInterrupt, ...: fn asks to stop, as it would
-            # stop a serial map. Carried back like any error, rather than
-            # ending a worker process (a "crash" that loses type and traceback).
-            errors[len(results)] = ErrorInfo.capture(exc, pickle_it=pickle_errors)
-            results.append(None)
+            failure = exc
+        errors[len(results)] = ErrorInfo.capture(failure, pickle_it=pickle_errors)
+        results.append(None)
+        # SystemExit, KeyboardInterrupt, ...: fn asks to stop, as it would stop a
+        # serial map; carried back like any error rather than ending a worker
+        # process (a "crash" that loses type and traceback).
+        if stop_on_error or not isinstance(failure, Exception):
             break
     if status is not None:
         status.clear()

@@ -69,6 +69,8 @@ from ._base import (
 # workers cannot start at all (say, __main__ cannot be imported under spawn):
 # fail the queued chunks instead of respawning forever.
 MAX_STARTUP_FAILURES = 3
+#: What the chunks are told when they fail so.
+STARTUP_FAILURE = "worker processes fail to start"
 # Starting a worker costs the parent the fork (measured on each start) and
 # then about as long again before the child computes (benchmark W4's
 # timeline: fork 2-4 ms, first item 1.5-2.5 ms after it). See _worth_growing.
@@ -662,7 +664,7 @@ class LocalWorkers(Backend):
         with self._lock:
             failed, self._pending = list(self._pending), deque()
         for queued in failed:
-            queued.done(queued.chunk, ChunkLost(exitcode, detail="worker processes fail to start"))
+            queued.done(queued.chunk, ChunkLost(exitcode, detail=STARTUP_FAILURE))
 
     def _enforce_timeouts(self) -> None:
         now = time.monotonic()

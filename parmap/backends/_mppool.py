@@ -53,7 +53,7 @@ from ._base import (
     dropped_outcome,
     terminated_outcome,
 )
-from ._local import MAX_STARTUP_FAILURES, pickle_initializer
+from ._local import MAX_STARTUP_FAILURES, STARTUP_FAILURE, pickle_initializer
 from .process import default_start_method
 
 # Functions bigger than this go through a file rather than inside every task
@@ -488,7 +488,7 @@ class MPPoolBackend(Backend):
                 self._launch_waiting()
         if not mine:
             for chunk, done in failed:
-                done(chunk, ChunkLost(exitcode, pid, detail="worker processes fail to start"))
+                done(chunk, ChunkLost(exitcode, pid, detail=STARTUP_FAILURE))
             return
         offset = flight.timed_out_offset
         flight.done(flight.chunk, ChunkLost(exitcode, pid, offset=offset, timed_out=offset is not None))
