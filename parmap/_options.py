@@ -80,11 +80,13 @@ def _check_on_error(value: object) -> OnError:
 
 
 def _check_progress(value: object) -> bool | Mapping[str, Any]:
+    if value is None:  # as tqdm's own "no bar" spelling reads in wrappers: off
+        return False
     if isinstance(value, bool):
         return value
     if isinstance(value, Mapping):
         return dict(value)
-    raise TypeError(f"progress must be True, False or a dict of tqdm options, got {value!r}")
+    raise TypeError(f"progress must be True, False, None or a dict of tqdm options, got {value!r}")
 
 
 def _check_ordered(value: object) -> bool:

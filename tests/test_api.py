@@ -162,6 +162,12 @@ def test_progress_options_reach_tqdm(capsys):
     assert "7/7" in err
 
 
+def test_progress_none_means_no_bar(capsys):
+    # None is how wrappers that forward an optional setting spell "not asked for".
+    assert parmap.map(workfns.square, range(7), workers=2, backend="thread", progress=None) == [x * x for x in range(7)]
+    assert "7/7" not in capsys.readouterr().err
+
+
 def test_progress_without_length(capsys):
     list(parmap.imap(workfns.square, (x for x in range(9)), workers=2, backend="thread", progress=True))
     assert "9" in capsys.readouterr().err
