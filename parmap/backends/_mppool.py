@@ -170,6 +170,7 @@ class MPPoolBackend(Backend):
         self._wake_r, self._wake_w = os.pipe()
         self._closing = False
         self._replacing = False  # the pool is being swapped: hold tasks back
+        self._dormant = False  # no pool until work comes (see _go_dormant)
         self._replace_requested = False
         self._one_call = False  # see serve_one_call
         self._fn_files: dict[int, str] = {}
@@ -199,6 +200,8 @@ class MPPoolBackend(Backend):
             self._fn_ref(chunk.call, fn_bytes)
             self._waiting.append((chunk, done, items))
             self._launch_waiting()
+            if self._dormant:
+                self._wake()  # the monitor thread starts a pool for it
 
     def release(self, call: Call) -> None:
         with self._lock:
@@ -358,6 +361,13 @@ class MPPoolBackend(Backend):
                     if self._closing and not self._flights and not self._waiting and not self._dropped:
                         break
                     busy = bool(self._flights)
+                    revive = self._dormant and bool(self._waiting)
+                if revive:
+                    self._revive()
+                if self._dormant:
+                    if self._wake_r in wait([self._wake_r]):
+                        os.read(self._wake_r, 65536)
+                    continue
                 current = list(self._pool._pool)
                 # Every worker the pool started since the last look, from its
                 # own record rather than its list: one that started and died in
@@ -386,7 +396,12 @@ class MPPoolBackend(Backend):
                 with self._lock:
                     requested, self._replace_requested = self._replace_requested, False
                 if len(handled) > deaths or requested:
-                    self._replace_pool()
+                    with self._lock:
+                        idle = not self._flights and not self._waiting
+                    if idle and len(handled) > deaths:
+                        self._go_dormant()
+                    else:
+                        self._replace_pool()
                     known, handled = {}, set()
                 self._enforce_timeouts()
         except BaseException as exc:
@@ -435,6 +450,30 @@ class MPPoolBackend(Backend):
             with self._lock:
                 self._replacing = False
                 self._launch_waiting()
+
+    def _go_dormant(self) -> None:
+        """A worker died with nothing to do: end the pool until work comes.
+
+        Replaced at once, a worker that cannot start (an initializer that
+        calls ``os._exit``) dies again, and ``multiprocessing.Pool`` restarts
+        its dead workers by itself: a fork loop for as long as the pool
+        idles. The next chunk pays for a fresh pool, as a replacement would.
+        """
+        with self._lock:
+            self._dormant = True
+            self._replacing = True  # hold tasks back until there is a pool
+        self._stop_feeding()
+        _terminate(self._pool)
+        self._after_shutdown()
+        self._pool = None
+
+    def _revive(self) -> None:
+        self._pool = self._new_pool()
+        with self._lock:
+            self._dormant = False
+            self._replacing = False
+            self._free_slots = deque(range(self._slots))
+            self._launch_waiting()
 
     def _fail_all(self, outcome: ChunkOutcome | None = None) -> None:
         """End every chunk still waiting or running (under the lock) with
@@ -553,9 +592,10 @@ class MPPoolBackend(Backend):
         # close(); join() would wait for it forever.
         pool = self._pool
         try:
-            self._stop_feeding()
-            _terminate(pool)
-            self._after_shutdown()
+            if pool is not None:  # None: dormant, already ended
+                self._stop_feeding()
+                _terminate(pool)
+                self._after_shutdown()
         finally:
             self._close_wake_pipe()
             if self._tmpdir is not None:
