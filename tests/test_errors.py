@@ -324,6 +324,16 @@ def test_initializer_failure_is_reported(backend):
     assert any("initializer" in note for note in info.value.__notes__)
 
 
+def test_a_failed_initializer_fails_every_later_call_of_the_pool(backend):
+    # serial used to run the later calls as if it had succeeded.
+    with parmap.Pool(workers=2, backend=backend, initializer=workfns.init_zero_division) as pool:
+        for _ in range(2):
+            with pytest.raises(ZeroDivisionError):
+                pool.map(workfns.square, range(4))
+        with pytest.raises(ZeroDivisionError):
+            pool.submit(workfns.square, 2).result(timeout=20)
+
+
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("init", [workfns.init_sys_exit, workfns.init_keyboard_interrupt])
 def test_an_initializer_that_exits_is_reported_as_itself(backend, init):

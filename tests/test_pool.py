@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import gc
 import os
 import signal
@@ -172,6 +173,19 @@ def test_submit_retries_a_crash(process_backend, tmp_marker_dir):
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.parametrize("how", ["submit", "map"])
+def test_a_crash_is_tried_exactly_retries_plus_one_times(process_backend, tmp_marker_dir, how):
+    # On pool/apply_async the retry used to reach the multiprocessing.Pool that
+    # was about to be replaced, run there, and run again in the new one.
+    with parmap.Pool(workers=2, backend=process_backend, retries=2) as pool, pytest.raises(parmap.WorkerCrashedError):
+        if how == "submit":
+            pool.submit(workfns.count_then_crash, tmp_marker_dir, 1).result(timeout=20)
+        else:
+            pool.map(functools.partial(workfns.count_then_crash, tmp_marker_dir), [1])
+    assert len(os.listdir(tmp_marker_dir)) == 3
+
+
+@pytest.mark.timeout(30)
 def test_submit_survives_a_crash(process_backend):
     with parmap.Pool(workers=2, backend=process_backend) as pool:
         with pytest.raises(parmap.WorkerCrashedError):
@@ -220,6 +234,16 @@ def test_closed_pool_says_so(backend):
         with pytest.raises(ValueError):  # as multiprocessing.Pool raises once closed
             use()
     pool.close()  # idempotent
+
+
+def test_an_imap_taken_before_close_and_read_after_it_says_so(backend):
+    # The input is pulled only when read: by then the workers are gone. On
+    # pool/apply_async this used to start a multiprocessing.Pool first (and
+    # leak its pipes); on serial the results came anyway.
+    with parmap.Pool(workers=2, backend=backend) as pool:
+        results = pool.imap(workfns.square, range(4))
+    with pytest.raises(parmap.PoolClosedError):
+        list(results)
 
 
 @pytest.mark.timeout(30)

@@ -8,6 +8,7 @@ import os
 import pickle
 import signal
 import sys
+import tempfile
 import threading
 import time
 
@@ -385,3 +386,14 @@ def init_keyboard_interrupt():
 def init_os_exit():
     """Kills each worker before it runs anything."""
     os._exit(3)
+
+
+def count_then_crash(marker_dir, x):
+    """Leave one file per attempt, then end the worker."""
+    fd, _ = tempfile.mkstemp(dir=marker_dir, prefix=f"{x}-", suffix=".attempt")
+    os.close(fd)
+    os._exit(7)
+
+
+def init_zero_division():
+    1 / 0

@@ -193,6 +193,8 @@ class MPPoolBackend(Backend):
     def submit(self, chunk: Chunk, done: Done) -> None:
         fn_bytes = chunk.call.local_fn_bytes
         items = chunk.items_bytes()
+        if self._closing:  # before starting anything: a closed backend starts no pool
+            raise PoolClosedError("this pool is closed")
         self._ensure_started()
         with self._lock:
             if self._closing:
@@ -513,6 +515,11 @@ class MPPoolBackend(Backend):
         and their results are still on their way through the pool.
         """
         with self._lock:
+            # Every death ends this pool (see _replace_pool): a retry that
+            # done() submits must wait for the next one. Fed to this one, it
+            # would run on the worker the pool starts itself, and again in
+            # the next pool, as an orphan: twice for one attempt.
+            self._replacing = True
             mine = [
                 (self._status[f.slot * SLOT_WIDTH + 2], key)
                 for key, f in self._flights.items()

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .._worker import run_chunk
+from .._errors import PoolClosedError
+from .._worker import ChunkOutcome, run_chunk
 from ._base import Backend, Capabilities, Chunk, Done
 
 
@@ -23,18 +24,27 @@ class SerialBackend(Backend):
         self.workers = 1
         self._initializer = initializer
         self._initargs = initargs
+        self._init_error: BaseException | None = None
+        self._closed = False
 
     def submit(self, chunk: Chunk, done: Done) -> None:
+        if self._closed:
+            raise PoolClosedError("this pool is closed")
         if self._initializer is not None:
             initializer, self._initializer = self._initializer, None
             try:
                 initializer(*self._initargs)
             except BaseException as exc:  # SystemExit too, as on every backend
                 exc.add_note("parmap: raised by the initializer")
-                raise
+                # Kept: as on the other backends, the one worker that failed to
+                # start fails every later call of the pool, not only this one.
+                self._init_error = exc
+        if self._init_error is not None:
+            done(chunk, ChunkOutcome.failed(self._init_error))
+            return
         call = chunk.call
         outcome = run_chunk(call.fn, chunk.items, star=call.star, stop_on_error=call.stop_on_error, pickle_errors=False)
         done(chunk, outcome)
 
     def close(self, kill: bool = False) -> None:
-        pass
+        self._closed = True
