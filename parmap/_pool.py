@@ -147,7 +147,7 @@ class Pool:
         """``imap``; ``owned``: this pool exists for this iterator alone and ends with it."""
         options = self._call_options(overrides)
         scheduler = self._scheduler(fn, items, options, star=False, in_order=options.ordered)
-        return _flatten(scheduler.records(), skip=options.on_error == "skip", owner=self if owned else None)
+        return _flatten(scheduler.records(), skip=options.on_error == "skip", pool=self, owned=owned)
 
     def submit(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> Future[R]:
         """Run ``fn(*args, **kwargs)`` on a worker; returns a :class:`concurrent.futures.Future`.
@@ -177,51 +177,7 @@ class Pool:
         else:
             future.set_running_or_notify_cancel()
         call = self._submit_call_for(fn)
-        item = (args, kwargs)
-        attempts = 0
-
-        def done(chunk: Chunk, result: ChunkOutcome | ChunkLost) -> None:
-            nonlocal attempts
-            if future.cancelled():  # dropped before it ran: nothing to settle
-                self._submit_ended(call)
-                self._forget(future)
-                return
-            if isinstance(result, ChunkOutcome) and result.unreadable and not chunk.by_value and not self._killed:
-                # The arguments did not load in the worker: once more by value, free of charge.
-                try:
-                    self._backend.submit(Chunk(call, [0], [item], by_value=True), done)
-                    return
-                except PoolClosedError:
-                    pass
-            failed = isinstance(result, ChunkLost) or bool(result.errors)
-            if failed and not (isinstance(result, ChunkLost) and result.innocent):
-                attempts += 1
-            # A polite close waits for retries too; only terminate() refuses them.
-            if failed and attempts <= self._defaults.retries and not self._killed:
-                try:
-                    self._backend.submit(Chunk(call, [0], [item]), done)  # retries=N, as for map
-                    return
-                except PoolClosedError:
-                    pass  # closed meanwhile: report this attempt's failure
-            self._submit_ended(call)
-            settle = _settlement(future, call, fn, result)
-            with self._lock:
-                if future not in self._futures:
-                    return  # failed by terminate() already
-            # Nothing of the user's runs when a future without callbacks is
-            # settled: here, then, and not one thread further (10,000 submits).
-            if future.settle_unhooked(settle):
-                self._forget(future)
-                return
-            with self._lock:
-                self._futures.discard(future)
-                self._notify_if_idle()
-                if self._settler_stopped:
-                    # Closed while a backend not ours still ran this call.
-                    settle()
-                    return
-                self._settlements.put(settle)
-
+        done = _Submission(self, future, call, fn, (args, kwargs))
         with self._lock:
             self._futures.add(future)
             if self._settler is None:
@@ -232,7 +188,7 @@ class Pool:
                 )
                 self._settler.start()
         try:
-            self._backend.submit(Chunk(call, [0], [item], begin=begin), done)
+            self._backend.submit(Chunk(call, [0], [done.item], begin=begin), done)
         except BaseException as exc:
             # Nothing was handed over: this future is not the pool's to wait for.
             self._forget(future)
@@ -479,11 +435,13 @@ class Pool:
         return results
 
 
-def _flatten(records: Iterator[Record], *, skip: bool, owner: Pool | None) -> Iterator[Any]:
+def _flatten(records: Iterator[Record], *, skip: bool, pool: Pool, owned: bool) -> Iterator[Any]:
     """Every value of every record. One generator does it all because each
-    layer costs every item a frame switch (benchmark W6). ``owner``: a pool
-    to close when the values run out, or to terminate when they are
-    abandoned or an error escapes."""
+    layer costs every item a frame switch (benchmark W6). It holds ``pool``
+    alive while it runs, as ``multiprocessing.Pool``'s iterators do, so that
+    ``Pool().imap(...)`` works; ``owned``: the pool is this iterator's alone,
+    closed when the values run out, terminated when they are abandoned or an
+    error escapes."""
     finished = False
     try:
         if skip:
@@ -497,11 +455,68 @@ def _flatten(records: Iterator[Record], *, skip: bool, owner: Pool | None) -> It
         finished = True
     finally:
         records.close()  # type: ignore[attr-defined]
-        if owner is not None:
+        if owned:
             if finished:
-                owner.close()
+                pool.close()
             else:
-                owner.terminate()
+                pool.terminate()
+
+
+class _Submission:
+    """The outcome of one ``submit()``: retried, or settled into its future.
+
+    An object rather than a closure: a closure that passes itself on (to
+    resubmit a retry) is a reference cycle, and a pool dropped unclosed
+    would wait for the cyclic garbage collector to stop its workers.
+    """
+
+    __slots__ = ("attempts", "call", "fn", "future", "item", "pool")
+
+    def __init__(self, pool: Pool, future: _SubmitFuture[Any], call: Call, fn: Callable[..., Any], item: Any) -> None:
+        self.pool, self.future, self.call, self.fn, self.item = pool, future, call, fn, item
+        self.attempts = 0
+
+    def __call__(self, chunk: Chunk, result: ChunkOutcome | ChunkLost) -> None:
+        pool, future, call = self.pool, self.future, self.call
+        if future.cancelled():  # dropped before it ran: nothing to settle
+            pool._submit_ended(call)
+            pool._forget(future)
+            return
+        if isinstance(result, ChunkOutcome) and result.unreadable and not chunk.by_value and not pool._killed:
+            # The arguments did not load in the worker: once more by value, free of charge.
+            try:
+                pool._backend.submit(Chunk(call, [0], [self.item], by_value=True), self)
+                return
+            except PoolClosedError:
+                pass
+        failed = isinstance(result, ChunkLost) or bool(result.errors)
+        if failed and not (isinstance(result, ChunkLost) and result.innocent):
+            self.attempts += 1
+        # A polite close waits for retries too; only terminate() refuses them.
+        if failed and self.attempts <= pool._defaults.retries and not pool._killed:
+            try:
+                pool._backend.submit(Chunk(call, [0], [self.item]), self)  # retries=N, as for map
+                return
+            except PoolClosedError:
+                pass  # closed meanwhile: report this attempt's failure
+        pool._submit_ended(call)
+        settle = _settlement(future, call, self.fn, result)
+        with pool._lock:
+            if future not in pool._futures:
+                return  # failed by terminate() already
+        # Nothing of the user's runs when a future without callbacks is
+        # settled: here, then, and not one thread further (10,000 submits).
+        if future.settle_unhooked(settle):
+            pool._forget(future)
+            return
+        with pool._lock:
+            pool._futures.discard(future)
+            pool._notify_if_idle()
+            if pool._settler_stopped:
+                # Closed while a backend not ours still ran this call.
+                settle()
+                return
+            pool._settlements.put(settle)
 
 
 def _check_fn(fn: object) -> None:

@@ -404,6 +404,19 @@ def test_items_of_an_abandoned_call_do_not_hold_up_the_next(process_backend):
         assert pool.map(workfns.square, range(5)) == [0, 1, 4, 9, 16]
 
 
+def test_an_imap_keeps_its_pool_alive(backend):
+    # As multiprocessing.Pool's iterators do: the pool is not closed under them.
+    assert list(parmap.Pool(workers=2, backend=backend).imap(workfns.square, range(4))) == [0, 1, 4, 9]
+    pool = parmap.Pool(workers=2, backend=backend)
+    results = pool.imap(workfns.square, range(6), chunksize=1)
+    assert next(results) == 0
+    del pool
+    gc.collect()
+    assert list(results) == [1, 4, 9, 16, 25]
+    del results
+    gc.collect()  # then the pool goes, and its workers with it (no_orphans checks)
+
+
 def test_imap_dropped_without_close(backend):
     import gc
 
@@ -413,14 +426,24 @@ def test_imap_dropped_without_close(backend):
     gc.collect()  # the one-call pool stops its workers (no_orphans checks)
 
 
-def test_a_pool_dropped_after_submit_stops_its_workers(process_backend):
+@pytest.mark.parametrize("collector", ["gc", "no gc"])
+def test_a_pool_dropped_after_submit_stops_its_workers(process_backend, collector):
+    # A submit's outcome handler used to be a closure that resubmitted
+    # itself: a cycle, so the pool waited for the cycle collector.
     def use_and_drop():
         pool = parmap.Pool(workers=2, backend=process_backend)
         assert pool.submit(pow, 2, 3).result(timeout=10) == 8
+        return weakref.ref(pool)
 
     before = len(psutil.Process().children())
-    use_and_drop()
-    gc.collect()
+    gc.disable()
+    try:
+        dropped = use_and_drop()
+        if collector == "gc":
+            gc.collect()
+        assert dropped() is None
+    finally:
+        gc.enable()
     deadline = time.monotonic() + 5
     while len(psutil.Process().children()) > before and time.monotonic() < deadline:
         time.sleep(0.05)
