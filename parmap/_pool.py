@@ -95,6 +95,7 @@ class Pool:
         self._closed = False
         self._killed = False
         self._refusing = False  # shutdown(wait=False): closing in the background
+        self._finished = threading.Event()  # the workers are gone: close()/join() may return
         # Its workers, threads and pipes belong to this process: a child made
         # by os.fork() inherits the object but none of that (see _check_open).
         self._pid = os.getpid()
@@ -264,11 +265,14 @@ class Pool:
         """Return once the workers are gone; for ``close(); join()`` written for ``multiprocessing``.
 
         ``close()`` and ``terminate()`` already wait, so after either this
-        returns at once. Before them it raises ``ValueError``, as
+        returns at once; after ``shutdown(wait=False)`` it waits for the
+        background close. Before them it raises ``ValueError``, as
         ``multiprocessing.Pool.join`` does: nothing would ever stop the workers.
         """
-        if not self._closed:
+        if not self.closed:
             raise ValueError("join() on a parmap.Pool that is still open: call close() or terminate() first")
+        if os.getpid() == self._pid and threading.current_thread() is not self._settler:
+            self._finished.wait()
 
     def __enter__(self) -> Pool:
         self._check_open()
@@ -305,10 +309,24 @@ class Pool:
             self._closed = True
             return
         with self._lock:
-            if self._killed or (self._closed and not kill):
-                return  # terminate() still may end a close() that waits
-            self._closed = True
-            self._killed = kill
+            # terminate() still may end a close() that waits.
+            underway = self._killed or (self._closed and not kill)
+            if not underway:
+                self._closed = True
+                self._killed = kill
+        if underway:
+            # Another thread closes it (shutdown(wait=False), say): wait for
+            # that, unless this is a done-callback, which that close waits for.
+            if threading.current_thread() is not self._settler:
+                self._finished.wait()
+            return
+        try:
+            self._close_backend(kill)
+        finally:
+            self._finished.set()
+
+    def _close_backend(self, kill: bool) -> None:
+        with self._lock:
             if not kill and self._owns_backend:
                 # Submitted calls first, retries included (the backend would
                 # refuse a retry once closing), and maps running in other

@@ -539,6 +539,21 @@ def test_a_pool_says_what_it_is():
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.parametrize("closer", ["join", "close", "with"])
+def test_after_shutdown_without_wait_join_and_close_wait(process_backend, closer):
+    # multiprocessing's close(); join(), or leaving the block: they used to
+    # return at once while the background close still ran.
+    with parmap.Pool(workers=2, backend=process_backend) as pool:
+        slow = pool.submit(time.sleep, 0.5)
+        pool.shutdown(wait=False)
+        if closer != "with":
+            getattr(pool, closer)()
+            assert slow.done()
+    assert slow.done()
+    # no_orphans checks at once that the workers are gone too
+
+
+@pytest.mark.timeout(30)
 @pytest.mark.parametrize("backend", ["thread", *PROCESS_BACKENDS])
 def test_shutdown_as_an_executor_does(backend, tmp_marker_dir):
     # cancel_futures: what still waits for a worker never runs; the running call finishes.
