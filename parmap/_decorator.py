@@ -34,15 +34,38 @@ class ParallelFunction(Generic[P, R]):
         return self.__wrapped__(*args, **kwargs)
 
     def __get__(self, instance: object, owner: type | None = None) -> Any:
+        fn = self.__wrapped__
+        if isinstance(fn, (staticmethod, classmethod)):  # @parallel above them: they bind as they would
+            return ParallelFunction(fn.__get__(instance, owner), self._options)
         if instance is None:
             return self
-        return ParallelFunction(types.MethodType(self.__wrapped__, instance), self._options)
+        return ParallelFunction(types.MethodType(fn, instance), self._options)
 
     def __reduce__(self) -> str | tuple[Any, ...]:
-        if self._named() and self.__module__ != "__main__":  # a remote worker's __main__ is not the script
+        named = self._named()
+        if named and self.__module__ != "__main__":  # a remote worker's __main__ is not the script
             # A string: pickle stores ``module.qualname`` and imports it back.
             return str(self.__qualname__)  # type: ignore[attr-defined]
+        if named:
+            self._name_the_wrapped_function()
         return (ParallelFunction, (self.__wrapped__, self._options))
+
+    def _name_the_wrapped_function(self) -> None:
+        """Let the standard pickle find the function of ``__main__`` under this one.
+
+        cloudpickle carries a ``__main__`` function by value, which a remote
+        worker needs; the standard pickle (``multiprocessing.Pool``,
+        ``ProcessPoolExecutor``) only by name, and ``__main__.name`` is this
+        object now. ``name.__wrapped__`` is the function, in the caller and in
+        a worker that runs the script again (spawn) alike.
+        """
+        fn = self.__wrapped__
+        qualname = f"{self.__qualname__}.__wrapped__"  # type: ignore[attr-defined]
+        if getattr(fn, "__module__", None) == "__main__" and _module_attribute("__main__", qualname) is fn:
+            try:
+                fn.__qualname__ = qualname
+            except (AttributeError, TypeError):  # a callable that fixes its name: by value only
+                pass
 
     def map(self, items: Iterable[Any], **options: Any) -> list[R]:
         """Map the function over ``items`` in parallel; keywords override the decorator's."""
@@ -72,7 +95,7 @@ class ParallelFunction(Generic[P, R]):
         return _module_attribute(self.__module__, getattr(self, "__qualname__", "")) is self
 
     def __repr__(self) -> str:
-        return f"<parmap.parallel {getattr(self.__wrapped__, '__qualname__', self.__wrapped__)!r}>"
+        return f"<parmap.parallel {getattr(self, '__qualname__', self.__wrapped__)!r}>"
 
 
 def _module_attribute(module: str, qualname: str) -> Any:
@@ -109,6 +132,6 @@ def parallel(fn: Callable[P, R] | None = None, /, **options: Any) -> Any:
     CallOptions(**call_options)
     if fn is None:
         return lambda f: ParallelFunction(f, options)
-    if not callable(fn):
+    if not callable(fn) and not isinstance(fn, classmethod):
         raise TypeError(f"@parallel decorates a callable, got {fn!r}")
     return ParallelFunction(fn, options)

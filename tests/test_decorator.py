@@ -53,6 +53,26 @@ def test_decorated_method_binds_like_a_function(backend):
     assert workfns.Scaler.scale(scaler, 4) == 12
 
 
+class _Methods:
+    @parmap.parallel
+    @staticmethod
+    def static(x):
+        return x + 1
+
+    @parmap.parallel
+    @classmethod
+    def of_class(cls, x):
+        return (cls.__name__, x)
+
+
+def test_decorating_a_staticmethod_or_classmethod_binds_as_they_do():
+    # Above @staticmethod it used to bind the instance: "takes 1 positional argument but 2 were given".
+    assert _Methods.static(1) == _Methods().static(1) == 2
+    assert _Methods().static.map([1, 2], workers=2, backend="thread") == [2, 3]
+    assert _Methods.of_class(1) == _Methods().of_class(1) == ("_Methods", 1)
+    assert _Methods.of_class.map([1, 2], workers=2, backend="thread") == [("_Methods", 1), ("_Methods", 2)]
+
+
 def test_decorated_function_pickles_by_name():
     import pickle
 

@@ -86,6 +86,38 @@ def test_main_script_functions_and_lambdas(tmp_path):
     assert "all good" in _run_script(tmp_path, "user_script.py", SCRIPT)
 
 
+DECORATED_MAIN_SCRIPT = textwrap.dedent(
+    """
+    import concurrent.futures, multiprocessing, pickle, sys
+    sys.path.insert(0, {root!r})
+    import parmap
+
+    @parmap.parallel
+    def triple(x):
+        return 3 * x
+
+    if __name__ == "__main__":
+        # The standard pickle, as multiprocessing and ProcessPoolExecutor use it.
+        assert pickle.loads(pickle.dumps(triple))(2) == 6
+        for method in ("fork", "spawn"):
+            context = multiprocessing.get_context(method)
+            with context.Pool(2) as pool:
+                assert pool.map(triple, [1, 2]) == [3, 6], method
+            with concurrent.futures.ProcessPoolExecutor(2, mp_context=context) as executor:
+                assert list(executor.map(triple, [1, 2])) == [3, 6], method
+            assert triple.map([1, 2], workers=2, backend="process", start_method=method) == [3, 6], method
+        assert repr(triple) == "<parmap.parallel 'triple'>"
+        print("all good")
+    """
+)
+
+
+@pytest.mark.timeout(120)
+def test_a_decorated_main_function_travels_by_the_standard_pickle(tmp_path):
+    # It used to fail: "it's not the same object as __main__.triple".
+    assert "all good" in _run_script(tmp_path, "decorated_script.py", DECORATED_MAIN_SCRIPT)
+
+
 def test_python_dash_c_lambda_under_spawn():
     code = (
         f"import sys; sys.path.insert(0, {ROOT!r}); import parmap;"
