@@ -140,6 +140,8 @@ class Pool:
 
     def imap_unordered(self, fn: Callable[[T], R], items: Iterable[T], **overrides: Any) -> Iterator[R]:
         """``imap(fn, items, ordered=False)``, under ``multiprocessing.Pool``'s name for it."""
+        if "ordered" in overrides:
+            raise TypeError("imap_unordered() got an unexpected keyword argument 'ordered': use imap(..., ordered=...)")
         return self._imap(fn, items, {**overrides, "ordered": False})
 
     def _imap(
@@ -158,7 +160,9 @@ class Pool:
         takes it back: it never runs. Once a worker takes it, it is running
         and cannot be cancelled. (On the ``serial`` and ``dask`` backends and
         an ``Executor`` given as backend, which hand the call on at once, it
-        is running from the start.) If the pool is terminated first, the
+        is running from the start; on ``pool`` and ``apply_async`` it is once
+        handed to the ``multiprocessing.Pool``'s queue, which takes up to
+        4 x workers + 16 calls ahead.) If the pool is terminated first, the
         future fails with ``PoolClosedError``.
         Consecutive submits of one function share one call, so ``fn`` goes
         to each worker once and only the arguments travel with each submit.

@@ -524,6 +524,8 @@ def test_another_worker_is_started_when_the_backlog_repays_it():
 def test_multiprocessing_idioms_imap_unordered_close_join():
     pool = parmap.Pool(workers=2, backend="process")
     assert sorted(pool.imap_unordered(workfns.square, range(20), chunksize=3)) == [x * x for x in range(20)]
+    with pytest.raises(TypeError, match="ordered"):  # it used to be ignored
+        pool.imap_unordered(workfns.square, range(3), ordered=True)
     with pytest.raises(ValueError, match="still open"):
         pool.join()
     pool.close()
