@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import traceback
+from collections import OrderedDict
 from collections.abc import Generator, Iterator, Sequence
 from contextlib import closing
 from types import FrameType
@@ -34,13 +35,14 @@ from ._records import (
     OutputError,
     Reader,
     ResultError,
+    StdoutWriter,
     encode_result,
     estimate_items,
     journal_path,
     open_output,
 )
 from ._serialization import short_repr
-from ._target import TargetError, TargetFunction, parse_target, resolve
+from ._target import Target, TargetError, TargetFunction, parse_target, resolve
 from .backends import BACKEND_NAMES
 
 __all__ = ["main"]
@@ -83,11 +85,16 @@ class Step:
             except Exception:  # noqa: S110 - an exception type that refuses attributes
                 pass
             raise
-        except SystemExit as exc:
+        except (KeyboardInterrupt, GeneratorExit):
+            raise  # Ctrl-C reaching a thread or serial worker: the command's to handle
+        except BaseException as exc:
             # A task that exits has failed (status 1), alike on every backend:
             # left alone it would end a worker process (a crash), or on the
             # serial and thread backends the command itself, with its code.
-            error = RuntimeError(f"the function called sys.exit({exc.code!r})")
+            if isinstance(exc, SystemExit):
+                error = RuntimeError(f"the function called sys.exit({exc.code!r})")
+            else:
+                error = RuntimeError(f"the function raised {type(exc).__qualname__}: {exc}")
             setattr(error, _INDEX_ATTRIBUTE, item.index)
             raise error from exc
 
@@ -187,14 +194,28 @@ def _run(args: argparse.Namespace) -> int:
         args.output = None
     if args.resume and args.output is None:
         raise UsageError("--resume needs -o/--output: there is nothing to resume on standard output")
+    if args.output is None and sys.stdout is None:
+        raise UsageError("standard output is closed: give -o PATH for the results")
+    if args.input in (None, "-") and sys.stdin is None:
+        raise UsageError("standard input is closed: give INPUT, the file to read")
     target = parse_target(args.target)
+    # Before the target's module runs: what it prints at import is no result either.
+    stdout = StdoutWriter() if args.output is None else None
+    try:
+        return _run_target(args, target, stdout)
+    finally:
+        if stdout is not None:
+            stdout.close()
+
+
+def _run_target(args: argparse.Namespace, target: Target, stdout: StdoutWriter | None) -> int:
     fn = resolve(target)
     options = _pool_options(args)
     _check_options(options)
     stream = _open_input(args.input, args.output)
     try:
         wants_journal = args.unordered or args.on_error == "skip"
-        output = open_output(args.output, resume=args.resume, journal=wants_journal)
+        output = open_output(args.output, resume=args.resume, journal=wants_journal, stdout=stdout)
         if args.resume and output.done.count:
             _say(f"parmap: resuming: {output.done.count} input items already done in {args.output}")
         reader = Reader(stream, args.input_format, output.done)
@@ -214,7 +235,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _loop(step: Step, reader: Reader, output: Output, options: dict[str, Any], args: argparse.Namespace) -> int:
-    in_flight: dict[int, Item] = {}  # pulled by the workers, not yet written; in input order
+    # Pulled by the workers, not yet written; in input order. An OrderedDict:
+    # a dict emptied from the front rescans its deleted slots on every
+    # next(iter(...)), a cost that grew with the window (400,000 lines: 23 s).
+    in_flight: OrderedDict[int, Item] = OrderedDict()
     arrived: dict[int, Any] = {}  # results waiting for the items before them
     # Where each item in flight sits in imap's input, both ways: parmap's own
     # errors (a crash, a timeout) name that position. It differs from the
@@ -365,6 +389,8 @@ def _check_options(options: dict[str, Any]) -> None:
             pass
     except (ValueError, TypeError, ImportError) as exc:
         raise UsageError(str(exc)) from None
+    except OverflowError as exc:  # -w 99999999999999999999
+        raise UsageError(f"-w/--workers {options['workers']}: {exc}") from None
 
 
 def _nothing(item: object) -> object:  # pragma: no cover - never called: the input is empty

@@ -52,6 +52,7 @@ INPUT_FORMATS: tuple[str, ...] = ("lines", "jsonl", "csv")
 OUTPUT_FORMATS: tuple[str, ...] = ("lines", "jsonl")
 JOURNAL_SUFFIX = ".parmap-journal"
 _SCAN_BYTES = 1 << 20
+_CSV_FIELD_LIMIT = 2**31 - 1  # the most the csv module takes on every platform
 
 
 class InputError(Exception):
@@ -139,16 +140,25 @@ class Reader:
                     value = json.loads(text)
                 except json.JSONDecodeError as exc:
                     raise InputError(lineno, f"malformed JSON: {exc.msg} (column {exc.colno})") from None
+                except (ValueError, RecursionError) as exc:  # an int past the digit limit, nesting too deep
+                    raise InputError(lineno, f"JSON that cannot be read: {exc}") from None
                 yield Item(index, lineno, value)
             index += 1
 
     def _csv(self) -> Iterator[Item]:
         done = self._done
         texts = (text for _, text in self._decoded())
-        rows = csv.reader(texts)
+        # strict: a quote left open must not swallow the rest of the file
+        # into one field. The field limit is the csv module's own, global: a
+        # line of any length is fine here, as in the other formats.
+        csv.field_size_limit(_CSV_FIELD_LIMIT)
+        rows = csv.reader(texts, strict=True)
         header = self._csv_row(rows)
         if header is None:
             return
+        if len(set(header)) != len(header):
+            twice = sorted({name for name in header if header.count(name) > 1})
+            raise InputError(rows.line_num, f"the CSV header names a column twice: {', '.join(map(repr, twice))}")
         index = 0
         while True:
             lineno = rows.line_num + 1
@@ -203,7 +213,10 @@ def encode_result(value: Any, fmt: str) -> bytes:
         except Exception as exc:
             raise ResultError(f"the result {short_repr(value)} is not JSON-serialisable: {exc}") from None
     else:
-        text = value if isinstance(value, str) else str(value)
+        try:
+            text = value if isinstance(value, str) else str(value)
+        except Exception as exc:  # an int past the digit limit, a __str__ that raises
+            raise ResultError(f"the result {short_repr(value)} cannot be turned into text: {exc}") from None
         if "\n" in text or "\r" in text:
             # One result per line is what lets --resume count results.
             raise ResultError(f"the result {short_repr(text)} contains a line break; use --output-format jsonl")
@@ -291,14 +304,17 @@ class Output:
                 os.remove(journal_path(self._path))
 
 
-def open_output(path: str | None, *, resume: bool, journal: bool) -> Output:
-    """Open the output (standard output when ``path`` is None), resuming if asked.
+def open_output(path: str | None, *, resume: bool, journal: bool, stdout: StdoutWriter | None = None) -> Output:
+    """Open the output (``stdout`` when ``path`` is None), resuming if asked.
 
     ``journal`` says whether this run's order and error policy need one; a
     resumed run keeps the journal an earlier run left, whatever it needs.
+    The caller owns ``stdout`` and closes it.
     """
     if path is None:
-        return Output(_StdoutWriter(), None, Done(), None)
+        if stdout is None:
+            raise ValueError("results for standard output need its StdoutWriter")
+        return Output(stdout, None, Done(), None)
     jpath = journal_path(path)
     try:
         if not resume or not os.path.exists(path):
@@ -378,7 +394,7 @@ def _write_all(file: _Sink, data: bytes) -> None:
         view = view[count or 0 :]
 
 
-class _StdoutWriter:
+class StdoutWriter:
     """Standard output's bytes, flushed after every line so a reader sees results as they come.
 
     Standard output is the results' alone: while this is open, the process's

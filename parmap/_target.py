@@ -16,6 +16,7 @@ import importlib.util
 import os
 import re
 import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -64,7 +65,7 @@ def resolve(target: Target) -> Callable[..., Any]:
         raise
     except BaseException as exc:  # SystemExit too: a script that exits at import is not a target
         where = target.path or target.module
-        raise TargetError(f"cannot import {where!r}: {type(exc).__name__}: {exc}") from exc
+        raise TargetError(f"cannot import {where!r}{_raised_at(exc, target)}: {_one_line(exc)}") from exc
     value: Any = module
     for part in target.attribute.split("."):
         try:
@@ -115,6 +116,20 @@ def _import(target: Target) -> Any:
         sys.modules.pop(target.module, None)
         raise
     return module
+
+
+def _one_line(exc: BaseException) -> str:
+    """``Type: message`` on one line: a usage error is one line, whatever the message."""
+    text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _raised_at(exc: BaseException, target: Target) -> str:
+    """`` (line N)`` of the target's own file that raised ``exc``, if it was that file."""
+    if target.path is None or isinstance(exc, SyntaxError):  # a SyntaxError names its line itself
+        return ""
+    lines = [frame.lineno for frame in traceback.extract_tb(exc.__traceback__) if frame.filename == target.path]
+    return f" (line {lines[-1]})" if lines else ""
 
 
 def _file_module_name(path: str) -> str:

@@ -85,6 +85,20 @@ def two_lines(x):
 
 def point(x):
     return Point(x)
+
+
+def huge_int(x):
+    return 10**5000
+
+
+class Halt(BaseException):
+    pass
+
+
+def halt_on_2(x):
+    if x == "2":
+        raise Halt("stop here")
+    return x
 """
 
 _started: list[subprocess.Popen[bytes]] = []
@@ -322,6 +336,51 @@ def test_unwritable_result_exits_1(targets: Path, target: str, expected: str) ->
     assert result.code == 1 and "input line 1" in result.err and expected in result.err
 
 
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_a_result_without_text_fails_its_item(targets: Path, on_error: str) -> None:
+    # str(10**5000) raises: it used to end the command with parmap's own traceback.
+    write(targets / "in.txt", "x\ny\n")
+    result = cli("tgt:huge_int", "in.txt", "--output-format", "lines", "--on-error", on_error, cwd=targets)
+    assert "input line 1" in result.err and "cannot be turned into text" in result.err
+    assert "Traceback" not in result.err and result.out == ""
+    assert result.code == (1 if on_error == "raise" else 0)
+
+
+def test_a_task_raising_a_base_exception_fails_like_any_task(targets: Path) -> None:
+    write(targets / "in.txt", "1\n2\n3\n")
+    result = cli("tgt:halt_on_2", "in.txt", "-w", "2", cwd=targets)
+    assert result.code == 1, result.err
+    assert "task failed on input line 2" in result.err and "Halt: stop here" in result.err
+    assert result.out == '"1"\n'
+
+
+def test_what_the_target_prints_at_import_stays_off_standard_output(targets: Path) -> None:
+    write(targets / "noisy.py", "print('loading the model')\n\ndef f(x):\n    return x\n")
+    write(targets / "in.txt", "a\n")
+    result = cli("noisy:f", "in.txt", cwd=targets)
+    assert (result.code, result.out) == (0, '"a"\n')
+    assert "loading the model" in result.err
+
+
+@pytest.mark.parametrize("closed", ["stdin", "stdout"])
+def test_a_closed_standard_stream_is_a_usage_error(targets: Path, closed: str) -> None:
+    write(targets / "in.txt", "1\n")
+    args = ["tgt:square"] if closed == "stdin" else ["tgt:square", "in.txt"]
+    redirect = "0<&-" if closed == "stdin" else "1>&-"
+    command = " ".join([sys.executable, "-m", "parmap", *args, redirect])
+    proc = subprocess.run(
+        command,
+        shell=True,
+        cwd=targets,
+        env=_env(),
+        capture_output=closed == "stdin",
+        timeout=30,
+        stderr=None if closed == "stdin" else subprocess.PIPE,
+    )
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and err.count("\n") == 1 and f"standard {closed[3:]}" in err, err
+
+
 def test_line_break_in_lines_output_exits_1(targets: Path) -> None:
     write(targets / "in.txt", "x\n")
     result = cli("tgt:two_lines", "in.txt", "--output-format", "lines", cwd=targets)
@@ -342,11 +401,14 @@ def test_line_break_in_lines_output_exits_1(targets: Path) -> None:
         (["tgt:square", "in.txt", "-b", "thread", "--timeout", "1"], "timeout"),
         (["tgt:square", "in.txt", "--resume"], "--resume needs -o"),
         (["tgt:square", "in.txt", "-o", "in.txt"], "also where results go"),
+        (["tgt:square", "in.txt", "-w", "99999999999999999999"], "--workers"),
+        (["raises.py:f", "in.txt"], "(line 2): RuntimeError: first; second"),
         ([], "TARGET"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(targets: Path, args: list[str], expected: str) -> None:
     write(targets / "in.txt", "1\n")
+    write(targets / "raises.py", "x = 1\nraise RuntimeError('first\\nsecond')\n")
     result = cli(*args, cwd=targets)
     assert result.code == 2
     assert result.err.count("\n") == 1 and result.err.startswith("parmap: error:"), result.err
@@ -362,6 +424,31 @@ def test_malformed_json_line_exits_2_after_writing_what_came_before(targets: Pat
     assert "input line 3: malformed JSON" in result.err and "Traceback" not in result.err
     assert result.err.count("\n") == 1
     assert out.read_text() == "1\n4\n"
+
+
+@pytest.mark.parametrize(
+    ("fmt", "text", "line", "expected"),
+    [
+        ("jsonl", "1\n" + "9" * 5000 + "\n", 2, "JSON that cannot be read"),  # past the int digit limit
+        ("jsonl", "1\n" + "[" * 100_000 + "]" * 100_000 + "\n", 2, "JSON that cannot be read"),
+        ("csv", 'a,b\n1,2\n1,"open\n2,3\n', 3, "unexpected end of data"),  # it used to swallow the rest
+        ("csv", "a,a\n1,2\n", 1, "names a column twice: 'a'"),
+    ],
+    ids=["json-int-too-long", "json-too-deep", "csv-open-quote", "csv-duplicate-column"],
+)
+def test_unreadable_input_names_its_line(targets: Path, fmt: str, text: str, line: int, expected: str) -> None:
+    write(targets / "in.data", text)
+    result = cli("tgt:echo", "in.data", "--input-format", fmt, cwd=targets)
+    assert result.code == 2 and result.err.count("\n") == 1, result.err
+    assert f"input line {line}: " in result.err and expected in result.err
+
+
+def test_a_csv_field_may_be_long(targets: Path) -> None:
+    # Longer than the csv module's default limit of 128 KiB.
+    write(targets / "in.csv", "a,b\n1," + "x" * 200_000 + "\n")
+    result = cli("tgt:echo", "in.csv", "--input-format", "csv", cwd=targets)
+    assert result.code == 0, result.err
+    assert json.loads(result.out) == {"a": "1", "b": "x" * 200_000}
 
 
 def test_malformed_csv_row_names_its_line(targets: Path) -> None:
