@@ -15,9 +15,10 @@ Where vectored I/O is missing (Windows), the payload is an ordinary
 from __future__ import annotations
 
 import os
+import select
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection, Pipe
 
 from ._chunking import MAX_CHUNK_BYTES
@@ -31,6 +32,11 @@ SOCKET_BUFFER_BYTES = MAX_CHUNK_BYTES
 
 # Parts per writev call: far below any platform's IOV_MAX (1024 on Linux).
 _PARTS_PER_WRITE = 256
+
+# How long the rest of a payload may keep the reader waiting before it asks
+# whether the sender is still alive (see recv_framed): a live one is waited
+# for as long as it takes.
+STALL_SECONDS = 1.0
 
 _VECTORED = hasattr(os, "writev") and hasattr(os, "readv")
 _LENGTH = struct.Struct("!Q")
@@ -89,21 +95,40 @@ def send_framed(conn: Connection, parts: Sequence[bytes]) -> None:
             views[first] = views[first][written:]
 
 
-def recv_framed(conn: Connection) -> bytes | bytearray:
-    """One payload sent by :func:`send_framed`."""
+def recv_framed(conn: Connection, sender_alive: Callable[[], bool] | None = None) -> bytes | bytearray:
+    """One payload sent by :func:`send_framed`.
+
+    ``sender_alive``: asked whenever the rest of a payload is slow to come.
+    A sender that died halfway leaves end-of-file only once every copy of its
+    end is closed, and a process forked meanwhile (by the program, say) may
+    hold one for as long as it lives: the read would wait for it.
+    """
     if not _VECTORED:
         return conn.recv_bytes()
-    (size,) = _LENGTH.unpack(_read_exactly(conn.fileno(), _LENGTH.size))
-    return _read_exactly(conn.fileno(), size)
+    fd = conn.fileno()
+    (size,) = _LENGTH.unpack(_read_exactly(fd, _LENGTH.size, sender_alive, first=True))
+    return _read_exactly(fd, size, sender_alive, first=False)
 
 
-def _read_exactly(fd: int, size: int) -> bytearray:
+def _read_exactly(fd: int, size: int, sender_alive: Callable[[], bool] | None, *, first: bool) -> bytearray:
     buffer = bytearray(size)
     view = memoryview(buffer)
     got = 0
     while got < size:
+        if sender_alive is not None and not (first and not got) and not _readable(fd, STALL_SECONDS):
+            if not sender_alive():
+                raise EOFError("the sender died in the middle of a payload")
+            continue
         n = os.readv(fd, [view[got:]])
         if n == 0:
             raise EOFError("the connection closed in the middle of a payload")
         got += n
     return buffer
+
+
+def _readable(fd: int, timeout: float) -> bool:
+    if not hasattr(select, "poll"):  # pragma: no cover - Windows has no readv either
+        return bool(select.select([fd], [], [], timeout)[0])
+    poller = select.poll()  # not select(): descriptors past 1023 are fine
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(timeout * 1000.0))

@@ -6,6 +6,9 @@ from __future__ import annotations
 import functools
 import os
 import pickle
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 
@@ -374,6 +377,68 @@ def test_a_pool_whose_workers_cannot_start_stops_trying_while_idle(process_backe
         assert seen - others == set()
         with pytest.raises(parmap.WorkerCrashedError):  # new work still gets its answer
             pool.map(workfns.square, range(4))
+
+
+@pytest.mark.timeout(30)
+def test_a_crash_is_seen_though_the_worker_left_a_process_behind(process_backend):
+    # The forked process holds copies of the worker's pipes, exit sentinel
+    # included: the death went unseen until that process ended.
+    began = time.monotonic()
+    with pytest.raises(parmap.WorkerCrashedError, match="exit code 3"):
+        parmap.map(workfns.crash_leaving_a_grandchild, range(8), workers=2, backend=process_backend, chunksize=1)
+    assert time.monotonic() - began < 5  # not a speed check: the grandchild lives 8 s
+
+
+CONCURRENT_POOLS_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, threading, time
+    sys.path.insert(0, {root!r})
+    import parmap
+
+    def crash_on_3(x):
+        if x == 3:
+            os._exit(1)
+        return x
+
+    def long(x):
+        time.sleep(15)
+        return x
+
+    def others():  # other parts of the program, starting pools meanwhile
+        for _ in range(8):
+            threading.Thread(target=parmap.map, args=(long, range(2)), kwargs={{"workers": 2, "backend": {backend!r}}},
+                             daemon=True).start()
+            time.sleep(0.15)
+
+    if __name__ == "__main__":
+        threading.Thread(target=others, daemon=True).start()
+        until = time.monotonic() + 1.5
+        worst = 0.0
+        while time.monotonic() < until:
+            began = time.monotonic()
+            try:
+                parmap.map(crash_on_3, range(8), workers=2, backend={backend!r}, chunksize=1)
+            except parmap.WorkerCrashedError:
+                pass
+            worst = max(worst, time.monotonic() - began)
+            if worst > 5:
+                break
+        print(f"worst {{worst:.1f}}")  # the daemon threads' pools end with the interpreter
+    """
+)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", ["process", "fork"])
+def test_a_crash_is_seen_while_other_pools_start_workers(tmp_path, backend):
+    # A worker forked by another pool while this one started a worker held a
+    # copy of its pipes: the death went unseen until that worker ended (15 s).
+    script = tmp_path / "concurrent_pools.py"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script.write_text(CONCURRENT_POOLS_SCRIPT.format(root=root, backend=backend))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=50)
+    worst = float(result.stdout.split()[-1]) if result.stdout.startswith("worst") else None
+    assert worst is not None and worst < 5, (result.stdout, result.stderr[-2000:])
 
 
 def test_generator_error_propagates(any_backend):

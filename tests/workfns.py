@@ -397,3 +397,14 @@ def count_then_crash(marker_dir, x):
 
 def init_zero_division():
     1 / 0
+
+
+def crash_leaving_a_grandchild(x):
+    """On ``BAD``: fork a process that outlives this worker (holding copies
+    of everything it inherited), then end the worker."""
+    if x == BAD:
+        if os.fork() == 0:
+            time.sleep(8)
+            os._exit(0)
+        os._exit(3)
+    return x

@@ -35,6 +35,7 @@ contexts, :class:`~parmap.backends.fork.ForkBackend` raw ``os.fork``).
 from __future__ import annotations
 
 import abc
+import functools
 import mmap
 import os
 import pickle
@@ -42,6 +43,7 @@ import select
 import signal
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -80,6 +82,58 @@ INITIAL_START_COST = 0.003
 # The dispatcher's longest sleep: a due time further off (a huge ``timeout``)
 # is looked at again then, since the wait's own limit is ~24 days in ms.
 MAX_WAIT_SECONDS = 3600.0
+
+
+# Every worker start of every pool in this process, one at a time. A start
+# opens the child's ends of its pipes (and multiprocessing its exit
+# sentinel's) in the parent until the fork is done; another pool forking in
+# between would hand its worker a copy, and that copy keeps the pipe open: a
+# death goes unseen (the sentinel never fires) while that worker lives.
+_STARTING = threading.Lock()
+# Every LocalWorkers alive here: a child forked for any reason drops their
+# parent-side ends at once (see _drop_parent_ends_after_fork).
+_LIVE: weakref.WeakSet[LocalWorkers] = weakref.WeakSet()
+
+
+def _drop_parent_ends_after_fork() -> None:
+    """In a forked child: close every pool's ends of its workers' pipes.
+
+    Held by another pool's worker (or any child), such an end stays open
+    after the parent closes its own, so that worker would not read
+    end-of-file when its pool ends or its parent dies.
+    """
+    for workers in list(_LIVE):
+        workers._drop_parent_ends()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_parent_ends_after_fork)
+
+
+def exit_sentinel(pid: int) -> int | None:
+    """A descriptor of child ``pid`` that turns readable when it exits, or None.
+
+    A pidfd (Linux 5.3+) tells of the exit whatever else the child left
+    behind; the pipe sentinels of multiprocessing and of the fork backend
+    turn readable only once every copy of their write end is closed, and a
+    process the worker forked itself (``os.fork``, a ``multiprocessing``
+    helper started in ``fn``) keeps one for as long as it lives: a crash
+    went unseen until then.
+    """
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):  # another platform, an older kernel
+        return None
+
+
+def _still_running(pid: int) -> bool:
+    """Whether child ``pid`` has not exited, asked without reaping it."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+    except ChildProcessError:
+        return False  # reaped already (multiprocessing reaps its dead children when it starts one)
+    except (AttributeError, OSError):  # pragma: no cover - no waitid here: wait on, as before
+        return True
 
 
 @dataclass(eq=False)
@@ -163,6 +217,7 @@ class LocalWorkers(Backend):
         self._abandoned: set[int] = set()  # calls released since the dispatcher last looked
         self._poller = select.poll() if hasattr(select, "poll") else None
         self._polled: dict[int, tuple[bool, WorkerProcess | None]] = {}  # fd -> (sentinel?, worker)
+        _LIVE.add(self)
 
     # -- subclass hooks -------------------------------------------------
     def _make_status_array(self, size: int) -> Any:
@@ -186,6 +241,18 @@ class LocalWorkers(Backend):
     @abc.abstractmethod
     def _reap(self, worker: WorkerProcess) -> int | None:
         """Wait for an exited worker and return its exit code (negative: signal)."""
+
+    def _drop_parent_ends(self) -> None:
+        """Close this pool's ends of its workers' pipes: in a forked child,
+        which must not keep them open (see _drop_parent_ends_after_fork).
+
+        Only the connections, closed as objects, so that nothing closes their
+        descriptors again; the other descriptors (exit sentinels, the wake-up
+        pipe) are read ends, whose copies change nothing for anyone.
+        """
+        for other in self._procs:
+            if other is not None:
+                other.conn.close()
 
     # -- the Backend interface (caller threads) ------------------------
     def submit(self, chunk: Chunk, done: Done) -> None:
@@ -530,7 +597,7 @@ class LocalWorkers(Backend):
         received: list[tuple[WorkerProcess, int, Chunk | None, Done | None, bytes | bytearray]] = []
         for worker in readable:
             try:
-                data = recv_framed(worker.conn)
+                data = recv_framed(worker.conn, functools.partial(_still_running, worker.pid))
             except (EOFError, OSError):
                 continue  # died mid-message: its sentinel is ready too
             received.append((worker, worker.seq, *self._take(worker), data))
@@ -596,7 +663,8 @@ class LocalWorkers(Backend):
         # A message written just before death is still in the pipe.
         try:
             while worker.chunk is not None and worker.conn.poll():
-                self._finish(worker, decode_chunk_outcome(worker.chunk, recv_framed(worker.conn)))
+                data = recv_framed(worker.conn, functools.partial(_still_running, worker.pid))
+                self._finish(worker, decode_chunk_outcome(worker.chunk, data))
         except (EOFError, OSError):
             pass
         exitcode = self._reap(worker)
@@ -652,7 +720,8 @@ class LocalWorkers(Backend):
             inherited = {c.call.id: (c.call.fn, c.call.source) for c in chunks if c.call.id not in ended}
         self._status[index * SLOT_WIDTH + 3] = 0.0  # the new worker has read nothing yet
         began = time.monotonic()
-        worker = self._start_worker(index, inherited)
+        with _STARTING:
+            worker = self._start_worker(index, inherited)
         worker.started_at = time.monotonic()
         self._start_cost = worker.started_at - began
         worker.room = send_room(worker.conn)

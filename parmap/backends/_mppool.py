@@ -53,7 +53,7 @@ from ._base import (
     dropped_outcome,
     terminated_outcome,
 )
-from ._local import MAX_STARTUP_FAILURES, STARTUP_FAILURE, pickle_initializer
+from ._local import MAX_STARTUP_FAILURES, MAX_WAIT_SECONDS, STARTUP_FAILURE, exit_sentinel, pickle_initializer
 from .process import default_start_method
 
 # Functions bigger than this go through a file rather than inside every task
@@ -350,6 +350,7 @@ class MPPoolBackend(Backend):
         self._started.set()
         known: dict[int, Any] = {}  # pid -> Process, every pool worker ever seen
         handled: set[int] = set()
+        pidfds = _PidFds()
         try:
             while True:
                 with self._lock:
@@ -381,7 +382,8 @@ class MPPoolBackend(Backend):
                         started.append(process)  # not started yet: next time
                     else:
                         known.setdefault(process.pid, process)
-                sentinels = {p.sentinel: p for pid, p in known.items() if pid not in handled}
+                        pidfds.watch(process)
+                sentinels = {pidfds.sentinel(p): p for pid, p in known.items() if pid not in handled}
                 timeout = self._next_deadline()
                 if busy:
                     timeout = RESCAN_SECONDS if timeout is None else min(timeout, RESCAN_SECONDS)
@@ -393,6 +395,7 @@ class MPPoolBackend(Backend):
                     if obj != self._wake_r:
                         process = sentinels[obj]
                         handled.add(process.pid)
+                        pidfds.forget(process.pid)
                         self._worker_died(process.pid, _exitcode(process))
                 self._find_unwatched_deaths({p.pid for p in current}, known, handled)
                 with self._lock:
@@ -405,6 +408,7 @@ class MPPoolBackend(Backend):
                     else:
                         self._replace_pool()
                     known, handled = {}, set()
+                    pidfds.forget_all()
                 self._enforce_timeouts()
         except BaseException as exc:
             # The pool cannot be run any more (a replacement failed to start):
@@ -415,6 +419,7 @@ class MPPoolBackend(Backend):
                 self._closing = True
                 self._fail_all(ChunkOutcome.failed(error))
         finally:
+            pidfds.forget_all()
             self._shutdown_pool()
 
     def _new_pool(self) -> Any:
@@ -572,7 +577,7 @@ class MPPoolBackend(Backend):
                 since = started if offset >= 0 and started >= flight.sent_at else flight.sent_at
                 due = since + timeout
                 deadline = due if deadline is None else min(deadline, due)
-        return None if deadline is None else max(0.0, deadline - time.monotonic())
+        return None if deadline is None else min(max(0.0, deadline - time.monotonic()), MAX_WAIT_SECONDS)
 
     def _enforce_timeouts(self) -> None:
         now = time.monotonic()
@@ -607,6 +612,40 @@ class MPPoolBackend(Backend):
             self._close_wake_pipe()
             if self._tmpdir is not None:
                 self._tmpdir.cleanup()
+
+
+class _PidFds:
+    """Pool workers watched through pidfds where the platform has them.
+
+    A ``multiprocessing.Pool`` worker's own sentinel is a pipe, readable
+    only once every copy of its write end is closed: a process the worker
+    forked itself keeps one, and the worker's death went unseen until that
+    process ended (see :func:`~parmap.backends._local.exit_sentinel`).
+    """
+
+    def __init__(self) -> None:
+        self._fds: dict[int, int] = {}
+
+    def watch(self, process: Any) -> None:
+        fd = exit_sentinel(process.pid)
+        if fd is None:
+            return
+        if process.exitcode is not None:
+            os.close(fd)  # reaped by the pool already: the pid may be another's by now
+            return
+        self._fds[process.pid] = fd
+
+    def sentinel(self, process: Any) -> Any:
+        return self._fds.get(process.pid, process.sentinel)
+
+    def forget(self, pid: int) -> None:
+        fd = self._fds.pop(pid, None)
+        if fd is not None:
+            os.close(fd)
+
+    def forget_all(self) -> None:
+        for pid in list(self._fds):
+            self.forget(pid)
 
 
 class _RecordingPool(multiprocessing.pool.Pool):

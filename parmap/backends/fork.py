@@ -1,9 +1,10 @@
 """``backend="fork"``: raw ``os.fork()`` children talking over pipes (POSIX).
 
 No ``multiprocessing.Process`` at all: each worker is forked directly, talks
-over a socket pair, and signals its exit through a pipe whose only write end
-it holds (the read end turns readable when the child is gone, so it serves as
-a sentinel for :func:`multiprocessing.connection.wait`).
+over a socket pair, and is watched through a pidfd that turns readable when
+it exits (where the platform lacks pidfds: a pipe whose only write end it
+holds, readable once the child is gone; either serves as a sentinel for
+:func:`multiprocessing.connection.wait`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 from .._wire import worker_pipe
 from .._worker import Inherited, worker_main
-from ._local import LocalWorkers, WorkerProcess
+from ._local import LocalWorkers, WorkerProcess, exit_sentinel
 
 
 class ForkBackend(LocalWorkers):
@@ -39,8 +40,7 @@ class ForkBackend(LocalWorkers):
             code = 0
             try:
                 os.close(sentinel_r)
-                parent_conn.close()
-                self._close_inherited()
+                parent_conn.close()  # the other pools' ends, and this one's, went at the fork
                 worker_main(child_conn, self._status, index, self._init_bytes, inherited)
             except SystemExit as exc:  # the initializer called sys.exit(): report its code, as multiprocessing does
                 code = exc.code if isinstance(exc.code, int) else 1
@@ -52,23 +52,11 @@ class ForkBackend(LocalWorkers):
                 os._exit(code)
         os.close(sentinel_w)
         child_conn.close()
+        pidfd = exit_sentinel(pid)
+        if pidfd is not None:
+            os.close(sentinel_r)
+            sentinel_r = pidfd
         return WorkerProcess(index, pid, parent_conn, sentinel_r)
-
-    def _close_inherited(self) -> None:
-        """Drop the parent's ends of the other workers' pipes and the wake-up pipe,
-        so that end-of-file means what it should."""
-        for other in self._procs:
-            if other is not None:
-                other.conn.close()
-                try:
-                    os.close(other.sentinel)
-                except OSError:
-                    pass
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
 
     def _reap(self, worker: WorkerProcess) -> int | None:
         try:

@@ -9,12 +9,13 @@ method (``fork``, ``spawn`` or ``forkserver``), each fed over its own
 from __future__ import annotations
 
 import multiprocessing
+import os
 from collections.abc import Callable
 from typing import Any
 
 from .._wire import worker_pipe
 from .._worker import Inherited, worker_main
-from ._local import LocalWorkers, WorkerProcess
+from ._local import LocalWorkers, WorkerProcess, exit_sentinel
 
 
 class ProcessBackend(LocalWorkers):
@@ -49,12 +50,22 @@ class ProcessBackend(LocalWorkers):
         process.start()
         child_conn.close()
         assert process.pid is not None
-        return WorkerProcess(index, process.pid, parent_conn, process.sentinel, handle=process)
+        sentinel = exit_sentinel(process.pid)
+        if sentinel is not None and process.exitcode is not None:
+            # Dead and reaped already (multiprocessing reaps its children as
+            # it starts others): the pid may be another process's by now.
+            os.close(sentinel)
+            sentinel = None
+        return WorkerProcess(
+            index, process.pid, parent_conn, process.sentinel if sentinel is None else sentinel, handle=process
+        )
 
     def _reap(self, worker: WorkerProcess) -> int | None:
         process: multiprocessing.process.BaseProcess = worker.handle
         process.join()
         exitcode = process.exitcode
+        if worker.sentinel != process.sentinel:
+            os.close(worker.sentinel)  # the pidfd (see exit_sentinel)
         process.close()
         return exitcode
 
