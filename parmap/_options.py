@@ -14,6 +14,7 @@ starts.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import numbers
 import os
@@ -85,8 +86,25 @@ def _check_progress(value: object) -> bool | Mapping[str, Any]:
     if isinstance(value, bool):
         return value
     if isinstance(value, Mapping):
-        return dict(value)
+        options = dict(value)
+        # Checked here, at the call: tqdm would refuse them only once the bar
+        # starts, which for imap is the first next().
+        unknown = sorted(repr(key) for key in options if key not in _tqdm_options())
+        if unknown:
+            raise TypeError(f"progress: tqdm takes no option {', '.join(unknown)}")
+        return options
     raise TypeError(f"progress must be True, False, None or a dict of tqdm options, got {value!r}")
+
+
+@functools.cache
+def _tqdm_options() -> frozenset[str]:
+    from tqdm import tqdm
+
+    parameters = inspect.signature(tqdm.__init__).parameters.values()
+    return frozenset(p.name for p in parameters if p.kind is p.POSITIONAL_OR_KEYWORD or p.kind is p.KEYWORD_ONLY) - {
+        "self",
+        "iterable",  # parmap's own
+    }
 
 
 def _check_ordered(value: object) -> bool:

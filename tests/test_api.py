@@ -30,6 +30,7 @@ import parmap
         ({"retries": -1}, ValueError, "retries"),
         ({"on_error": "ignore"}, ValueError, "on_error"),
         ({"progress": "yes"}, TypeError, "progress"),
+        ({"progress": {"descr": "typo"}}, TypeError, "'descr'"),  # tqdm itself would refuse it at the first next()
         ({"start_method": "vfork"}, ValueError, "start_method"),
         ({"backend": "thread", "start_method": "spawn"}, ValueError, "start_method"),
         ({"initializer": 3}, TypeError, "initializer"),

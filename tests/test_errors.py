@@ -348,15 +348,22 @@ def test_an_initializer_that_exits_is_reported_as_itself(backend, init):
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("on_error", ["raise", "skip"])
+@pytest.mark.parametrize("on_error", ["raise", "skip", "return"])
 def test_workers_that_die_before_running_anything_end_the_call(process_backend, on_error):
-    # An initializer that kills its worker: every replacement dies alike.
-    run = functools.partial(parmap.map, workfns.square, range(6), workers=2, backend=process_backend)
-    if on_error == "skip":
-        assert run(initializer=workfns.init_os_exit, on_error="skip") == []
-    else:
-        with pytest.raises(parmap.WorkerCrashedError):
-            run(initializer=workfns.init_os_exit)
+    # An initializer that kills its worker: every replacement dies alike. No
+    # item is to blame, so the call fails as a whole: skip used to return []
+    # as if done, and return put a crash in every item's place.
+    with pytest.raises(parmap.WorkerCrashedError, match="fail to start") as info:
+        parmap.map(
+            workfns.square,
+            range(40),
+            workers=2,
+            backend=process_backend,
+            chunksize=1,
+            initializer=workfns.init_os_exit,
+            on_error=on_error,
+        )
+    assert info.value.exitcode is not None
 
 
 @pytest.mark.timeout(30)

@@ -118,6 +118,34 @@ def test_a_decorated_main_function_travels_by_the_standard_pickle(tmp_path):
     assert "all good" in _run_script(tmp_path, "decorated_script.py", DECORATED_MAIN_SCRIPT)
 
 
+UNGUARDED_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {root!r})
+    import parmap
+
+    def square(x):
+        return x * x
+
+    # No `if __name__ == "__main__":` guard: every spawned worker runs this
+    # again on import, and multiprocessing ends it before it runs anything.
+    try:
+        parmap.map(square, range(200), workers=2, start_method="spawn", chunksize=1, on_error="skip")
+    except parmap.WorkerCrashedError as exc:
+        print("raised:", exc)
+    """
+)
+
+
+@pytest.mark.timeout(120)
+def test_workers_that_cannot_start_fail_the_call_whatever_on_error_says(tmp_path):
+    # It used to skip every item, one fresh worker each (~30 s, 200 tracebacks), and return [].
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED_SCRIPT.format(root=ROOT))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=110)
+    assert "raised: worker processes fail to start" in result.stdout, result.stderr[-2000:]
+
+
 def test_python_dash_c_lambda_under_spawn():
     code = (
         f"import sys; sys.path.insert(0, {ROOT!r}); import parmap;"

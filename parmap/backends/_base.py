@@ -29,7 +29,7 @@ from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .._errors import PoolClosedError
+from .._errors import PoolClosedError, WorkerCrashedError
 from .._serialization import Pickled, check_function, dump_data, dumps_function
 from .._worker import ChunkOutcome, decode_outcome, unreadable_outcome
 
@@ -253,6 +253,19 @@ def terminated_outcome() -> ChunkOutcome:
     """What a chunk still queued or running when its pool is terminated
     comes to: a call waiting on it (in another thread) must not wait for ever."""
     error = PoolClosedError("the pool was terminated before this work finished")
+    return ChunkOutcome.failed(error)
+
+
+def startup_failed_outcome(exitcode: int | None) -> ChunkOutcome:
+    """What the waiting chunks come to when no worker can start: an error
+    of the call as a whole, whatever ``on_error`` and ``retries`` say, since
+    no item is to blame (skipping them all would return ``[]`` as if done)."""
+    error = WorkerCrashedError(
+        f"worker processes fail to start: each died before running anything ({describe_exit(exitcode)}); "
+        "what they printed on standard error says why (under spawn: a script without "
+        "`if __name__ == '__main__':`, say; or an initializer that ends its process)",
+        exitcode,
+    )
     return ChunkOutcome.failed(error)
 
 

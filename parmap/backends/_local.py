@@ -35,6 +35,7 @@ contexts, :class:`~parmap.backends.fork.ForkBackend` raw ``os.fork``).
 from __future__ import annotations
 
 import abc
+import contextlib
 import functools
 import mmap
 import os
@@ -45,7 +46,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from typing import Any
@@ -64,15 +65,14 @@ from ._base import (
     Done,
     decode_chunk_outcome,
     dropped_outcome,
+    startup_failed_outcome,
     terminated_outcome,
 )
 
 # A worker that dies before running anything this many times in a row means
 # workers cannot start at all (say, __main__ cannot be imported under spawn):
-# fail the queued chunks instead of respawning forever.
+# fail the call instead of respawning forever (see startup_failed_outcome).
 MAX_STARTUP_FAILURES = 3
-#: What the chunks are told when they fail so.
-STARTUP_FAILURE = "worker processes fail to start"
 # Starting a worker costs the parent the fork (measured on each start) and
 # then about as long again before the child computes (benchmark W4's
 # timeline: fork 2-4 ms, first item 1.5-2.5 ms after it). See _worth_growing.
@@ -95,6 +95,22 @@ _STARTING = threading.Lock()
 _LIVE: weakref.WeakSet[LocalWorkers] = weakref.WeakSet()
 
 
+# The parent's end of the pipe of the worker being started (under _STARTING):
+# the new worker must not keep it, or it would never read end-of-file.
+_STARTING_ENDS: list[Any] = []
+
+
+@contextlib.contextmanager
+def dropped_by_a_forked_worker(conn: Any) -> Iterator[None]:
+    """While this runs (under _STARTING), a forked child closes ``conn``: the
+    parent's end of the pipe of the worker being started."""
+    _STARTING_ENDS.append(conn)
+    try:
+        yield
+    finally:
+        _STARTING_ENDS.remove(conn)
+
+
 def _drop_parent_ends_after_fork() -> None:
     """In a forked child: close every pool's ends of its workers' pipes.
 
@@ -104,6 +120,8 @@ def _drop_parent_ends_after_fork() -> None:
     """
     for workers in list(_LIVE):
         workers._drop_parent_ends()
+    for conn in _STARTING_ENDS:
+        conn.close()
 
 
 if hasattr(os, "register_at_fork"):
@@ -672,25 +690,28 @@ class LocalWorkers(Backend):
         if worker.chunk is not None:
             timed_out = worker.timed_out_offset is not None
             read = self._status[worker.index * SLOT_WIDTH + 3]
-            # Dead, after earlier work, before it read this chunk (killed while
-            # idle, say): the chunk did no harm and runs again free of charge.
-            # A worker that never got going is charged, or a worker that
-            # cannot start would rerun the chunk for ever.
-            unread = worker.ran_anything and read < worker.seq
+            # Dead before it read this chunk (killed while idle, say): the
+            # chunk did no harm and runs again free of charge. A worker that
+            # had never got going counts towards MAX_STARTUP_FAILURES instead
+            # (an initializer that ends its process, say), past which the
+            # call fails as a whole: no item is to blame.
+            unread = read < worker.seq and not timed_out
+            if unread and not worker.ran_anything:
+                self._startup_failures += 1
+            else:
+                self._startup_failures = 0
             ahead = worker.ahead
-            self._finish(
-                worker,
-                ChunkLost(
-                    exitcode,
-                    worker.pid,
-                    offset=worker.timed_out_offset,
-                    timed_out=timed_out,
-                    innocent=unread and not timed_out,
-                ),
-            )
+            if self._startup_failures >= MAX_STARTUP_FAILURES:
+                lost: ChunkOutcome | ChunkLost = startup_failed_outcome(exitcode)
+            else:
+                lost = ChunkLost(
+                    exitcode, worker.pid, offset=worker.timed_out_offset, timed_out=timed_out, innocent=unread
+                )
+            self._finish(worker, lost)
             if ahead is not None:  # not read unless the chunk before it was done with
-                self._finish(worker, ChunkLost(exitcode, worker.pid, innocent=read < ahead[2]))
-            self._startup_failures = 0
+                if isinstance(lost, ChunkLost):
+                    lost = ChunkLost(exitcode, worker.pid, innocent=read < ahead[2])
+                self._finish(worker, lost)
         elif not worker.ran_anything:
             self._startup_failures += 1
         self._procs[worker.index] = None
@@ -732,8 +753,9 @@ class LocalWorkers(Backend):
     def _fail_pending(self, exitcode: int | None) -> None:
         with self._lock:
             failed, self._pending = list(self._pending), deque()
+        outcome = startup_failed_outcome(exitcode)
         for queued in failed:
-            queued.done(queued.chunk, ChunkLost(exitcode, detail=STARTUP_FAILURE))
+            queued.done(queued.chunk, outcome)
 
     def _enforce_timeouts(self) -> None:
         now = time.monotonic()

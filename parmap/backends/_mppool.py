@@ -51,9 +51,10 @@ from ._base import (
     Done,
     decode_chunk_outcome,
     dropped_outcome,
+    startup_failed_outcome,
     terminated_outcome,
 )
-from ._local import MAX_STARTUP_FAILURES, MAX_WAIT_SECONDS, STARTUP_FAILURE, exit_sentinel, pickle_initializer
+from ._local import MAX_STARTUP_FAILURES, MAX_WAIT_SECONDS, exit_sentinel, pickle_initializer
 from .process import default_start_method
 
 # Functions bigger than this go through a file rather than inside every task
@@ -538,8 +539,10 @@ class MPPoolBackend(Backend):
                 self._free_slots.append(flight.slot)
                 self._launch_waiting()
         if not mine:
-            for chunk, done in failed:
-                done(chunk, ChunkLost(exitcode, pid, detail=STARTUP_FAILURE))
+            if failed:
+                outcome = startup_failed_outcome(exitcode)
+                for chunk, done in failed:
+                    done(chunk, outcome)
             return
         offset = flight.timed_out_offset
         flight.done(flight.chunk, ChunkLost(exitcode, pid, offset=offset, timed_out=offset is not None))

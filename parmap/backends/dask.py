@@ -90,6 +90,8 @@ INSTALL_HINT = "pip install parmap[dask]"
 #: Seconds to reach a scheduler before giving up (Dask's default is 30 s,
 #: long to sit through for a mistyped address).
 CONNECT_TIMEOUT = 10
+#: Seconds past CONNECT_TIMEOUT after which parmap gives up on Dask's own connect.
+CONNECT_GRACE = 5
 
 #: A task that has ended, but whose done-callback Dask has not run after this
 #: many seconds, is reported by parmap's watchdog instead (Dask runs every
@@ -303,12 +305,7 @@ class DaskBackend(Backend):
             else:
                 address = self.address
             try:
-                try:
-                    client = distributed.Client(address, set_as_default=False, timeout=CONNECT_TIMEOUT)
-                except Exception as exc:  # OSError mostly; whatever a non-scheduler answered, too
-                    source = "address=" if self._address_given else f"${ADDRESS_ENV}"
-                    exc.add_note(f"parmap: backend='dask' could not reach the scheduler at {address} (from {source})")
-                    raise
+                client = self._connect(distributed, address)
                 init = None
                 if self._init_bytes is not None:
                     key = f"parmap-initializer-{uuid.uuid4().hex}"
@@ -323,6 +320,42 @@ class DaskBackend(Backend):
             self._watchdog = threading.Thread(target=self._watch, name="parmap-dask-watchdog", daemon=True)
             self._watchdog.start()
             return client
+
+    def _connect(self, distributed: Any, address: str) -> Any:
+        """A client of the scheduler at ``address``, or an ``OSError`` naming it.
+
+        Dask's own ``timeout`` does not cover everything: a port that accepts
+        the connection and never answers (a dashboard's, a bare listener) kept
+        ``Client()`` waiting for ever. It runs on a thread of its own, then,
+        and is given up on a little after its own timeout.
+        """
+        source = "address=" if self._address_given else f"${ADDRESS_ENV}"
+        where = f"backend='dask' could not reach the scheduler at {address} (from {source})"
+        outcome: list[Any] = []
+        done = threading.Event()
+
+        def connect() -> None:
+            try:
+                outcome.append(distributed.Client(address, set_as_default=False, timeout=CONNECT_TIMEOUT))
+            except BaseException as exc:
+                outcome.append(exc)
+            finally:
+                done.set()
+
+        threading.Thread(target=connect, name="parmap-dask-connect", daemon=True).start()
+        if not done.wait(CONNECT_TIMEOUT + CONNECT_GRACE):
+            raise OSError(f"{where}: no answer in {CONNECT_TIMEOUT + CONNECT_GRACE} s (is it a Dask scheduler's port?)")
+        result = outcome[0]
+        if isinstance(result, OSError):
+            result.add_note(f"parmap: {where}")
+            raise result
+        if isinstance(result, Exception):
+            # Whatever a non-scheduler answered made Dask fail some other way
+            # (a MemoryError reading an HTTP reply as a message length, say).
+            raise OSError(f"{where}: {type(result).__name__}: {result}") from result
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
     def _cancel(self, futures: list[Any]) -> None:
         client = futures[0].client if futures else None

@@ -15,7 +15,7 @@ from typing import Any
 
 from .._wire import worker_pipe
 from .._worker import Inherited, worker_main
-from ._local import LocalWorkers, WorkerProcess, exit_sentinel
+from ._local import LocalWorkers, WorkerProcess, dropped_by_a_forked_worker, exit_sentinel
 
 
 class ProcessBackend(LocalWorkers):
@@ -47,7 +47,8 @@ class ProcessBackend(LocalWorkers):
             name=f"parmap-worker-{index}",
             daemon=True,
         )
-        process.start()
+        with dropped_by_a_forked_worker(parent_conn):
+            process.start()
         child_conn.close()
         assert process.pid is not None
         sentinel = exit_sentinel(process.pid)
