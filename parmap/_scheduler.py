@@ -24,9 +24,11 @@
   input is pulled, the items *before* the failure are awaited (never the
   ones after it), and the earliest failed item's error is raised; the call
   is then released and its queued chunks dropped. A worker crash or timeout fails the item that was running; the
-  rest of its chunk is resubmitted at no cost to their attempts. When the
-  backend cannot say which item was running, the chunk is split into single
-  items so that only the guilty one is charged. When it cannot even say
+  rest of its chunk is resubmitted at no cost to their attempts. Workers
+  mark each item as they start it, so the backend can say which was running,
+  except on items too cheap for the mark not to show (``Chunk.marked``):
+  such a chunk is split into single items so that only the one that crashes
+  again is charged. When it cannot even say
   that the chunk had started (``ChunkLost.unsure``: Dask), each item is
   rerun alone, nothing else of the call in flight, and only a loss then is
   charged; a loss the chunk did not cause (``innocent``) is never charged.
@@ -43,7 +45,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from ._chunking import MAX_PULL_SECONDS, ChunkSizer
+from ._chunking import MARK_MIN_ITEM_SECONDS, MAX_PULL_SECONDS, ChunkSizer
 from ._errors import ParmapError, SerializationError, TaskError, TaskTimeoutError, WorkerCrashedError
 from ._options import CallOptions
 from ._progress import Progress
@@ -259,7 +261,13 @@ class Scheduler:
         else:
             positions = [record.start + o for o in offsets]
             items = [record.items[o] for o in offsets]
-        chunk = Chunk(self._call, positions, items, tag=(record, offsets, alone), by_value=record.by_value)
+        cost = self._sizer.item_seconds
+        # Items cheap enough for a shared-memory write to show (W1's x*x) go
+        # unmarked; a crash among them costs reruns instead (see _lost).
+        marked = len(items) > 1 and (cost is None or cost >= MARK_MIN_ITEM_SECONDS)
+        chunk = Chunk(
+            self._call, positions, items, tag=(record, offsets, alone), by_value=record.by_value, marked=marked
+        )
         self._in_flight += 1
         try:
             self._backend.submit(chunk, self._on_done)

@@ -53,6 +53,8 @@ from ._wire import recv_framed, send_framed
 # chunks received (so a worker that died before reading its chunk is not
 # blamed for it)].
 SLOT_WIDTH = 4
+#: A chunk's ``track``: what the worker marks in its slot per item.
+TRACK_NONE, TRACK_OFFSETS, TRACK_TIMES = 0, 1, 2
 
 
 @dataclass(slots=True)
@@ -114,6 +116,19 @@ class StatusSlot:
     def clear(self) -> None:
         self._array[self._base + 1] = -1.0
 
+    def marking(self, items: Iterator[Any], *, timed: bool) -> Iterator[Any]:
+        """``items``, each marked in the slot as it is taken; ``timed``: with
+        its start time too (for ``timeout``), which costs a clock read more."""
+        if timed:
+            for offset, item in enumerate(items):
+                self.mark(offset)
+                yield item
+            return
+        array, slot = self._array, self._base + 1
+        for offset, item in enumerate(items):
+            array[slot] = offset
+            yield item
+
 
 def run_chunk(
     fn: Callable[..., Any],
@@ -123,6 +138,7 @@ def run_chunk(
     stop_on_error: bool,
     pickle_errors: bool,
     status: StatusSlot | None = None,
+    timed: bool = False,
     refused: dict[int, SerializationError] | None = None,
 ) -> ChunkOutcome:
     """Apply ``fn`` to each item, recording each failure and carrying on.
@@ -130,7 +146,8 @@ def run_chunk(
     The fast path feeds ``map`` into ``list.extend``, which keeps what it
     appended before an exception, so a failure costs one restart of the
     loop rather than a ``try`` per item. ``status`` (set when a timeout is
-    watched) costs a shared-memory write per item, so it is off otherwise.
+    watched, ``timed``, or the items are slow enough, see ``Chunk.marked``)
+    costs a shared-memory write per item, so it is off otherwise.
     ``refused``: items that fail with the given error instead of running.
     """
     results: list[Any] = []
@@ -140,7 +157,7 @@ def run_chunk(
     source = iter(items)
     apply = itertools.starmap if star else map
     if status is not None:
-        source = _marking(source, status)
+        source = status.marking(source, timed=timed)
     if refused:
         source = _Refusing(source, refused)
     while True:
@@ -168,12 +185,6 @@ def run_chunk(
     if status is not None:
         status.clear()
     return ChunkOutcome(results, errors, time.perf_counter() - started)
-
-
-def _marking(source: Any, status: StatusSlot) -> Any:
-    for offset, item in enumerate(source):
-        status.mark(offset)
-        yield item
 
 
 class _Refusing:
@@ -433,6 +444,7 @@ def worker_main(
                 stop_on_error=stop_on_error,
                 pickle_errors=True,
                 status=status if track else None,
+                timed=track == TRACK_TIMES,
                 refused=refused,
             )
             del items

@@ -293,6 +293,16 @@ def test_retries_survive_a_crash(process_backend, tmp_marker_dir):
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.parametrize("chunksize", [None, 4])
+def test_without_retries_a_crash_counts_though_the_item_would_pass_again(process_backend, tmp_marker_dir, chunksize):
+    # retries=0: the crash is the item's error. Run again alone to find which
+    # item of the chunk crashed, it passed, and the crash went unreported.
+    fn = functools.partial(workfns.work_then_crash_first_time, tmp_marker_dir)
+    with pytest.raises(parmap.WorkerCrashedError, match=rf"item #{workfns.BAD} \({workfns.BAD}\)"):
+        parmap.map(fn, range(40), workers=2, backend=process_backend, chunksize=chunksize)
+
+
+@pytest.mark.timeout(30)
 def test_a_crash_on_every_attempt_says_how_many(process_backend):
     with pytest.raises(parmap.WorkerCrashedError, match=rf"item #{workfns.BAD} \({workfns.BAD}\)") as info:
         parmap.map(workfns.sigkill_self, ITEMS, workers=2, backend=process_backend, retries=2)

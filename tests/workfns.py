@@ -178,6 +178,12 @@ def crash_first_time(marker_dir, x):
     return x
 
 
+def work_then_crash_first_time(marker_dir, x):
+    """A millisecond of work per item; on ``BAD``, a crash the first time only."""
+    time.sleep(0.001)
+    return crash_first_time(marker_dir, x)
+
+
 def record_pid_then_sleep(marker_dir, x):
     with open(os.path.join(marker_dir, f"{os.getpid()}.pid"), "w"):
         pass

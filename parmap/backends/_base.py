@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 
 from .._errors import PoolClosedError, WorkerCrashedError
 from .._serialization import Pickled, check_function, dump_data, dumps_function
-from .._worker import ChunkOutcome, decode_outcome, unreadable_outcome
+from .._worker import TRACK_NONE, TRACK_OFFSETS, TRACK_TIMES, ChunkOutcome, decode_outcome, unreadable_outcome
 
 __all__ = ["Backend", "Call", "Capabilities", "Chunk", "ChunkLost", "ChunkOutcome", "Done", "SourceSlice"]
 
@@ -148,6 +148,10 @@ class Chunk:
     #: leaves its queue for a worker; ``False`` (its ``submit`` future was
     #: cancelled) drops it: ``done`` gets :func:`dropped_outcome` instead.
     begin: Callable[[], bool] | None = None
+    #: The worker marks each item as it starts it (a shared-memory write per
+    #: item), so that a crash names the item that was running; without it a
+    #: crash of a chunk of several items reruns each alone to find out.
+    marked: bool = False
 
     def begins(self) -> bool:
         """Whether the chunk is still wanted, now that a worker is free for it;
@@ -173,7 +177,8 @@ class Chunk:
 
     def header(self) -> tuple[Any, ...]:
         call = self.call
-        return ("chunk", call.id, self.positions, call.stop_on_error, call.timeout is not None, call.star)
+        track = TRACK_TIMES if call.timeout is not None else TRACK_OFFSETS if self.marked else TRACK_NONE
+        return ("chunk", call.id, self.positions, call.stop_on_error, track, call.star)
 
 
 @dataclass(slots=True)

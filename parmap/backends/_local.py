@@ -704,9 +704,11 @@ class LocalWorkers(Backend):
             if self._startup_failures >= MAX_STARTUP_FAILURES:
                 lost: ChunkOutcome | ChunkLost = startup_failed_outcome(exitcode)
             else:
-                lost = ChunkLost(
-                    exitcode, worker.pid, offset=worker.timed_out_offset, timed_out=timed_out, innocent=unread
-                )
+                offset = worker.timed_out_offset
+                if offset is None and worker.chunk.marked and not unread:
+                    running = int(self._status[worker.index * SLOT_WIDTH + 1])
+                    offset = running if running >= 0 else None  # marked as it started
+                lost = ChunkLost(exitcode, worker.pid, offset=offset, timed_out=timed_out, innocent=unread)
             self._finish(worker, lost)
             if ahead is not None:  # not read unless the chunk before it was done with
                 if isinstance(lost, ChunkLost):

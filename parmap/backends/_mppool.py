@@ -33,6 +33,7 @@ from .._errors import PoolClosedError
 from .._serialization import ErrorInfo, loads
 from .._worker import (
     SLOT_WIDTH,
+    TRACK_TIMES,
     ChunkOutcome,
     StatusSlot,
     encode_outcome,
@@ -119,7 +120,13 @@ def run_pool_task(task: tuple[Any, ...]) -> tuple[int, bytes]:
     except Exception as exc:
         return key, encode_outcome(unreadable_outcome(exc, positions), positions)
     outcome = run_chunk(
-        fn, items, star=star, stop_on_error=stop_on_error, pickle_errors=True, status=status if track else None
+        fn,
+        items,
+        star=star,
+        stop_on_error=stop_on_error,
+        pickle_errors=True,
+        status=status if track else None,
+        timed=track == TRACK_TIMES,
     )
     return key, encode_outcome(outcome, positions)
 
@@ -545,7 +552,11 @@ class MPPoolBackend(Backend):
                     done(chunk, outcome)
             return
         offset = flight.timed_out_offset
-        flight.done(flight.chunk, ChunkLost(exitcode, pid, offset=offset, timed_out=offset is not None))
+        timed_out = offset is not None
+        if offset is None and flight.chunk.marked:
+            running = int(self._status[flight.slot * SLOT_WIDTH + 1])
+            offset = running if running >= 0 else None  # marked as it started
+        flight.done(flight.chunk, ChunkLost(exitcode, pid, offset=offset, timed_out=timed_out))
 
     def _count_startup_failure(self) -> list[tuple[Chunk, Done]]:
         """A worker died holding no chunk while work waited (under the lock).
