@@ -266,7 +266,13 @@ class Scheduler:
         # unmarked; a crash among them costs reruns instead (see _lost).
         marked = len(items) > 1 and (cost is None or cost >= MARK_MIN_ITEM_SECONDS)
         chunk = Chunk(
-            self._call, positions, items, tag=(record, offsets, alone), by_value=record.by_value, marked=marked
+            self._call,
+            positions,
+            items,
+            tag=(record, offsets, alone),
+            by_value=record.by_value,
+            marked=marked,
+            expected_seconds=None if cost is None else cost * len(items),
         )
         self._in_flight += 1
         try:

@@ -490,6 +490,16 @@ def test_a_slow_first_item_does_not_hold_back_the_second_worker(backend):
     assert max(parmap.map(workfns.siblings_after_a_pause, range(2), workers=2, backend=backend, chunksize=1)) == 2
 
 
+@pytest.mark.timeout(30)
+def test_a_slow_item_holds_no_chunk_behind_it(process_backend):
+    # Item 2 used to be sent ahead to the worker busy with item 0, and waited
+    # there while the other worker, done with item 1, had nothing to do.
+    pids = parmap.map(
+        workfns.pid_after_a_pause_on_even_firsts, range(20), workers=2, backend=process_backend, chunksize=1
+    )
+    assert pids[0] != pids[2]
+
+
 @pytest.mark.parametrize("backend", ["process", "fork"])
 def test_a_pool_starts_its_workers_as_soon_as_work_queues(backend):
     # Only a call that owns its workers weighs each start: a Pool pays once.

@@ -414,3 +414,10 @@ def crash_leaving_a_grandchild(x):
             os._exit(0)
         os._exit(3)
     return x
+
+
+def pid_after_a_pause_on_even_firsts(x):
+    """The worker's pid; items 0 and 2 take half a second."""
+    if x in (0, 2):
+        time.sleep(0.5)
+    return os.getpid()
