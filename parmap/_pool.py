@@ -22,8 +22,8 @@ from ._errors import PoolClosedError, SerializationError
 from ._options import CallOptions, OnError, PoolOptions
 from ._scheduler import SKIPPED, Record, Scheduler, lost_error
 from ._serialization import find_unpicklable, short_repr
-from .backends import create_backend
-from .backends._base import Call, Chunk, ChunkLost, ChunkOutcome
+from .backends import create_backend, create_timed_stand_in
+from .backends._base import Backend, Call, Chunk, ChunkLost, ChunkOutcome
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -91,6 +91,7 @@ class Pool:
             chunksize=chunksize, progress=progress, timeout=timeout, retries=retries, on_error=on_error, ordered=ordered
         )
         self._backend, self._owns_backend = create_backend(self._options)
+        self._timed: Backend | None = None  # see _backend_for
         self._check_capabilities(self._defaults)
         self._closed = False
         self._killed = False
@@ -339,6 +340,8 @@ class Pool:
                     self._all_settled.wait()
         if self._owns_backend:
             self._backend.close(kill=kill)
+        if self._timed is not None:
+            self._timed.close(kill=kill)
         if kill:
             # Whatever the backend could not end (one not ours runs on).
             with self._lock:
@@ -410,7 +413,19 @@ class Pool:
             timeout=options.timeout,
             source=source,
         )
-        return Scheduler(self._backend, call, items, options, deliver_in_order=in_order)
+        return Scheduler(self._backend_for(options), call, items, options, deliver_in_order=in_order)
+
+    def _backend_for(self, options: CallOptions) -> Backend:
+        """The backend for a call: the pool's, but for a call with a timeout
+        made inside a parmap worker, where the pool's runs it here, serially
+        (no pool of pools), and nothing here could stop a running item. That
+        call runs serially still, on one forked child that can be stopped."""
+        if options.timeout is None or not self._backend.stands_in:
+            return self._backend
+        with self._lock:
+            if self._timed is None:
+                self._timed = create_timed_stand_in(self._options)
+            return self._timed
 
     def _map(
         self, fn: Callable[..., Any], items: Iterable[Any], overrides: Mapping[str, Any], *, star: bool

@@ -114,10 +114,12 @@ def test_nested_call_runs_serially_in_the_worker(backend):
         assert len(set(pids)) == 1  # all three items ran in one place: that worker
 
 
-def test_a_nested_call_with_a_timeout_runs_without_it(process_backend):
-    # Valid outside a worker, so valid inside: it runs serially there, where
-    # the outer call's own timeout (if any) is what still watches it.
-    assert parmap.map(workfns.nested_map_with_timeout, [1, 2], workers=2, backend=process_backend) == [[0, 1, 4]] * 2
+@pytest.mark.timeout(60)
+def test_a_nested_call_keeps_its_timeout(backend):
+    # Valid outside a worker, so valid inside; it runs serially there, on one
+    # child that can be stopped. The timeout used to be dropped in silence.
+    assert parmap.map(workfns.nested_map_with_timeout, [1, 2], workers=2, backend=backend) == [[0, 1, 4]] * 2
+    assert parmap.map(workfns.nested_map_timing_out, [1, 2], workers=2, backend=backend) == ["timed out"] * 2
 
 
 def test_fn_is_sent_once_per_worker_not_per_item(process_backend, tmp_marker_dir):

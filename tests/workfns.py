@@ -201,6 +201,15 @@ def nested_map_with_timeout(x):
     return parmap.map(square, range(3), workers=2, timeout=5)
 
 
+def nested_map_timing_out(x):
+    """A nested call whose item runs past its timeout."""
+    try:
+        parmap.map(sleep_unless_zero, [x], workers=2, timeout=0.3)
+    except parmap.TaskTimeoutError:
+        return "timed out"
+    return "not stopped"
+
+
 def sleep_unless_zero(x):
     if x:
         time.sleep(60)

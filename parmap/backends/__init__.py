@@ -115,6 +115,21 @@ def create_backend(options: PoolOptions) -> tuple[Backend, bool]:
     return created, True
 
 
+def create_timed_stand_in(options: PoolOptions) -> Backend:
+    """One worker that can be stopped, for a call with a ``timeout`` made
+    inside a parmap worker (see ``Pool._backend_for``): a raw fork, which a
+    daemonic process may make too, else a process of multiprocessing's."""
+    if hasattr(os, "fork"):
+        from .fork import ForkBackend
+
+        backend: Backend = ForkBackend(1, options.initializer, options.initargs)
+    else:  # pragma: no cover - Windows
+        from .process import ProcessBackend
+
+        backend = ProcessBackend(1, options.initializer, options.initargs)
+    return backend
+
+
 def check_backend(backend: object) -> None:
     """Raise unless ``backend`` is something ``backend=`` takes."""
     if isinstance(backend, (Backend, Executor)):

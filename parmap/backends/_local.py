@@ -125,6 +125,11 @@ def _drop_parent_ends_after_fork() -> None:
     after the parent closes its own, so that worker would not read
     end-of-file when its pool ends or its parent dies.
     """
+    global _STARTING
+    # Held by the thread that forked (the child of a worker start always
+    # inherits it held), or by one that does not exist here: a pool made in
+    # the child (a nested call with a timeout) must be able to start workers.
+    _STARTING = threading.Lock()
     for workers in list(_LIVE):
         workers._drop_parent_ends()
     for conn in _STARTING_ENDS:
