@@ -7,7 +7,7 @@ an empty input starts none.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from typing import Any, TypeVar
 
 from ._options import OnError
@@ -45,7 +45,7 @@ def map(
     exception stands in the failed item's place.
     """
     pool = Pool(
-        workers,
+        _no_more_than_items(workers, items),
         backend,
         start_method=start_method,
         initializer=initializer,
@@ -85,7 +85,7 @@ def starmap(
         [8, 9]
     """
     pool = Pool(
-        workers,
+        _no_more_than_items(workers, items),
         backend,
         start_method=start_method,
         initializer=initializer,
@@ -131,7 +131,7 @@ def imap(
             print(line, end="")
     """
     pool = Pool(
-        workers,
+        _no_more_than_items(workers, items),
         backend,
         start_method=start_method,
         initializer=initializer,
@@ -150,6 +150,20 @@ def imap(
     except BaseException:
         pool.terminate()
         raise
+
+
+def _no_more_than_items(workers: int | None, items: object) -> int | None:
+    """``workers``, but no more than a sized input has items: a pool for one
+    call could not use the rest (with ``workers=10**8`` for three items it
+    used to spend seconds and gigabytes on the bookkeeping of workers it
+    never started, and ``pool``/``apply_async`` start all of theirs)."""
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1 or not isinstance(items, Sized):
+        return workers  # None, or invalid: Pool says what is wrong with it
+    try:
+        count = len(items)
+    except Exception:  # a __len__ that fails: iterating will tell
+        return workers
+    return max(1, min(workers, count))
 
 
 def _run_once(pool: Pool, work: Callable[[], list[R]]) -> list[R]:

@@ -8,6 +8,7 @@ import multiprocessing
 import psutil
 import pytest
 import workfns
+from conftest import PROCESS_BACKENDS
 
 import parmap
 
@@ -112,6 +113,15 @@ def test_nested_call_runs_serially_in_the_worker(backend):
         pytest.skip("the serial backend has no workers: a call inside it may start a pool")
     for pids in parmap.map(workfns.nested_map, [1, 2], workers=2, backend=backend):
         assert len(set(pids)) == 1  # all three items ran in one place: that worker
+
+
+@pytest.mark.timeout(30)
+def test_a_call_uses_no_more_workers_than_its_items(backend):
+    # workers=10**9 for three items took ~50 s and failed with ENOMEM.
+    assert parmap.map(abs, range(-3, 0), workers=10**9, backend=backend) == [3, 2, 1]
+    if backend in PROCESS_BACKENDS:
+        siblings = parmap.map(workfns.siblings_after_a_pause, range(3), workers=16, backend=backend, chunksize=1)
+        assert max(siblings) <= 3
 
 
 @pytest.mark.timeout(60)
