@@ -385,7 +385,7 @@ def _pool_options(args: argparse.Namespace) -> dict[str, Any]:
 def _check_options(options: dict[str, Any]) -> None:
     """Let parmap validate the options (backend and timeout, say) before any output is touched."""
     try:
-        for _ in imap(_nothing, (), **options):
+        for _ in imap(_nothing, iter(()), **options):  # unsized, as the real input: the same workers
             pass
     except (ValueError, TypeError, ImportError) as exc:
         raise UsageError(str(exc)) from None

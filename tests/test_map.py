@@ -198,3 +198,16 @@ def test_workers_read_an_empty_stdin_and_leave_the_callers_alone(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == "ok\n"
+
+
+@pytest.mark.parametrize("chunksize", [1, None])
+def test_imap_keeps_no_result_the_consumer_dropped(backend, chunksize):
+    # As CPython's test_free_reference asks of an executor's map.
+    import gc
+    import weakref
+
+    for result in parmap.imap(workfns.Traveller, range(8), workers=2, backend=backend, chunksize=chunksize):
+        ref = weakref.ref(result)
+        del result
+        gc.collect()
+        assert ref() is None
