@@ -138,16 +138,16 @@ def run_chunk(
     stop_on_error: bool,
     pickle_errors: bool,
     status: StatusSlot | None = None,
-    timed: bool = False,
+    track: int = TRACK_NONE,
     refused: dict[int, SerializationError] | None = None,
 ) -> ChunkOutcome:
     """Apply ``fn`` to each item, recording each failure and carrying on.
 
     The fast path feeds ``map`` into ``list.extend``, which keeps what it
     appended before an exception, so a failure costs one restart of the
-    loop rather than a ``try`` per item. ``status`` (set when a timeout is
-    watched, ``timed``, or the items are slow enough, see ``Chunk.marked``)
-    costs a shared-memory write per item, so it is off otherwise.
+    loop rather than a ``try`` per item. ``track`` says what to mark in
+    ``status`` per item (see ``Chunk.marked``): a shared-memory write per
+    item, so it is off unless a timeout is watched or the items are slow.
     ``refused``: items that fail with the given error instead of running.
     """
     results: list[Any] = []
@@ -156,8 +156,10 @@ def run_chunk(
     count = len(items) if isinstance(items, Sized) else None
     source = iter(items)
     apply = itertools.starmap if star else map
+    if track == TRACK_NONE:
+        status = None
     if status is not None:
-        source = status.marking(source, timed=timed)
+        source = status.marking(source, timed=track == TRACK_TIMES)
     if refused:
         source = _Refusing(source, refused)
     while True:
@@ -443,8 +445,8 @@ def worker_main(
                 star=star,
                 stop_on_error=stop_on_error,
                 pickle_errors=True,
-                status=status if track else None,
-                timed=track == TRACK_TIMES,
+                status=status,
+                track=track,
                 refused=refused,
             )
             del items

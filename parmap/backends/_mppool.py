@@ -33,7 +33,6 @@ from .._errors import PoolClosedError
 from .._serialization import ErrorInfo, loads
 from .._worker import (
     SLOT_WIDTH,
-    TRACK_TIMES,
     ChunkOutcome,
     StatusSlot,
     encode_outcome,
@@ -120,13 +119,7 @@ def run_pool_task(task: tuple[Any, ...]) -> tuple[int, bytes]:
     except Exception as exc:
         return key, encode_outcome(unreadable_outcome(exc, positions), positions)
     outcome = run_chunk(
-        fn,
-        items,
-        star=star,
-        stop_on_error=stop_on_error,
-        pickle_errors=True,
-        status=status if track else None,
-        timed=track == TRACK_TIMES,
+        fn, items, star=star, stop_on_error=stop_on_error, pickle_errors=True, status=status, track=track
     )
     return key, encode_outcome(outcome, positions)
 
