@@ -38,6 +38,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import operator
 import queue
 import time
@@ -124,6 +125,7 @@ class Scheduler:
         self._settled = 0  # items final so far
         self._taken = 0  # items in records handed to the consumer
         self._failure: tuple[int, BaseException] | None = None  # earliest, for on_error="raise"
+        self._prefix_delivered = False  # the values before the failure in its record (see _raise_if_due)
         self._slow_input = False  # the last pull was cut short by MAX_PULL_SECONDS
         self._early: tuple[Chunk, ChunkOutcome | ChunkLost] | None = None  # an event taken while filling
 
@@ -141,7 +143,10 @@ class Scheduler:
                     yield record
                 if delivered:
                     continue  # delivering freed window slots: fill them before blocking
-                self._raise_if_due()
+                prefix = self._raise_if_due()
+                if prefix is not None:
+                    yield prefix
+                    continue
                 if self._exhausted and not self._outstanding and not self._retries and not self._suspects:
                     return
                 chunk, result = self._early or self._events.get()
@@ -272,7 +277,7 @@ class Scheduler:
             tag=(record, offsets, alone),
             by_value=record.by_value,
             marked=marked,
-            expected_seconds=None if cost is None else cost * len(items),
+            expected_seconds=math.inf if cost is None else cost * len(items),
         )
         self._in_flight += 1
         try:
@@ -312,17 +317,28 @@ class Scheduler:
                 self._outstanding.remove(record)
                 yield record
 
-    def _raise_if_due(self) -> None:
-        """Raise the recorded failure once every item before it has settled."""
+    def _raise_if_due(self) -> Record | None:
+        """Raise the recorded failure once every item before it has settled;
+        first, once, return the values before it in its own record, for the
+        consumer to take, as a serial map yields them before it raises."""
         if self._failure is None:
-            return
+            return None
         limit, exc = self._failure
+        holder = None
         for record in self._outstanding:  # in input order
             if record.start >= limit:
                 break
             before = record.values[: limit - record.start]
             if record.pending and (not before or any(v is _UNSET for v in before)):
-                return
+                return None
+            if limit < record.start + len(record.items):
+                holder = record
+        if holder is not None and not self._prefix_delivered:
+            self._prefix_delivered = True
+            values = holder.values[: limit - holder.start]
+            prefix = Record(holder.start, values)
+            prefix.values, prefix.pending = values, 0
+            return prefix
         raise exc
 
     # -- absorbing results --------------------------------------------------------

@@ -119,3 +119,42 @@ def test_warm_pool_equals_serial(warm_pool, items, chunksize, ordered):
     assert warm_pool.map(workfns.describe, items, chunksize=chunksize) == expected
     got = list(warm_pool.imap(workfns.describe, iter(items), chunksize=chunksize, ordered=ordered))
     assert (got if ordered else sorted(map(repr, got))) == (expected if ordered else sorted(map(repr, expected)))
+
+
+def _serial_with_policy(items, on_error):
+    """What a serial loop gives under each on_error policy: (values, error raised)."""
+    out = []
+    for x in items:
+        try:
+            out.append(workfns.fail_sometimes(x))
+        except ValueError as exc:
+            if on_error == "raise":
+                return out, exc
+            if on_error == "return":
+                out.append(exc)
+    return out, None
+
+
+@SETTINGS
+@given(
+    items=st.lists(st.integers(0, 30), max_size=40),
+    chunksize=chunksizes,
+    workers=st.integers(1, 3),
+    on_error=st.sampled_from(["raise", "skip", "return"]),
+)
+def test_failures_equal_serial(backend, items, chunksize, workers, on_error):
+    """With failing items too: imap yields what the serial loop yields, then
+    raises what it raises (a failure's chunk-mates before it included)."""
+    expected, error = _serial_with_policy(items, on_error)
+    got = []
+    raised = None
+    options = {"workers": workers, "backend": backend, "chunksize": chunksize, "on_error": on_error}
+    try:
+        for value in parmap.imap(workfns.fail_sometimes, iter(items), **options):
+            got.append(value)
+    except ValueError as exc:
+        raised = exc
+    assert [repr(v) for v in got] == [repr(v) for v in expected]
+    assert (raised is None) == (error is None)
+    if error is not None:
+        assert raised.args == error.args

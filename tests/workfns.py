@@ -430,3 +430,10 @@ def pid_after_a_pause_on_even_firsts(x):
     if x in (0, 2):
         time.sleep(0.5)
     return os.getpid()
+
+
+def fail_sometimes(x):
+    """``ValueError`` on the integers 3 apart from a multiple of 7, else ``10 * x``."""
+    if x % 7 == 3:
+        raise ValueError(x)
+    return 10 * x

@@ -152,7 +152,8 @@ class Chunk:
     #: item), so that a crash names the item that was running; without it a
     #: crash of a chunk of several items reruns each alone to find out.
     marked: bool = False
-    #: How long the scheduler expects the chunk to take (None: no measurement yet).
+    #: How long the scheduler expects the chunk to take: ``inf`` before it has
+    #: measured anything; ``None``: it has no say (a ``submit()``).
     expected_seconds: float | None = None
 
     def begins(self) -> bool:

@@ -529,7 +529,7 @@ class LocalWorkers(Backend):
         # idles (a slow item holding back the next); and the dispatcher's
         # delay that going ahead saves is nothing beside a long chunk.
         expected = running.expected_seconds
-        if expected is None or expected > MAX_AHEAD_OF_SECONDS:
+        if expected is not None and expected > MAX_AHEAD_OF_SECONDS:
             return False
         # Timeouts watch one chunk per worker, from when it was sent.
         return chunk.call.timeout is None and None not in self._procs

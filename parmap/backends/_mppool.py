@@ -136,6 +136,7 @@ class _Flight:
     task: tuple[Any, ...]
     by_value: bool = False  # the task carried its function by value
     timed_out_offset: int | None = None
+    submitted: bool = False  # a submit()'s: it began when handed over (see _launch_waiting)
 
 
 class MPPoolBackend(Backend):
@@ -260,6 +261,12 @@ class MPPoolBackend(Backend):
 
     def _launch_waiting(self) -> None:
         while self._waiting and self._free_slots and not self._replacing:
+            submitted = self._waiting[0][0].begin is not None
+            if submitted and sum(f.submitted for f in self._flights.values()) >= 2 * self.workers:
+                # A submit() future runs from here on: held back beyond one
+                # running and one queued per worker, as on the process
+                # backend, it can still be cancelled.
+                break
             chunk, done, items = self._waiting.popleft()
             if not chunk.begins():
                 # Reported by the monitor thread: done() may call back in, and this holds the lock.
@@ -275,7 +282,8 @@ class MPPoolBackend(Backend):
             call = chunk.call
             fn_ref = self._fn_files.get(call.id) or call.local_fn_bytes
             task = (key, slot, call.id, fn_ref, chunk.header(), items)
-            self._flights[key] = _Flight(chunk, done, slot, time.monotonic(), task, call.fn_by_value)
+            flight = _Flight(chunk, done, slot, time.monotonic(), task, call.fn_by_value, submitted=submitted)
+            self._flights[key] = flight
             self._feed(task)
         if self._flights:
             self._wake()

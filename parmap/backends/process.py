@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -64,11 +65,25 @@ class ProcessBackend(LocalWorkers):
     def _reap(self, worker: WorkerProcess) -> int | None:
         process: multiprocessing.process.BaseProcess = worker.handle
         process.join()
+        for _ in range(REAP_POLLS):
+            if process.exitcode is not None:
+                break
+            # multiprocessing reaps its dead children whenever any thread
+            # starts a process (another pool's worker, say): one that won the
+            # race records the exit code a moment later, and join() saw none.
+            time.sleep(0.01)
         exitcode = process.exitcode
         if worker.sentinel != process.sentinel:
             os.close(worker.sentinel)  # the pidfd (see exit_sentinel)
-        process.close()
+        try:
+            process.close()
+        except ValueError:  # no exit code came: the Process is left to multiprocessing
+            pass
         return exitcode
+
+
+# Looks, 10 ms apart, for an exit code another thread's reaping is about to record.
+REAP_POLLS = 50
 
 
 def default_start_method() -> str:
