@@ -64,6 +64,9 @@ MAX_PULL_SECONDS = 0.05
 # ~0.1 us) is then about 1% of the work. Cheaper items skip it, and a crash among them reruns each item of the chunk
 # alone to find the one that crashes again.
 MARK_MIN_ITEM_SECONDS = 10e-6
+# Chunks this small are marked whatever their items cost: 64 marks take ~8 us,
+# against the ~100 us a chunk costs the parent anyway (benchmark W4).
+MARK_ALWAYS_UP_TO = 64
 # Before the first measurement, with a known length: a small slice of it, so
 # that the first cost measurement comes back after one item on W2/W3 (200
 # items of ~10 ms: total // (2 * 64) = 1) and after 64 items on W1, whose

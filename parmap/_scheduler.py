@@ -46,7 +46,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from ._chunking import MARK_MIN_ITEM_SECONDS, MAX_PULL_SECONDS, ChunkSizer
+from ._chunking import MARK_ALWAYS_UP_TO, MARK_MIN_ITEM_SECONDS, MAX_PULL_SECONDS, ChunkSizer
 from ._errors import ParmapError, SerializationError, TaskError, TaskTimeoutError, WorkerCrashedError
 from ._options import CallOptions
 from ._progress import Progress
@@ -267,9 +267,10 @@ class Scheduler:
             positions = [record.start + o for o in offsets]
             items = [record.items[o] for o in offsets]
         cost = self._sizer.item_seconds
-        # Items cheap enough for a shared-memory write to show (W1's x*x) go
-        # unmarked; a crash among them costs reruns instead (see _lost).
-        marked = len(items) > 1 and (cost is None or cost >= MARK_MIN_ITEM_SECONDS)
+        # Items cheap enough for a shared-memory write to show (W1's x*x), in
+        # chunks big enough for it to add up, go unmarked; a crash among them
+        # costs reruns instead (see _lost).
+        marked = len(items) > 1 and (cost is None or cost >= MARK_MIN_ITEM_SECONDS or len(items) <= MARK_ALWAYS_UP_TO)
         chunk = Chunk(
             self._call,
             positions,
