@@ -90,8 +90,6 @@ INSTALL_HINT = "pip install parmap[dask]"
 #: Seconds to reach a scheduler before giving up (Dask's default is 30 s,
 #: long to sit through for a mistyped address).
 CONNECT_TIMEOUT = 10
-#: Seconds past CONNECT_TIMEOUT after which parmap gives up on Dask's own connect.
-CONNECT_GRACE = 5
 
 #: A task that has ended, but whose done-callback Dask has not run after this
 #: many seconds, is reported by parmap's watchdog instead (Dask runs every
@@ -322,40 +320,18 @@ class DaskBackend(Backend):
             return client
 
     def _connect(self, distributed: Any, address: str) -> Any:
-        """A client of the scheduler at ``address``, or an ``OSError`` naming it.
-
-        Dask's own ``timeout`` does not cover everything: a port that accepts
-        the connection and never answers (a dashboard's, a bare listener) kept
-        ``Client()`` waiting for ever. It runs on a thread of its own, then,
-        and is given up on a little after its own timeout.
-        """
+        """A client of the scheduler at ``address``, or an ``OSError`` naming it."""
         source = "address=" if self._address_given else f"${ADDRESS_ENV}"
         where = f"backend='dask' could not reach the scheduler at {address} (from {source})"
-        outcome: list[Any] = []
-        done = threading.Event()
-
-        def connect() -> None:
-            try:
-                outcome.append(distributed.Client(address, set_as_default=False, timeout=CONNECT_TIMEOUT))
-            except BaseException as exc:
-                outcome.append(exc)
-            finally:
-                done.set()
-
-        threading.Thread(target=connect, name="parmap-dask-connect", daemon=True).start()
-        if not done.wait(CONNECT_TIMEOUT + CONNECT_GRACE):
-            raise OSError(f"{where}: no answer in {CONNECT_TIMEOUT + CONNECT_GRACE} s (is it a Dask scheduler's port?)")
-        result = outcome[0]
-        if isinstance(result, OSError):
-            result.add_note(f"parmap: {where}")
-            raise result
-        if isinstance(result, Exception):
+        try:
+            return distributed.Client(address, set_as_default=False, timeout=CONNECT_TIMEOUT)
+        except OSError as exc:
+            exc.add_note(f"parmap: {where}")
+            raise
+        except Exception as exc:
             # Whatever a non-scheduler answered made Dask fail some other way
             # (a MemoryError reading an HTTP reply as a message length, say).
-            raise OSError(f"{where}: {type(result).__name__}: {result}") from result
-        if isinstance(result, BaseException):
-            raise result
-        return result
+            raise OSError(f"{where}: {type(exc).__name__}: {exc}") from exc
 
     def _cancel(self, futures: list[Any]) -> None:
         client = futures[0].client if futures else None
