@@ -275,13 +275,15 @@ def test_unreachable_scheduler_fails_naming_it(monkeypatch):
     assert any("PARMAP_DASK_ADDRESS" in note for note in info.value.__notes__)
 
 
-def test_an_address_that_answers_as_no_scheduler_fails_naming_it(monkeypatch):
-    # One that answers junk (an HTTP server, say) made Dask raise MemoryError.
+@pytest.mark.parametrize("peer", ["silent", "babbling"])
+def test_an_address_that_is_no_scheduler_fails_naming_it(monkeypatch, peer):
+    # A listener that never answers (a dashboard's port, say) kept Client()
+    # waiting for ever; one that answers junk made Dask raise MemoryError.
     import socket
 
     import parmap.backends.dask
 
-    monkeypatch.setattr(parmap.backends.dask, "CONNECT_TIMEOUT", 2)
+    monkeypatch.setattr(parmap.backends.dask, "CONNECT_TIMEOUT", 1 if peer == "silent" else 2)
     listener = socket.create_server(("127.0.0.1", 0))
     stop = threading.Event()
 
@@ -296,14 +298,16 @@ def test_an_address_that_answers_as_no_scheduler_fails_naming_it(monkeypatch):
                 conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n" * 4)
 
     babbler = threading.Thread(target=babble, daemon=True)
-    babbler.start()
+    if peer == "babbling":
+        babbler.start()
     address = f"tcp://127.0.0.1:{listener.getsockname()[1]}"
     try:
         with pytest.raises(OSError, match=rf"{address} \(from address=\)"):
             parmap.map(square, range(3), backend="dask", address=address)
     finally:
         stop.set()
-        babbler.join()
+        if babbler.is_alive():
+            babbler.join()
         listener.close()
 
 

@@ -67,8 +67,10 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+import socket
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -148,6 +150,33 @@ class _Task:
     state: _CallState
     ended_at: float | None = None  # when the watchdog first saw it ended
     reporting: bool = False  # its outcome is on its way to the scheduler
+
+
+def _expect_a_greeting(address: str, where: str) -> None:
+    """Raise ``OSError`` if a ``tcp://`` address takes a connection and says nothing.
+
+    A scheduler speaks first (its handshake comes at once); a port that
+    takes the connection and never answers (a dashboard's, a bare listener)
+    kept ``Client()`` waiting for ever, past its own ``timeout``. Anything
+    else (refused, unreachable, an answer) is left for Dask to judge.
+    """
+    parts = urllib.parse.urlsplit(address)
+    if parts.scheme != "tcp" or parts.hostname is None or parts.port is None:
+        return
+    try:
+        sock = socket.create_connection((parts.hostname, parts.port), timeout=CONNECT_TIMEOUT)
+    except OSError:
+        return
+    with sock:
+        try:
+            sock.recv(1)
+        except TimeoutError:
+            raise OSError(
+                f"{where}: it took the connection but said nothing in {CONNECT_TIMEOUT:g} s, where a "
+                "scheduler answers at once (is it a dashboard's port?)"
+            ) from None
+        except OSError:
+            return
 
 
 class DaskBackend(Backend):
@@ -323,6 +352,7 @@ class DaskBackend(Backend):
         """A client of the scheduler at ``address``, or an ``OSError`` naming it."""
         source = "address=" if self._address_given else f"${ADDRESS_ENV}"
         where = f"backend='dask' could not reach the scheduler at {address} (from {source})"
+        _expect_a_greeting(address, where)
         try:
             return distributed.Client(address, set_as_default=False, timeout=CONNECT_TIMEOUT)
         except OSError as exc:
