@@ -161,9 +161,9 @@ class Pool:
         takes it back: it never runs. Once a worker takes it, it is running
         and cannot be cancelled. (On the ``serial`` and ``dask`` backends and
         an ``Executor`` given as backend, which hand the call on at once, it
-        is running from the start; on ``pool`` and ``apply_async`` it is once
-        handed to the ``multiprocessing.Pool``'s queue, which takes up to
-        4 x workers + 16 calls ahead.) If the pool is terminated first, the
+        is running from the start. The other backends take at most two per
+        worker at a time: one running, one queued behind it.) If the pool is
+        terminated first, the
         future fails with ``PoolClosedError``.
         Consecutive submits of one function share one call, so ``fn`` goes
         to each worker once and only the arguments travel with each submit.

@@ -115,7 +115,8 @@ def _read_exactly(fd: int, size: int, sender_alive: Callable[[], bool] | None, *
     view = memoryview(buffer)
     got = 0
     while got < size:
-        if sender_alive is not None and not (first and not got) and not _readable(fd, STALL_SECONDS):
+        # The first read of a payload's length needs no look: poll() said so.
+        if sender_alive is not None and (got or not first) and not _readable(fd, STALL_SECONDS):
             if not sender_alive():
                 raise EOFError("the sender died in the middle of a payload")
             continue

@@ -91,6 +91,13 @@ class ChunkOutcome:
         return cls([], fatal=ErrorInfo.capture(exc, pickle_it=pickle_it))
 
 
+def running_offset(array: Any, index: int) -> int | None:
+    """The parent's read of slot ``index``: the offset of the item its worker
+    marked as running (see ``StatusSlot.marking``), or None between items."""
+    offset = int(array[index * SLOT_WIDTH + 1])
+    return offset if offset >= 0 else None
+
+
 class StatusSlot:
     """The worker's view of its shared status slot."""
 

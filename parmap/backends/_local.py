@@ -54,7 +54,7 @@ from typing import Any
 from .._errors import ParmapError, PoolClosedError, SerializationError
 from .._serialization import PROTOCOL, Pickled, dumps_function
 from .._wire import recv_framed, send_framed, send_room
-from .._worker import SLOT_WIDTH, Inherited
+from .._worker import SLOT_WIDTH, Inherited, running_offset
 from ._base import (
     Backend,
     Call,
@@ -724,8 +724,7 @@ class LocalWorkers(Backend):
             else:
                 offset = worker.timed_out_offset
                 if offset is None and worker.chunk.marked and not unread:
-                    running = int(self._status[worker.index * SLOT_WIDTH + 1])
-                    offset = running if running >= 0 else None  # marked as it started
+                    offset = running_offset(self._status, worker.index)
                 lost = ChunkLost(exitcode, worker.pid, offset=offset, timed_out=timed_out, innocent=unread)
             self._finish(worker, lost)
             if ahead is not None:  # not read unless the chunk before it was done with

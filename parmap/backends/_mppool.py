@@ -40,6 +40,7 @@ from .._worker import (
     prepare_worker_process,
     run_chunk,
     run_initializer,
+    running_offset,
     unreadable_outcome,
 )
 from ._base import (
@@ -555,8 +556,7 @@ class MPPoolBackend(Backend):
         offset = flight.timed_out_offset
         timed_out = offset is not None
         if offset is None and flight.chunk.marked:
-            running = int(self._status[flight.slot * SLOT_WIDTH + 1])
-            offset = running if running >= 0 else None  # marked as it started
+            offset = running_offset(self._status, flight.slot)
         flight.done(flight.chunk, ChunkLost(exitcode, pid, offset=offset, timed_out=timed_out))
 
     def _count_startup_failure(self) -> list[tuple[Chunk, Done]]:
