@@ -191,18 +191,31 @@ def _strip_newline(text: str) -> str:
 
 
 def estimate_items(path: str, fmt: str) -> int | None:
-    """About how many items a regular file holds (for the progress bar), or None."""
+    """About how many items a regular file holds (for the progress bar), or None.
+
+    Exact for ``lines`` and ``jsonl``; for ``csv`` a quoted field that spans
+    lines counts once per line.
+    """
     if not os.path.isfile(path):
         return None
+    with open(path, "rb") as file:
+        if fmt == "lines":
+            return _count_lines(file)
+        # Blank lines are not items in these formats: the readers skip them.
+        if fmt == "jsonl":
+            rows = sum(1 for line in file if line.strip())
+        else:
+            rows = sum(1 for line in file if line not in (b"\n", b"\r\n"))
+    return max(0, rows - 1) if fmt == "csv" else rows
+
+
+def _count_lines(file: IO[bytes]) -> int:
     lines = 0
     last = b"\n"
-    with open(path, "rb") as file:
-        while block := file.read(_SCAN_BYTES):
-            lines += block.count(b"\n")
-            last = block[-1:]
-    if last != b"\n":
-        lines += 1
-    return max(0, lines - 1) if fmt == "csv" else lines
+    while block := file.read(_SCAN_BYTES):
+        lines += block.count(b"\n")
+        last = block[-1:]
+    return lines + (last != b"\n")
 
 
 def encode_result(value: Any, fmt: str) -> bytes:

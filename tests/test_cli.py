@@ -465,6 +465,20 @@ def test_progress_bar_on_request_only(targets: Path) -> None:
     assert hidden.code == 0 and hidden.err == ""
 
 
+@pytest.mark.parametrize(
+    ("fmt", "text"),
+    [
+        ("lines", "1\n\n3\n"),  # a blank line is an item here
+        ("jsonl", "1\n\n  \n2\r\n\n3"),
+        ("csv", "x\n1\n\n2\r\n\r\n3\n"),
+    ],
+)
+def test_progress_total_counts_the_items_not_the_lines(targets: Path, fmt: str, text: str) -> None:
+    write(targets / "in.txt", text)
+    shown = cli("tgt:echo", "in.txt", "--input-format", fmt, "--progress", cwd=targets)
+    assert shown.code == 0 and "3/3" in shown.err, shown.err
+
+
 def test_progress_bar_by_default_on_a_terminal_of_unknown_size(targets: Path) -> None:
     # A pseudo-terminal nobody sized reports 0 x 0, as a test harness's does.
     write(targets / "in.txt", "1\n2\n3\n")
