@@ -18,10 +18,16 @@ def mark_worker_process() -> None:
     _process_flag = True
 
 
-def set_worker_thread(value: bool) -> None:
-    _thread_flag.active = value
+def set_worker_thread(backend: object | None) -> None:
+    """This thread runs a chunk for ``backend`` from now on; ``None``: no longer."""
+    _thread_flag.backend = backend
 
 
 def in_worker() -> bool:
     """True inside a parmap worker process or worker thread."""
-    return _process_flag or getattr(_thread_flag, "active", False)
+    return _process_flag or getattr(_thread_flag, "backend", None) is not None
+
+
+def working_for(backend: object) -> bool:
+    """Whether this thread runs a chunk for ``backend`` (a ``thread`` backend's, say)."""
+    return getattr(_thread_flag, "backend", None) is backend

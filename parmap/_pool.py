@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, InvalidStateError
 from typing import Any, TypeVar, cast
 
+from . import _context
 from ._errors import PoolClosedError, SerializationError
 from ._options import CallOptions, OnError, PoolOptions
 from ._scheduler import SKIPPED, Record, Scheduler, lost_error
@@ -92,6 +93,7 @@ class Pool:
         )
         self._backend, self._owns_backend = create_backend(self._options)
         self._timed: Backend | None = None  # see _backend_for
+        self._here: Backend | None = None  # see _backend_for
         self._check_capabilities(self._defaults)
         self._closed = False
         self._killed = False
@@ -105,12 +107,10 @@ class Pool:
         self._running_maps = 0  # map/starmap calls under way, in any thread
         # Notified when the last submitted call settles or the last map returns.
         self._all_settled = threading.Condition(self._lock)
-        # submit() futures are settled on a thread of their own: their done-
-        # callbacks are user code, and on a backend's thread a callback that
-        # waits on this pool (map, close) would wait on that very thread.
-        self._settlements: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self._settler: threading.Thread | None = None
-        self._settler_stopped = False
+        # submit() futures with done-callbacks are settled on threads of
+        # their own: a callback is user code, and on a backend's thread one
+        # that waits on this pool (map, close) would wait on that very thread.
+        self._settlers = _Settlers()
         # submit(): the call of the last function submitted, and how many
         # submits of each call have not ended (see _submit_call_for).
         self._submit_call: tuple[Callable[..., Any], Call] | None = None
@@ -170,9 +170,10 @@ class Pool:
         """
         self._check_open()
         _check_fn(fn)
+        backend = self._backend_for(None)
         future: _SubmitFuture[R] = _SubmitFuture()
         begin = None
-        if self._backend.queues_chunks:
+        if backend.queues_chunks:
 
             def begin() -> bool:
                 try:
@@ -183,18 +184,11 @@ class Pool:
         else:
             future.set_running_or_notify_cancel()
         call = self._submit_call_for(fn)
-        done = _Submission(self, future, call, fn, (args, kwargs))
+        done = _Submission(self, backend, future, call, fn, (args, kwargs))
         with self._lock:
             self._futures.add(future)
-            if self._settler is None:
-                # Given the queue, not the pool: a pool dropped unclosed must
-                # still be collected, so that __del__ stops its workers.
-                self._settler = threading.Thread(
-                    target=_settle_futures, args=(self._settlements,), name="parmap-futures", daemon=True
-                )
-                self._settler.start()
         try:
-            self._backend.submit(Chunk(call, [0], [done.item], begin=begin), done)
+            backend.submit(Chunk(call, [0], [done.item], begin=begin), done)
         except BaseException as exc:
             # Nothing was handed over: this future is not the pool's to wait for.
             self._forget(future)
@@ -238,8 +232,14 @@ class Pool:
         Running work is every ``submit()``ted call, retries included, and
         every ``map``/``starmap`` under way in another thread; an ``imap``
         is not waited for (its consumer may never come back). ``terminate()``
-        from another thread ends the wait.
+        from another thread ends the wait. Called by one of the pool's own
+        tasks (``thread`` backend), which that wait would include, it is
+        ``shutdown(wait=False)``: the pool takes no new work and closes once
+        its running work is done.
         """
+        if _context.working_for(self._backend):
+            self.shutdown(wait=False)
+            return
         self._shutdown(kill=False)
 
     def terminate(self) -> None:
@@ -276,7 +276,9 @@ class Pool:
         """
         if not self.closed:
             raise ValueError("join() on a parmap.Pool that is still open: call close() or terminate() first")
-        if os.getpid() == self._pid and threading.current_thread() is not self._settler:
+        if _context.working_for(self._backend):
+            raise RuntimeError("join() in one of this pool's own tasks would wait for that task to end")
+        if os.getpid() == self._pid and not self._settlers.on_one():
             self._finished.wait()
 
     def __enter__(self) -> Pool:
@@ -322,7 +324,7 @@ class Pool:
         if underway:
             # Another thread closes it (shutdown(wait=False), say): wait for
             # that, unless this is a done-callback, which that close waits for.
-            if threading.current_thread() is not self._settler:
+            if not self._settlers.on_one():
                 self._finished.wait()
             return
         try:
@@ -332,16 +334,18 @@ class Pool:
 
     def _close_backend(self, kill: bool) -> None:
         with self._lock:
-            if not kill and self._owns_backend:
+            if not kill:
                 # Submitted calls first, retries included (the backend would
                 # refuse a retry once closing), and maps running in other
-                # threads (which hand the backend their chunks as they go).
+                # threads (which hand the backend their chunks as they go);
+                # on an executor given as backend too, though it runs on.
                 while (self._futures or self._running_maps) and not self._killed:
                     self._all_settled.wait()
         if self._owns_backend:
             self._backend.close(kill=kill)
-        if self._timed is not None:
-            self._timed.close(kill=kill)
+        for stand_in in (self._timed, self._here):
+            if stand_in is not None:
+                stand_in.close(kill=kill)
         if kill:
             # Whatever the backend could not end (one not ours runs on).
             with self._lock:
@@ -350,13 +354,8 @@ class Pool:
             for future in unfinished:
                 _settle(future.set_exception, PoolClosedError("the pool was terminated before this call finished"))
         # Every future the workers settled is settled before close() returns,
-        # unless this is a done-callback, on the settling thread itself.
-        with self._lock:
-            self._settler_stopped = True
-            self._settlements.put(None)
-            settler = self._settler
-        if settler is not None and settler is not threading.current_thread():
-            settler.join()
+        # unless this is a done-callback, on a settling thread itself.
+        self._settlers.stop()
 
     def _forget(self, future: Future[Any]) -> None:
         """``future`` is no longer the pool's to wait for."""
@@ -415,12 +414,26 @@ class Pool:
         )
         return Scheduler(self._backend_for(options), call, items, options, deliver_in_order=in_order)
 
-    def _backend_for(self, options: CallOptions) -> Backend:
-        """The backend for a call: the pool's, but for a call with a timeout
-        made inside a parmap worker, where the pool's runs it here, serially
-        (no pool of pools), and nothing here could stop a running item. That
-        call runs serially still, on one forked child that can be stopped."""
-        if options.timeout is None or not self._backend.stands_in:
+    def _backend_for(self, options: CallOptions | None) -> Backend:
+        """The backend for a call (``None``: a submit): the pool's, but
+
+        * for a call made by one of the pool's own tasks (on the ``thread``
+          backend, or an executor's threads), which runs serially in that
+          task, as a nested call does: on the pool's workers it could wait
+          for ever for the very worker it occupies;
+        * for a call with a timeout made inside a parmap worker, where the
+          pool's runs it here, serially (no pool of pools), and nothing here
+          could stop a running item. That call runs serially still, on one
+          forked child that can be stopped.
+        """
+        if _context.working_for(self._backend):
+            with self._lock:
+                if self._here is None:
+                    from .backends.serial import SerialBackend
+
+                    self._here = SerialBackend()  # the task's thread ran the initializer already
+                return self._here
+        if options is None or options.timeout is None or not self._backend.stands_in:
             return self._backend
         with self._lock:
             if self._timed is None:
@@ -526,10 +539,12 @@ class _Submission:
     would wait for the cyclic garbage collector to stop its workers.
     """
 
-    __slots__ = ("attempts", "call", "fn", "future", "item", "pool")
+    __slots__ = ("attempts", "backend", "call", "fn", "future", "item", "pool")
 
-    def __init__(self, pool: Pool, future: _SubmitFuture[Any], call: Call, fn: Callable[..., Any], item: Any) -> None:
-        self.pool, self.future, self.call, self.fn, self.item = pool, future, call, fn, item
+    def __init__(
+        self, pool: Pool, backend: Backend, future: _SubmitFuture[Any], call: Call, fn: Callable[..., Any], item: Any
+    ) -> None:
+        self.pool, self.backend, self.future, self.call, self.fn, self.item = pool, backend, future, call, fn, item
         self.attempts = 0
 
     def __call__(self, chunk: Chunk, result: ChunkOutcome | ChunkLost) -> None:
@@ -541,7 +556,7 @@ class _Submission:
         if isinstance(result, ChunkOutcome) and result.unreadable and not chunk.by_value and not pool._killed:
             # The arguments did not load in the worker: once more by value, free of charge.
             try:
-                pool._backend.submit(Chunk(call, [0], [self.item], by_value=True), self)
+                self.backend.submit(Chunk(call, [0], [self.item], by_value=True), self)
                 return
             except PoolClosedError:
                 pass
@@ -551,7 +566,7 @@ class _Submission:
         # A polite close waits for retries too; only terminate() refuses them.
         if failed and self.attempts <= pool._defaults.retries and not pool._killed:
             try:
-                pool._backend.submit(Chunk(call, [0], [self.item]), self)  # retries=N, as for map
+                self.backend.submit(Chunk(call, [0], [self.item]), self)  # retries=N, as for map
                 return
             except PoolClosedError:
                 pass  # closed meanwhile: report this attempt's failure
@@ -568,11 +583,8 @@ class _Submission:
         with pool._lock:
             pool._futures.discard(future)
             pool._notify_if_idle()
-            if pool._settler_stopped:
-                # Closed while a backend not ours still ran this call.
-                settle()
-                return
-            pool._settlements.put(settle)
+        if not pool._settlers.put(settle):
+            settle()  # closed while a backend not ours still ran this call
 
 
 def _check_fn(fn: object) -> None:
@@ -609,11 +621,59 @@ class _SubmitFuture(Future[R]):
             return True
 
 
-def _settle_futures(settlements: queue.SimpleQueue[Callable[[], None] | None]) -> None:
-    """The loop of a pool's ``parmap-futures`` thread, until ``None``."""
-    while (settle := settlements.get()) is not None:
-        settle()  # a done-callback's own error is logged by concurrent.futures
-        del settle
+class _Settlers:
+    """The ``parmap-futures`` threads, which settle the futures that have
+    done-callbacks: one, and one more whenever every one is busy, because a
+    callback may wait for another future, whose settling must not queue
+    behind it (as on a ``ThreadPoolExecutor``, where each task's own worker
+    settles it).
+
+    It holds no reference to its pool: a pool dropped unclosed must still be
+    collected, so that ``__del__`` stops its workers.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._idle = 0  # threads waiting for a settlement no put() has claimed
+        self._stopped = False
+
+    def put(self, settle: Callable[[], None]) -> bool:
+        """Have ``settle`` run on a free settling thread; False once stopped."""
+        with self._lock:
+            if self._stopped:
+                return False
+            if self._idle:
+                self._idle -= 1
+            else:
+                thread = threading.Thread(target=self._serve, name="parmap-futures", daemon=True)
+                self._threads.append(thread)
+                thread.start()
+            self._queue.put(settle)  # under the lock: stop() cannot slip in before it
+        return True
+
+    def on_one(self) -> bool:
+        """Whether this is a settling thread (a done-callback runs here)."""
+        return threading.current_thread() in self._threads
+
+    def stop(self) -> None:
+        """Settle what was put, then end the threads (this one excepted, if it is one)."""
+        with self._lock:
+            self._stopped = True
+            threads = list(self._threads)
+            for _ in threads:
+                self._queue.put(None)
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join()
+
+    def _serve(self) -> None:
+        while (settle := self._queue.get()) is not None:
+            settle()  # a done-callback's own error is logged by concurrent.futures
+            del settle
+            with self._lock:
+                self._idle += 1
 
 
 def _settlement(

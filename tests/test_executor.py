@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 
 import pytest
@@ -12,6 +13,11 @@ import parmap
 
 
 def square(x):
+    return x * x
+
+
+def sleep_then_square(x):
+    time.sleep(0.2)
     return x * x
 
 
@@ -60,6 +66,14 @@ def test_pool_over_an_executor_does_not_shut_it_down(executor):
     with parmap.Pool(backend=executor, progress=False) as pool:
         assert pool.map(square, range(10)) == [x * x for x in range(10)]
         assert pool.submit(add, 2, 3).result(timeout=30) == 5
+    assert_still_usable(executor)
+
+
+def test_closing_the_pool_waits_for_its_calls_but_leaves_the_executor(executor):
+    with parmap.Pool(backend=executor) as pool:
+        futures = [pool.submit(sleep_then_square, i) for i in range(4)]
+    assert [f.done() for f in futures] == [True] * 4
+    assert [f.result() for f in futures] == [0, 1, 4, 9]
     assert_still_usable(executor)
 
 

@@ -302,6 +302,66 @@ def test_a_done_callback_may_use_or_close_the_pool(backend, how):
         pool.terminate()
 
 
+@pytest.fixture(params=["thread", "executor"])
+def in_process_backend(request):
+    """A backend whose tasks run on threads of this process, where a task may reach its own pool."""
+    if request.param == "thread":
+        yield "thread"
+        return
+    executor = concurrent.futures.ThreadPoolExecutor(2)
+    yield executor
+    executor.shutdown(cancel_futures=True)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("how", ["map", "submit"])
+def test_a_task_may_call_its_own_pool_and_that_call_runs_in_the_task(in_process_backend, how):
+    # On the pool's two workers, both busy with tasks waiting on the pool,
+    # the inner calls would wait for ever; nested, they run serially.
+    with parmap.Pool(workers=2, backend=in_process_backend) as pool:
+
+        def task(x):
+            if how == "map":
+                return sum(pool.map(abs, [-x, -1]))
+            return pool.submit(pow, x, 2).result(timeout=10)
+
+        assert pool.map(task, range(6), chunksize=1) == [x + 1 if how == "map" else x * x for x in range(6)]
+        assert pool.submit(task, 3).result(timeout=10) == (4 if how == "map" else 9)
+
+
+@pytest.mark.timeout(30)
+def test_a_task_that_closes_its_own_pool_does_not_wait_for_itself(in_process_backend):
+    pool = parmap.Pool(workers=2, backend=in_process_backend)
+    joined = []
+
+    def task(x):
+        if x == 0:
+            pool.close()  # closes once this map is done
+            with pytest.raises(RuntimeError, match="own tasks"):
+                pool.join()
+            joined.append(True)
+        return x
+
+    assert pool.map(task, range(4), chunksize=1) == [0, 1, 2, 3]
+    pool.join()
+    assert pool.closed and joined == [True]
+    with pytest.raises(parmap.PoolClosedError):
+        pool.map(abs, [1])
+
+
+@pytest.mark.timeout(30)
+def test_a_done_callback_may_wait_for_another_future_with_a_callback(backend):
+    # Each future with callbacks must not be settled behind another's
+    # callback: there, waiting for the later one would wait for ever.
+    got = []
+    with parmap.Pool(workers=2, backend=backend) as pool:
+        later = pool.submit(workfns.sleep_then_square, 3, 0.3)
+        later.add_done_callback(lambda _: None)
+        sooner = pool.submit(pow, 2, 5)
+        sooner.add_done_callback(lambda _: got.append(later.result(timeout=10)))
+    assert sooner.result() == 32 and got == [9]
+
+
 @pytest.mark.timeout(30)
 def test_close_from_another_thread_lets_a_running_map_finish(backend):
     # As multiprocessing.Pool.close() does: running work is finished first.

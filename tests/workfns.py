@@ -228,8 +228,8 @@ def count_init(marker_dir):
         f.write("x")
 
 
-def sleep_then_square(x):
-    time.sleep(0.01)
+def sleep_then_square(x, seconds=0.01):
+    time.sleep(seconds)
     return x * x
 
 

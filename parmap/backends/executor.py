@@ -112,11 +112,11 @@ def run_remote_chunk(
     except Exception as exc:
         return encode_outcome(unreadable_outcome(exc, positions), positions)
     # Thread-local, not process-wide: the worker may also run other work.
-    _context.set_worker_thread(True)
+    _context.set_worker_thread(run_remote_chunk)  # no backend here: any marker will do
     try:
         outcome = run_chunk(fn, items, star=star, stop_on_error=stop_on_error, pickle_errors=True)
     finally:
-        _context.set_worker_thread(False)
+        _context.set_worker_thread(None)
     return encode_outcome(outcome, positions)
 
 
@@ -145,7 +145,7 @@ class ExecutorBackend(Backend):
         call = chunk.call
         try:
             if self._in_process:
-                future: Future[Any] = self._executor.submit(_run_in_thread, chunk)
+                future: Future[Any] = self._executor.submit(_run_in_thread, chunk, self)
             else:
                 future = self._executor.submit(
                     run_remote_chunk, call_key(call), call.fn_bytes, chunk.header(), chunk.items_bytes()

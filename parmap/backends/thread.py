@@ -24,13 +24,13 @@ from .._worker import ChunkOutcome, run_chunk
 from ._base import Backend, Call, Capabilities, Chunk, Done, dropped_outcome, terminated_outcome
 
 
-def _run_in_thread(chunk: Chunk) -> ChunkOutcome:
+def _run_in_thread(chunk: Chunk, backend: Backend) -> ChunkOutcome:
     call = chunk.call
-    _context.set_worker_thread(True)
+    _context.set_worker_thread(backend)
     try:
         return run_chunk(call.fn, chunk.items, star=call.star, stop_on_error=call.stop_on_error, pickle_errors=False)
     finally:
-        _context.set_worker_thread(False)
+        _context.set_worker_thread(None)
 
 
 class ThreadBackend(Backend):
@@ -95,7 +95,7 @@ class ThreadBackend(Backend):
         if self._init_error is not None:
             return ChunkOutcome.failed(self._init_error)
         try:
-            return _run_in_thread(chunk)
+            return _run_in_thread(chunk, self)
         except BaseException as exc:
             # Raised outside fn (run_chunk carries fn's own SystemExit back):
             # fail the call rather than end this thread unreported.
