@@ -61,7 +61,7 @@ _UNSET: Any = object()
 class Record:
     """Consecutive input items submitted together, kept until all are final."""
 
-    __slots__ = ("attempts", "by_value", "items", "pending", "start", "suspects", "values")
+    __slots__ = ("attempts", "by_value", "items", "pending", "raises", "start", "suspects", "values")
 
     def __init__(self, start: int, items: list[Any] | SourceSlice) -> None:
         self.start = start
@@ -73,6 +73,7 @@ class Record:
         self.attempts: dict[int, int] = {}
         self.suspects: set[int] = set()  # offsets that were on a worker when it died
         self.by_value = False  # its items did not load in a worker: send them by value
+        self.raises = False  # holds an error to raise, not a value to hand over
 
     @property
     def complete(self) -> bool:
@@ -313,7 +314,9 @@ class Scheduler:
         else:
             while self._ready:
                 record = self._ready.popleft()
-                if limit is not None and record.start <= limit < record.start + len(record.items):
+                if record.raises:
+                    # Its error is no value to yield: the earliest is raised,
+                    # and one after it is not reached, as in a serial loop.
                     continue
                 self._outstanding.remove(record)
                 yield record
@@ -452,6 +455,7 @@ class Scheduler:
             exc.add_note(f"parmap: the same on each of {attempts} attempts")
         policy = "raise" if stops else self._options.on_error
         if policy == "raise":
+            record.raises = True
             position = record.start + offset
             if self._failure is None or position < self._failure[0]:
                 self._failure = (position, exc)

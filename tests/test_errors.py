@@ -126,6 +126,19 @@ def test_a_function_that_loads_nowhere_still_fails_the_call(process_backend):
 
 
 @pytest.mark.timeout(30)
+def test_unordered_imap_never_yields_an_error_it_is_to_raise(backend):
+    # Item 2's KeyError comes after item 1's ValueError was recorded: it is
+    # no result to hand over while item 0 is awaited, as a serial loop shows.
+    got = []
+    with pytest.raises(ValueError, match="item 1"):
+        for value in parmap.imap(
+            workfns.slow_zero_then_two_failures, range(3), workers=3, backend=backend, ordered=False, chunksize=1
+        ):
+            got.append(value)
+    assert got == ["zero"]
+
+
+@pytest.mark.timeout(30)
 def test_unordered_errors_say_which_item_they_belong_to(process_backend):
     results = list(
         parmap.imap(workfns.exit_3, ITEMS, workers=2, backend=process_backend, ordered=False, on_error="return")

@@ -437,3 +437,14 @@ def fail_sometimes(x):
     if x % 7 == 3:
         raise ValueError(x)
     return 10 * x
+
+
+def slow_zero_then_two_failures(i):
+    """Item 0 is slow, item 1 fails at once, item 2 fails a little later."""
+    if i == 0:
+        time.sleep(0.6)
+        return "zero"
+    if i == 1:
+        raise ValueError("item 1")
+    time.sleep(0.2)
+    raise KeyError("item 2")
