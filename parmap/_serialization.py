@@ -17,12 +17,15 @@
 
 from __future__ import annotations
 
+import copyreg
+import io
 import operator
 import os
 import pickle
 import reprlib
 import sys
 import traceback
+from collections import ChainMap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -364,14 +367,14 @@ class ErrorInfo:
         # once: an exception can pickle and still not load, most often one
         # whose __init__ takes other arguments than it passes on to
         # Exception.__init__ (its args); its state alone then rebuilds it.
-        for dumps, form in (
-            (pickle.dumps, exc),
-            (pickle.dumps, _ExceptionState(exc)),
-            (cloudpickle.dumps, exc),
-            (cloudpickle.dumps, _ExceptionState(exc)),
+        for pickler, form in (
+            (pickle.Pickler, exc),
+            (pickle.Pickler, _ExceptionState(exc)),
+            (cloudpickle.Pickler, exc),
+            (cloudpickle.Pickler, _ExceptionState(exc)),
         ):
             try:
-                payload = dumps(form, protocol=PROTOCOL)
+                payload = _dumps_exception(pickler, form)
                 pickle.loads(payload)
             except Exception:  # noqa: S112 - the next form, or TaskError in the end
                 continue
@@ -399,6 +402,43 @@ class ErrorInfo:
             exc = TaskError(self.type_name, self.message, self.traceback_text)
         exc.__cause__ = RemoteTraceback(self.traceback_text)
         return exc
+
+
+def _dumps_exception(pickler_class: type[pickle.Pickler], form: object) -> bytes:
+    """``form`` pickled by ``pickler_class``, as Python pickles an exception.
+
+    Importing ``distributed`` has tblib register a reducer with ``copyreg``
+    for every exception class; it rebuilds an exception without its
+    ``__init__``, which loses what builtin ones keep in C fields (a
+    ``UnicodeDecodeError``'s message, a ``SystemExit``'s code). Those
+    reducers are left out here, on every backend alike.
+    """
+    buffer = io.BytesIO()
+    pickler = pickler_class(buffer, protocol=PROTOCOL)
+    table = _plain_dispatch_table()
+    chain = getattr(pickler, "dispatch_table", None)
+    if isinstance(chain, ChainMap):  # cloudpickle's: its own reducers, then copyreg's
+        table = {**table, **chain.maps[0]}
+    pickler.dispatch_table = table  # type: ignore[misc]
+    pickler.dump(form)
+    return buffer.getvalue()
+
+
+_plain_table: tuple[int, dict[Any, Any]] = (-1, {})
+
+
+def _plain_dispatch_table() -> dict[Any, Any]:
+    """``copyreg.dispatch_table`` less tblib's exception reducers (kept until it changes size)."""
+    global _plain_table
+    size, table = _plain_table
+    if size != len(copyreg.dispatch_table):
+        table = {
+            cls: reducer
+            for cls, reducer in copyreg.dispatch_table.items()
+            if not str(getattr(reducer, "__module__", "")).startswith("tblib")
+        }
+        _plain_table = (len(copyreg.dispatch_table), table)
+    return table
 
 
 class _ExceptionState:

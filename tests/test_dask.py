@@ -137,6 +137,22 @@ def test_error_keeps_its_type_and_names_the_item(dask_pool):
     assert "fail_on_three" in info.value.__cause__.text
 
 
+def decode_or_exit(kind):
+    if kind == "decode":
+        b"\xff".decode("utf-8")
+    raise SystemExit(5)
+
+
+def test_builtin_exceptions_keep_their_fields(dask_pool):
+    # Dask's workers pickle exceptions with tblib's reducers, which skip __init__.
+    with pytest.raises(UnicodeDecodeError) as info:
+        dask_pool.map(decode_or_exit, ["decode"])
+    assert (info.value.encoding, info.value.reason) == ("utf-8", "invalid start byte")
+    with pytest.raises(SystemExit) as stop:
+        dask_pool.map(decode_or_exit, ["exit"])
+    assert stop.value.code == 5
+
+
 def test_on_error_skip_and_return(dask_pool):
     assert dask_pool.map(fail_on_three, range(6), on_error="skip") == [0, 1, 2, 4, 5]
     returned = dask_pool.map(fail_on_three, range(6), on_error="return", chunksize=2)

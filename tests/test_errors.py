@@ -497,3 +497,44 @@ def test_pool_survives_a_worker_that_died_holding_the_result_lock(backend):
         workfns.die_holding_result_lock, range(8), workers=2, backend=backend, chunksize=1, on_error="skip"
     )
     assert results == list(range(1, 8))
+
+
+TBLIB_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {root!r})
+    from tblib import pickling_support
+
+    import parmap
+
+    pickling_support.install()  # what importing distributed does
+
+    def fail(kind):
+        if kind == "decode":
+            b"\\xff".decode("utf-8")
+        raise SystemExit(5)
+
+    if __name__ == "__main__":
+        for kind, keep in (("decode", lambda e: (e.encoding, e.reason)), ("exit", lambda e: e.code)):
+            try:
+                parmap.map(fail, [kind], workers=1, backend={backend!r})
+            except BaseException as exc:
+                print(kind, type(exc).__name__, keep(exc))
+    """
+)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", ["process", "pool"])
+def test_exceptions_keep_their_fields_when_tblib_pickles_exceptions(tmp_path, backend):
+    # tblib's reducers (installed by importing distributed) rebuild an
+    # exception without __init__: a builtin's C fields came back None.
+    pytest.importorskip("tblib.pickling_support")
+    script = tmp_path / "tblib_installed.py"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script.write_text(TBLIB_SCRIPT.format(root=root, backend=backend))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=50)
+    assert result.stdout.splitlines() == [
+        "decode UnicodeDecodeError ('utf-8', 'invalid start byte')",
+        "exit SystemExit 5",
+    ], result.stderr[-2000:]
