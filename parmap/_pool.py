@@ -709,6 +709,10 @@ class _Apply:
     def __init__(self, fn: Callable[..., Any]) -> None:
         self.fn = fn
 
+    @property
+    def __wrapped__(self) -> Callable[..., Any]:
+        return self.fn
+
     def __call__(self, item: tuple[tuple[Any, ...], dict[str, Any]]) -> Any:
         args, kwargs = item
         return self.fn(*args, **kwargs)

@@ -153,6 +153,22 @@ def test_builtin_exceptions_keep_their_fields(dask_pool):
     assert stop.value.code == 5
 
 
+def test_state_an_initializer_sets_up_is_seen_by_fn_sent_by_value(dask_cluster):
+    # Sent by value (as a script's functions are), the initializer and fn
+    # unpickle with private copies of their module's globals.
+    import cloudpickle
+    import initstate
+
+    cloudpickle.register_pickle_by_value(initstate)
+    try:
+        options = {"address": dask_cluster.scheduler_address, "initializer": initstate.remember, "initargs": ("T",)}
+        assert parmap.map(initstate.recall, range(4), backend="dask", chunksize=1, **options) == ["T"] * 4
+        with parmap.Pool(backend="dask", **options) as pool:
+            assert pool.submit(initstate.recall, 0).result(timeout=60) == "T"
+    finally:
+        cloudpickle.unregister_pickle_by_value(initstate)
+
+
 def test_on_error_skip_and_return(dask_pool):
     assert dask_pool.map(fail_on_three, range(6), on_error="skip") == [0, 1, 2, 4, 5]
     returned = dask_pool.map(fail_on_three, range(6), on_error="return", chunksize=2)
