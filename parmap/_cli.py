@@ -85,8 +85,8 @@ class Step:
             except Exception:  # noqa: S110 - an exception type that refuses attributes
                 pass
             raise
-        except (KeyboardInterrupt, GeneratorExit):
-            raise  # Ctrl-C reaching a thread or serial worker: the command's to handle
+        except (KeyboardInterrupt, _Terminated):
+            raise  # Ctrl-C or SIGTERM reaching a thread or serial worker: the command's to handle
         except BaseException as exc:
             # A task that exits has failed (status 1), alike on every backend:
             # left alone it would end a worker process (a crash), or on the
@@ -94,7 +94,8 @@ class Step:
             if isinstance(exc, SystemExit):
                 error = RuntimeError(f"the function called sys.exit({exc.code!r})")
             else:
-                error = RuntimeError(f"the function raised {type(exc).__qualname__}: {exc}")
+                text = str(exc)
+                error = RuntimeError(f"the function raised {type(exc).__qualname__}{': ' if text else ''}{text}")
             setattr(error, _INDEX_ATTRIBUTE, item.index)
             raise error from exc
 

@@ -68,11 +68,15 @@ def resolve(target: Target) -> Callable[..., Any]:
         raise TargetError(f"cannot import {where!r}{_raised_at(exc, target)}: {_one_line(exc)}") from exc
     value: Any = module
     for part in target.attribute.split("."):
+        where = target.path or target.module
         try:
             value = getattr(value, part)
         except AttributeError:
-            where = target.path or target.module
             raise TargetError(f"{where!r} has no attribute {target.attribute!r}") from None
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # a module __getattr__ or a property that raises
+            raise TargetError(f"cannot get {target.attribute!r} from {where!r}: {_one_line(exc)}") from exc
     if not callable(value):
         raise TargetError(f"{target.text!r} is not callable (it is a {type(value).__name__})")
     return value  # type: ignore[no-any-return]
@@ -120,7 +124,11 @@ def _import(target: Target) -> Any:
 
 def _one_line(exc: BaseException) -> str:
     """``Type: message`` on one line: a usage error is one line, whatever the message."""
-    text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    try:
+        message = str(exc)
+    except Exception:  # an exception whose __str__ raises
+        message = "(its message cannot be shown)"
+    text = "; ".join(line.strip() for line in message.splitlines() if line.strip())
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 

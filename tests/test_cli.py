@@ -99,6 +99,12 @@ def halt_on_2(x):
     if x == "2":
         raise Halt("stop here")
     return x
+
+
+def generator_exit_on_2(x):
+    if x == "2":
+        raise GeneratorExit
+    return x
 """
 
 _started: list[subprocess.Popen[bytes]] = []
@@ -387,6 +393,24 @@ def test_line_break_in_lines_output_exits_1(targets: Path) -> None:
     assert result.code == 1 and "line break" in result.err and result.out == ""
 
 
+# A module-level __getattr__ importing an optional dependency, and a property that fails.
+LAZY_MODULE = """
+class Holder:
+    @property
+    def f(self):
+        raise ValueError("broken property")
+
+
+Holder = Holder()
+
+
+def __getattr__(name):
+    import optional_dep
+
+    return getattr(optional_dep, name)
+"""
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
@@ -403,12 +427,17 @@ def test_line_break_in_lines_output_exits_1(targets: Path) -> None:
         (["tgt:square", "in.txt", "-o", "in.txt"], "also where results go"),
         (["tgt:square", "in.txt", "-w", "99999999999999999999"], "--workers"),
         (["raises.py:f", "in.txt"], "(line 2): RuntimeError: first; second"),
+        (["lazy:f", "in.txt"], "cannot get 'f' from 'lazy': ModuleNotFoundError: No module named 'optional_dep'"),
+        (["lazy:Holder.f", "in.txt"], "cannot get 'Holder.f' from 'lazy': ValueError: broken property"),
+        (["unprintable.py:f", "in.txt"], "Unprintable: (its message cannot be shown)"),
         ([], "TARGET"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(targets: Path, args: list[str], expected: str) -> None:
     write(targets / "in.txt", "1\n")
     write(targets / "raises.py", "x = 1\nraise RuntimeError('first\\nsecond')\n")
+    write(targets / "lazy.py", LAZY_MODULE)
+    write(targets / "unprintable.py", "class Unprintable(Exception):\n    __str__ = None\n\nraise Unprintable\n")
     result = cli(*args, cwd=targets)
     assert result.code == 2
     assert result.err.count("\n") == 1 and result.err.startswith("parmap: error:"), result.err
@@ -555,6 +584,30 @@ def test_resume_after_interrupt_matches_an_uninterrupted_run(
     resumed = cli(*args, "--resume", cwd=targets)
     assert resumed.code == 0, resumed.err
     assert out.read_bytes() == reference
+
+
+@pytest.mark.parametrize("backend", ["serial", "auto"])
+def test_sigterm_ends_the_run_even_inside_a_task_on_the_callers_thread(
+    targets: Path, slow_input: Path, reference: bytes, tmp_path: Path, backend: str
+) -> None:
+    # On serial the signal lands inside fn: it was a failure of that item,
+    # which --on-error skip then left out, for good, resume or not.
+    out = tmp_path / "out.jsonl"
+    args = ("tgt:slow_square", slow_input, "-w", "2", "-b", backend, "--on-error", "skip", "-o", out)
+    proc = start(*args, cwd=targets)
+    _interrupt_midway(proc, out, signal.SIGTERM)
+    _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 143 and b"terminated" in err and b"skipped" not in err, err
+    resumed = cli(*args, "--resume", cwd=targets)
+    assert resumed.code == 0, resumed.err
+    assert out.read_bytes() == reference
+
+
+def test_a_task_raising_generator_exit_fails_its_item(targets: Path) -> None:
+    write(targets / "in.txt", "1\n2\n3\n")
+    result = cli("tgt:generator_exit_on_2", "in.txt", "-w", "2", "--on-error", "skip", cwd=targets)
+    assert result.code == 0 and result.out == '"1"\n"3"\n', result.err
+    assert "input line 2: RuntimeError: the function raised GeneratorExit (skipped)" in result.err
 
 
 def test_a_resumed_failure_counts_the_results_of_earlier_runs(targets: Path, tmp_path: Path) -> None:
