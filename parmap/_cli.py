@@ -390,6 +390,9 @@ def _check_options(options: dict[str, Any]) -> None:
             pass
     except (ValueError, TypeError, ImportError) as exc:
         raise UsageError(str(exc)) from None
+    except OSError as exc:  # a Dask scheduler that cannot be reached
+        parts = [str(exc), *(note.removeprefix("parmap: ") for note in getattr(exc, "__notes__", ()))]
+        raise UsageError(" ".join("; ".join(parts).split())) from None
     except OverflowError as exc:  # -w 99999999999999999999
         raise UsageError(f"-w/--workers {options['workers']}: {exc}") from None
 

@@ -294,17 +294,28 @@ class Output:
 
     def write(self, index: int, line: bytes) -> None:
         """Write one result line (then its journal entry)."""
-        _write_all(self._stream, line)
+        self._write(self._stream, line)
         self.lines += 1
         if self._journal is not None:
-            _write_all(self._journal, b"%d written\n" % index)
+            self._write(self._journal, b"%d written\n" % index)
 
     def skip(self, index: int) -> None:
         """Record that the item at ``index`` failed and was left out."""
         self.skipped += 1
         self.done.skipped += 1
         if self._journal is not None:
-            _write_all(self._journal, b"%d skipped\n" % index)
+            self._write(self._journal, b"%d skipped\n" % index)
+
+    def _write(self, file: _Sink, data: bytes) -> None:
+        try:
+            _write_all(file, data)
+        except BrokenPipeError:
+            raise  # a reader that went away (| head): the command's to handle
+        except OSError as exc:  # a full disk, an I/O error
+            where = "standard output" if self._path is None else repr(self._path)
+            if file is self._journal:
+                where = repr(journal_path(str(self._path)))
+            raise OutputError(f"cannot write to {where}: {exc.strerror or exc}") from None
 
     def close(self, *, complete: bool) -> None:
         """Close the files; a complete run with nothing skipped needs no journal."""

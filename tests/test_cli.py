@@ -387,6 +387,25 @@ def test_a_closed_standard_stream_is_a_usage_error(targets: Path, closed: str) -
     assert proc.returncode == 2 and err.count("\n") == 1 and f"standard {closed[3:]}" in err, err
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("where", ["-o", "stdout"])
+def test_a_full_disk_is_one_line_not_a_traceback(targets: Path, where: str) -> None:
+    write(targets / "in.txt", "1\n2\n3\n")
+    args = [sys.executable, "-m", "parmap", "tgt:square", "in.txt", "-w", "2"]
+    with open("/dev/full", "wb") as full:
+        proc = subprocess.run(
+            args + (["-o", "/dev/full"] if where == "-o" else []),
+            cwd=targets,
+            env=_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=full if where == "stdout" else subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            timeout=30,
+        )
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and err.count("\n") == 1 and "No space left on device" in err, err
+
+
 def test_line_break_in_lines_output_exits_1(targets: Path) -> None:
     write(targets / "in.txt", "x\n")
     result = cli("tgt:two_lines", "in.txt", "--output-format", "lines", cwd=targets)

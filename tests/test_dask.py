@@ -343,6 +343,37 @@ def test_an_address_that_is_no_scheduler_fails_naming_it(monkeypatch, peer):
         listener.close()
 
 
+@pytest.mark.parametrize("address", ["garbage", "tls://127.0.0.1:1"])
+def test_a_failed_connect_does_not_stall_the_exit(address):
+    # Dask's failed Client was collected at exit and waited 20 s to close.
+    code = (
+        "import parmap\n"
+        "try:\n"
+        f"    parmap.map(abs, [1], backend='dask', address={address!r})\n"
+        "except OSError as exc:\n"
+        "    print('OSError')\n"
+    )
+    began = time.monotonic()
+    done = _run_python(code)
+    assert (done.returncode, done.stdout) == (0, "OSError\n"), done.stderr
+    assert time.monotonic() - began < 15, done.stderr[-2000:]
+
+
+def test_the_command_line_says_in_one_line_that_the_scheduler_cannot_be_reached(tmp_path):
+    (tmp_path / "in.txt").write_text("1\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PARMAP_DASK_ADDRESS": "garbage"}
+    done = subprocess.run(
+        [sys.executable, "-m", "parmap", "builtins:len", "in.txt", "-b", "dask"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "PARMAP_DASK_ADDRESS" in done.stderr and "Traceback" not in done.stderr
+
+
 # -- installation -------------------------------------------------------------------
 
 

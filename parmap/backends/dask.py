@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import os
 import socket
@@ -129,6 +130,32 @@ def import_distributed() -> Any:
             f"backend='dask' needs Dask's 'distributed' package, which is not installed: {INSTALL_HINT}"
         ) from exc
     return distributed
+
+
+_CLIENT_CLASS: Any = None
+
+
+def _client_class(distributed: Any) -> Any:
+    """``distributed.Client``, less its 20 s stall at exit after a failed connect.
+
+    A client whose start fails is still collected later, and its
+    ``__del__`` then waits twice the connect timeout for a close that can
+    never finish. This one closes itself at once when its start fails.
+    """
+    global _CLIENT_CLASS
+    if _CLIENT_CLASS is None:
+
+        class Client(distributed.Client):  # type: ignore[misc,name-defined]
+            def start(self, **kwargs: Any) -> Any:
+                try:
+                    return super().start(**kwargs)
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        self.close(timeout=1)
+                    raise
+
+        _CLIENT_CLASS = Client
+    return _CLIENT_CLASS
 
 
 @dataclass(eq=False)
@@ -354,7 +381,7 @@ class DaskBackend(Backend):
         where = f"backend='dask' could not reach the scheduler at {address} (from {source})"
         _expect_a_greeting(address, where)
         try:
-            return distributed.Client(address, set_as_default=False, timeout=CONNECT_TIMEOUT)
+            return _client_class(distributed)(address, set_as_default=False, timeout=CONNECT_TIMEOUT)
         except OSError as exc:
             exc.add_note(f"parmap: {where}")
             raise
