@@ -196,6 +196,10 @@ class Pool:
             if isinstance(exc, SerializationError):
                 raise _submit_error(fn, args, kwargs, exc) from exc
             raise
+        if backend.runs_in_caller and future.done() and not future.cancelled():
+            interrupt = future.exception()
+            if isinstance(interrupt, KeyboardInterrupt):
+                raise interrupt  # Ctrl-C while fn ran here: the caller's, not the future's
         return future
 
     def _submit_call_for(self, fn: Callable[..., Any]) -> Call:
@@ -563,8 +567,10 @@ class _Submission:
         failed = isinstance(result, ChunkLost) or bool(result.errors)
         if failed and not (isinstance(result, ChunkLost) and result.innocent):
             self.attempts += 1
+        # KeyboardInterrupt, SystemExit: fn asked to stop, as map takes it.
+        stops = isinstance(result, ChunkOutcome) and any(error.stops for error in result.errors.values())
         # A polite close waits for retries too; only terminate() refuses them.
-        if failed and self.attempts <= pool._defaults.retries and not pool._killed:
+        if failed and not stops and self.attempts <= pool._defaults.retries and not pool._killed:
             try:
                 self.backend.submit(Chunk(call, [0], [self.item]), self)  # retries=N, as for map
                 return

@@ -346,6 +346,9 @@ class ErrorInfo:
     traceback_text: str
     payload: bytes | None = None
     exc: BaseException | None = None
+    #: Not an ``Exception`` (``KeyboardInterrupt``, ``SystemExit``): it stops
+    #: the call, as in a serial loop, whatever ``retries`` and ``on_error`` say.
+    stops: bool = False
 
     @classmethod
     def capture(cls, exc: BaseException, *, pickle_it: bool) -> ErrorInfo:
@@ -353,6 +356,7 @@ class ErrorInfo:
             type_name=f"{type(exc).__module__}.{type(exc).__qualname__}".removeprefix("builtins."),
             message=_safe_str(exc),
             traceback_text=traceback_text(exc),
+            stops=not isinstance(exc, Exception),
         )
         if not pickle_it:
             info.exc = exc
@@ -384,10 +388,10 @@ class ErrorInfo:
 
     def __getstate__(self) -> tuple[object, ...]:
         # Never pickle the live exception object; the payload stands for it.
-        return (self.type_name, self.message, self.traceback_text, self.payload)
+        return (self.type_name, self.message, self.traceback_text, self.payload, self.stops)
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
-        self.type_name, self.message, self.traceback_text, self.payload = state
+        self.type_name, self.message, self.traceback_text, self.payload, self.stops = state
         self.exc = None
 
     def rebuild(self) -> BaseException:

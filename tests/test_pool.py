@@ -350,6 +350,28 @@ def test_a_task_that_closes_its_own_pool_does_not_wait_for_itself(in_process_bac
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", ["exit", "interrupt"])
+def test_a_submit_that_asks_to_stop_is_not_retried(backend, tmp_path, kind):
+    # As in map: SystemExit and KeyboardInterrupt stop, whatever retries says.
+    marks = tmp_path / "marks"
+    with parmap.Pool(workers=2, backend=backend, retries=2) as pool:
+        try:
+            future = pool.submit(workfns.count_then_stop, str(marks), kind)
+        except KeyboardInterrupt:
+            assert backend == "serial" and kind == "interrupt"  # raised here, see below
+        else:
+            with pytest.raises(SystemExit if kind == "exit" else KeyboardInterrupt):
+                future.result(timeout=20)
+    assert marks.read_text() == "x"
+
+
+def test_ctrl_c_in_a_serial_submit_reaches_the_caller():
+    # fn runs in the caller's thread: its Ctrl-C must not end up in a future.
+    with parmap.Pool(backend="serial") as pool, pytest.raises(KeyboardInterrupt):
+        pool.submit(signal.raise_signal, signal.SIGINT)
+
+
+@pytest.mark.timeout(30)
 def test_a_done_callback_may_wait_for_another_future_with_a_callback(backend):
     # Each future with callbacks must not be settled behind another's
     # callback: there, waiting for the later one would wait for ever.

@@ -448,3 +448,10 @@ def slow_zero_then_two_failures(i):
         raise ValueError("item 1")
     time.sleep(0.2)
     raise KeyError("item 2")
+
+
+def count_then_stop(path, kind):
+    """Append a mark to ``path``, then raise SystemExit or KeyboardInterrupt."""
+    with open(path, "a") as marks:
+        marks.write("x")
+    raise SystemExit(3) if kind == "exit" else KeyboardInterrupt

@@ -225,6 +225,8 @@ class Backend(abc.ABC):
     #: each :meth:`Chunk.begins` as it leaves: a ``submit`` future stays
     #: cancellable until then. Otherwise it is running from the start.
     queues_chunks: ClassVar[bool] = False
+    #: Runs each chunk in the thread that submits it, before ``submit`` returns.
+    runs_in_caller: ClassVar[bool] = False
 
     @abc.abstractmethod
     def submit(self, chunk: Chunk, done: Done) -> None:

@@ -19,6 +19,7 @@ class SerialBackend(Backend):
     """Runs each chunk immediately in the caller; the initializer runs once, here."""
 
     capabilities = Capabilities(isolated=False, can_timeout=False)
+    runs_in_caller = True
 
     def __init__(self, initializer: Callable[..., Any] | None = None, initargs: tuple[Any, ...] = ()) -> None:
         self.workers = 1
