@@ -315,8 +315,10 @@ def _empty_stdin() -> None:
 def prepare_worker_process(*, parent_death_signal: bool = True) -> None:
     """Set a freshly started worker process up as a well-behaved child.
 
-    * SIGINT is ignored: Ctrl-C reaches the whole process group, and the
+    * SIGINT does nothing: Ctrl-C reaches the whole process group, and the
       parent alone decides how workers stop (no traceback spew, no orphan).
+      It is caught, not ignored: an ignored signal stays ignored across
+      ``exec``, and a command ``fn`` runs would then outlive Ctrl-C.
     * The worker exits if its parent dies, so a ``kill -9`` of the parent
       never leaves workers running. With ``parent_death_signal`` (Linux) the
       kernel SIGKILLs it; that signal is tied to the *thread* that started
@@ -337,7 +339,7 @@ def prepare_worker_process(*, parent_death_signal: bool = True) -> None:
     """
     gc.freeze()
     _empty_stdin()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, _no_interrupt)
     _context.mark_worker_process()
     if parent_death_signal and sys.platform.startswith("linux"):
         try:
@@ -348,6 +350,10 @@ def prepare_worker_process(*, parent_death_signal: bool = True) -> None:
             _watch_parent()
     else:
         _watch_parent()
+
+
+def _no_interrupt(signum: int, frame: object) -> None:
+    """A worker's SIGINT handler: the caller decides (see prepare_worker_process)."""
 
 
 def _watch_parent() -> None:

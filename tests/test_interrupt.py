@@ -44,8 +44,8 @@ def _script(tmp_path, backend, *, seconds=0.2, items=1000):
     return script
 
 
-def _start(tmp_path, backend):
-    script = _script(tmp_path, backend)
+def _start(tmp_path, backend, script=None, descendants=2):
+    script = script or _script(tmp_path, backend)
     proc = subprocess.Popen(
         [sys.executable, str(script)],
         stdout=subprocess.PIPE,
@@ -58,7 +58,7 @@ def _start(tmp_path, backend):
     # Wait until the workers exist, so the signal lands mid-run.
     parent = psutil.Process(proc.pid)
     deadline = time.monotonic() + 10
-    while len(parent.children(recursive=True)) < 2 and time.monotonic() < deadline:
+    while len(parent.children(recursive=True)) < descendants and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(0.3)
     return proc, parent.children(recursive=True)
@@ -83,6 +83,52 @@ def test_ctrl_c_stops_everything(tmp_path, backend):
     assert "KeyboardInterrupt" in stderr
     assert proc.returncode != 0
     assert _gone(workers, within=3) == []
+
+
+COMMAND_SCRIPT = textwrap.dedent(
+    """
+    import subprocess, sys
+    sys.path[:0] = [{root!r}, {tests!r}]
+    import parmap
+
+    def run_a_command(x):
+        return subprocess.run(["sleep", "30"]).returncode
+
+    if __name__ == "__main__":
+        print("started", flush=True)
+        parmap.map(run_a_command, range(4), workers=2, backend={backend!r}, chunksize=1)
+    """
+)
+
+
+@pytest.mark.timeout(40)
+@pytest.mark.parametrize("backend", PROCESS_BACKENDS)
+def test_ctrl_c_stops_the_commands_workers_run(tmp_path, backend):
+    # Workers ignored SIGINT, and an ignored signal stays ignored across
+    # exec: the `sleep` a worker ran outlived the Ctrl-C, as an orphan.
+    script = tmp_path / "commands.py"
+    script.write_text(COMMAND_SCRIPT.format(root=os.path.dirname(TESTS_DIR), tests=TESTS_DIR, backend=backend))
+    proc, descendants = _start(tmp_path, backend, script, descendants=4)
+    deadline = time.monotonic() + 10
+    while sum(_is_sleep(p) for p in descendants) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)  # both commands exec'd: a signal between fork and exec would be lost
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+    time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(timeout=10)  # not communicate(): a surviving command would hold the pipes
+    finally:
+        proc.kill()
+        proc.stdout.close()
+        proc.stderr.close()
+    assert _gone(descendants, within=3) == []
+
+
+def _is_sleep(process):
+    try:
+        return process.name() == "sleep"
+    except psutil.Error:
+        return False
 
 
 @pytest.mark.timeout(40)
