@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import gc
+import multiprocessing.util
 import os
 import signal
 import threading
@@ -146,6 +147,7 @@ def test_a_forked_child_is_refused_the_parents_pool_and_leaves_it_working(backen
     # have stopped the parent's workers.
     with parmap.Pool(workers=2, backend=backend) as pool:
         assert pool.map(workfns.square, range(4)) == [0, 1, 4, 9]
+        running = pool.submit(time.sleep, 0.5)
         read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: never return into pytest
@@ -155,7 +157,10 @@ def test_a_forked_child_is_refused_the_parents_pool_and_leaves_it_working(backen
                     said = b"ran"
                 except parmap.PoolClosedError as exc:
                     said = b"refused" if "forked" in str(exc) else b"other"
-                _pool._terminate_open_pools()  # what its exit would run
+                # What its exit would run: parmap's hook, then multiprocessing's,
+                # which took the parent's workers for the child's own.
+                _pool._terminate_open_pools()
+                multiprocessing.util._exit_function()
                 os.write(write_end, said)
             finally:
                 os._exit(0)
@@ -164,6 +169,7 @@ def test_a_forked_child_is_refused_the_parents_pool_and_leaves_it_working(backen
         os.close(read_end)
         os.waitpid(pid, 0)
         assert said == b"refused"
+        assert running.result(timeout=10) is None
         assert pool.map(workfns.square, range(4)) == [0, 1, 4, 9]
         assert pool.submit(workfns.square, 5).result(timeout=10) == 25
 

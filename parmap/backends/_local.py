@@ -38,6 +38,7 @@ import abc
 import contextlib
 import functools
 import mmap
+import multiprocessing.process
 import os
 import pickle
 import select
@@ -134,6 +135,22 @@ def _drop_parent_ends_after_fork() -> None:
         workers._drop_parent_ends()
     for conn in _STARTING_ENDS:
         conn.close()
+    _forget_the_parents_children()
+
+
+def _forget_the_parents_children() -> None:
+    """In a forked child: drop the parent's processes from multiprocessing's
+    list of this process's children, as multiprocessing does in the children
+    it starts itself.
+
+    Left there, its exit handler takes them for this process's daemonic
+    children: a child made by a bare ``os.fork()`` that ends normally sent
+    SIGTERM to every worker of the parent's pools.
+    """
+    children = getattr(multiprocessing.process, "_children", None)
+    if isinstance(children, set):
+        here = os.getpid()
+        children.difference_update([p for p in children if getattr(p, "_parent_pid", here) != here])
 
 
 if hasattr(os, "register_at_fork"):
