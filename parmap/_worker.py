@@ -339,6 +339,7 @@ def prepare_worker_process(*, parent_death_signal: bool = True) -> None:
     """
     gc.freeze()
     _empty_stdin()
+    _let_go_of_the_forkserver()
     signal.signal(signal.SIGINT, _no_interrupt)
     _context.mark_worker_process()
     if parent_death_signal and sys.platform.startswith("linux"):
@@ -350,6 +351,28 @@ def prepare_worker_process(*, parent_death_signal: bool = True) -> None:
             _watch_parent()
     else:
         _watch_parent()
+
+
+def _let_go_of_the_forkserver() -> None:
+    """In a worker the forkserver started: close its copy of the pipe that
+    keeps the forkserver alive.
+
+    The forkserver, this worker's parent, exits once nobody holds that pipe's
+    write end but the caller, so when the caller dies; with every worker
+    holding a copy it never did, and a worker watching its parent outlived a
+    killed caller. (A forkserver this process needs later is started anew.)
+    """
+    forkserver = sys.modules.get("multiprocessing.forkserver")
+    server = getattr(forkserver, "_forkserver", None)
+    alive = getattr(server, "_forkserver_alive_fd", None)
+    # Only a forkserver's child has the fd without having started the server.
+    if alive is None or getattr(server, "_forkserver_pid", None) is not None:
+        return
+    try:
+        os.close(alive)
+    except OSError:
+        pass
+    server._forkserver_alive_fd = None  # type: ignore[union-attr]
 
 
 def _no_interrupt(signum: int, frame: object) -> None:

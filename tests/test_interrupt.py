@@ -31,16 +31,17 @@ SCRIPT = textwrap.dedent(
 
     if __name__ == "__main__":
         print("started", flush=True)
-        parmap.map(slow, range({items!r}), workers=2, backend={backend!r}, chunksize=1)
+        parmap.map(slow, range({items!r}), workers=2, backend={backend!r}, chunksize=1, **{options!r})
     """
 )
 
 
-def _script(tmp_path, backend, *, seconds=0.2, items=1000):
+def _script(tmp_path, backend, *, seconds=0.2, items=1000, **options):
     """A program mapping ``items`` items that take ``seconds`` each."""
     script = tmp_path / "long_map.py"
     root = os.path.dirname(TESTS_DIR)
-    script.write_text(SCRIPT.format(root=root, tests=TESTS_DIR, backend=backend, seconds=seconds, items=items))
+    text = SCRIPT.format(root=root, tests=TESTS_DIR, backend=backend, seconds=seconds, items=items, options=options)
+    script.write_text(text)
     return script
 
 
@@ -129,6 +130,21 @@ def _is_sleep(process):
         return process.name() == "sleep"
     except psutil.Error:
         return False
+
+
+@pytest.mark.timeout(40)
+@pytest.mark.parametrize("backend", ["process", "pool"])
+def test_killed_parent_leaves_no_forkserver_workers(tmp_path, backend):
+    # A forkserver's workers are its children, not the caller's, and each
+    # held the pipe that keeps it alive: killing the caller left them all.
+    script = _script(tmp_path, backend, seconds=30, items=4, start_method="forkserver")
+    proc, descendants = _start(tmp_path, backend, script, descendants=4)
+    assert len(descendants) >= 4  # the resource tracker, the forkserver, two workers
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    proc.stdout.close()
+    proc.stderr.close()
+    assert _gone(descendants, within=5) == []
 
 
 @pytest.mark.timeout(40)
