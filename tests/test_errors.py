@@ -138,6 +138,21 @@ def test_unordered_imap_never_yields_an_error_it_is_to_raise(backend):
     assert got == ["zero"]
 
 
+@pytest.mark.timeout(60)
+def test_workers_crashing_at_once_are_each_charged_with_their_exit_code(process_backend, tmp_path):
+    # On pool/apply_async the second death fell into the pool's replacement
+    # and its chunk was rerun free of charge (retries=0, yet run twice); and
+    # a worker the pool restarted and lost between two looks had no exit code.
+    for round_ in range(3):
+        marks = tmp_path / str(round_)
+        marks.mkdir()
+        fn = functools.partial(workfns.count_and_crash_the_first_time, str(marks))
+        results = parmap.map(fn, [0, 1], workers=2, backend=process_backend, chunksize=1, on_error="return")
+        assert [type(r) for r in results] == [parmap.WorkerCrashedError] * 2, results
+        assert [r.exitcode for r in results] == [3, 3]
+        assert [(marks / f"{x}.runs").read_text() for x in (0, 1)] == ["x", "x"]
+
+
 @pytest.mark.timeout(30)
 def test_unordered_errors_say_which_item_they_belong_to(process_backend):
     results = list(

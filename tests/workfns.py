@@ -455,3 +455,14 @@ def count_then_stop(path, kind):
     with open(path, "a") as marks:
         marks.write("x")
     raise SystemExit(3) if kind == "exit" else KeyboardInterrupt
+
+
+def count_and_crash_the_first_time(marker_dir, x):
+    """Append a mark per run of ``x``; the first run of each item exits 3."""
+    path = os.path.join(marker_dir, f"{x}.runs")
+    first = not os.path.exists(path)
+    with open(path, "a") as runs:
+        runs.write("x")
+    if first:
+        os._exit(3)
+    return x

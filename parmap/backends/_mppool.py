@@ -382,17 +382,7 @@ class MPPoolBackend(Backend):
                         os.read(self._wake_r, 65536)
                     continue
                 current = list(self._pool._pool)
-                # Every worker the pool started since the last look, from its
-                # own record rather than its list: one that started and died in
-                # between would be reaped by the pool with its exit code unseen.
-                started = self._pool.started
-                for _ in range(len(started)):
-                    process = started.popleft()
-                    if process.pid is None:
-                        started.append(process)  # not started yet: next time
-                    else:
-                        known.setdefault(process.pid, process)
-                        pidfds.watch(process)
+                self._note_started(known, pidfds)
                 sentinels = {pidfds.sentinel(p): p for pid, p in known.items() if pid not in handled}
                 timeout = self._next_deadline()
                 if busy:
@@ -407,6 +397,8 @@ class MPPoolBackend(Backend):
                         handled.add(process.pid)
                         pidfds.forget(process.pid)
                         self._worker_died(process.pid, _exitcode(process))
+                # A worker the pool started (and that died) since the look above.
+                self._note_started(known, pidfds)
                 self._find_unwatched_deaths({p.pid for p in current}, known, handled)
                 with self._lock:
                     requested, self._replace_requested = self._replace_requested, False
@@ -416,7 +408,7 @@ class MPPoolBackend(Backend):
                     if idle and len(handled) > deaths:
                         self._go_dormant()
                     else:
-                        self._replace_pool()
+                        self._replace_pool(known, handled)
                     known, handled = {}, set()
                     pidfds.forget_all()
                 self._enforce_timeouts()
@@ -432,6 +424,19 @@ class MPPoolBackend(Backend):
             pidfds.forget_all()
             self._shutdown_pool()
 
+    def _note_started(self, known: dict[int, Any], pidfds: _PidFds) -> None:
+        """Every worker the pool started since the last look, from its own
+        record rather than its list: one that started and died in between
+        would be reaped by the pool with its exit code unseen."""
+        started = self._pool.started
+        for _ in range(len(started)):
+            process = started.popleft()
+            if process.pid is None:
+                started.append(process)  # not started yet: next time
+            else:
+                known.setdefault(process.pid, process)
+                pidfds.watch(process)
+
     def _new_pool(self) -> Any:
         pool = _RecordingPool(
             self.workers, initializer=_pool_worker_init, initargs=(self._status, self._init_bytes), context=self._ctx
@@ -439,7 +444,7 @@ class MPPoolBackend(Backend):
         self._start_feeding(pool)
         return pool
 
-    def _replace_pool(self) -> None:
+    def _replace_pool(self, known: dict[int, Any] | None = None, handled: set[int] | None = None) -> None:
         """Swap the pool for a fresh one after any of its workers died.
 
         A ``multiprocessing.Pool`` shares one task queue and one result queue
@@ -450,23 +455,52 @@ class MPPoolBackend(Backend):
         outside look can tell such a death from a harmless one, so every
         death costs the pool: the chunks the other workers were running go
         to the new one, free of charge (their results may already be lost
-        in the old pool's queues).
+        in the old pool's queues), unless their own worker died of itself
+        meanwhile (two crashes at once): that chunk is lost, as the first.
         """
         with self._lock:
-            orphans = sorted(self._flights.items())
+            orphans = [flight for _, flight in sorted(self._flights.items())]
             self._flights.clear()
-            self._waiting.extendleft((f.chunk, f.done, f.task[5]) for _, f in reversed(orphans))
             self._free_slots = deque(range(self._slots))
             self._replacing = True
+        lost: list[tuple[_Flight, ChunkLost]] = []
         try:
             self._stop_feeding()
-            _terminate(self._pool)
+            forced = _terminate(self._pool)
             self._after_shutdown()
+            # terminate() sends SIGTERM (a worker it finds idle exits 0);
+            # SIGKILL only where it had to force.
+            ours = {0, -signal.SIGTERM, -signal.SIGKILL} if forced else {0, -signal.SIGTERM}
+            innocent = []
+            for flight in orphans:
+                death = self._own_death(flight, known or {}, handled or set(), ours)
+                if death is None:
+                    innocent.append(flight)
+                else:
+                    lost.append((flight, death))
+            with self._lock:
+                self._waiting.extendleft((f.chunk, f.done, f.task[5]) for f in reversed(innocent))
             self._pool = self._new_pool()
         finally:
             with self._lock:
                 self._replacing = False
                 self._launch_waiting()
+        for flight, death in lost:
+            flight.done(flight.chunk, death)
+
+    def _own_death(self, flight: _Flight, known: dict[int, Any], handled: set[int], ours: set[int]) -> ChunkLost | None:
+        """How ``flight``'s worker died, if not of the pool's replacement."""
+        pid = int(self._status[flight.slot * SLOT_WIDTH])
+        process = known.get(pid)
+        if process is None or pid in handled:
+            return None
+        exitcode = process.exitcode
+        if flight.timed_out_offset is not None:
+            return ChunkLost(exitcode, pid, offset=flight.timed_out_offset, timed_out=True)
+        if exitcode is None or exitcode in ours:
+            return None
+        offset = running_offset(self._status, flight.slot) if flight.chunk.marked else None
+        return ChunkLost(exitcode, pid, offset=offset)
 
     def _go_dormant(self) -> None:
         """A worker died with nothing to do: end the pool until work comes.
@@ -681,8 +715,9 @@ class _RecordingPool(multiprocessing.pool.Pool):
         super().__init__(*args, **kwargs)
 
 
-def _terminate(pool: Any) -> None:
-    """``pool.terminate(); pool.join()``, proof against the locks of dead workers.
+def _terminate(pool: Any) -> bool:
+    """``pool.terminate(); pool.join()``, proof against the locks of dead workers;
+    whether it had to kill workers (SIGKILL) to get there.
 
     A pool worker holds the task queue's read lock while it waits for a task
     and the result queue's write lock while it sends a result. One killed
@@ -703,10 +738,13 @@ def _terminate(pool: Any) -> None:
             finished.set()
 
     threading.Thread(target=run, name="parmap-pool-terminate", daemon=True).start()
+    forced = False
     for _ in range(TERMINATE_ROUNDS):
         if finished.wait(TERMINATE_GRACE_SECONDS):
-            return
+            return forced
         _unwedge(pool)
+        forced = True
+    return forced
 
 
 def _unwedge(pool: Any) -> None:
