@@ -112,11 +112,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(args)
     except (UsageError, TargetError, OutputError, InputError) as exc:
         return _usage(str(exc))
-    except KeyboardInterrupt:
-        _say("parmap: interrupted")
+    except KeyboardInterrupt as exc:
+        if not getattr(exc, "parmap_said", False):
+            _say("parmap: interrupted")
         return EXIT_INTERRUPTED
-    except _Terminated:
-        _say("parmap: terminated")
+    except _Terminated as exc:
+        if not getattr(exc, "parmap_said", False):
+            _say("parmap: terminated")
         return EXIT_TERMINATED
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -316,12 +318,14 @@ def _loop(step: Step, reader: Reader, output: Output, options: dict[str, Any], a
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
-    except (KeyboardInterrupt, _Terminated):
+    except (KeyboardInterrupt, _Terminated) as exc:
         if args.output is not None:
+            how = "terminated" if isinstance(exc, _Terminated) else "interrupted"
             _say(
-                f"parmap: interrupted; {output.lines} results are in {args.output}: "
+                f"parmap: {how}; {output.lines} results are in {args.output}: "
                 "run the same command with --resume to finish"
             )
+            setattr(exc, "parmap_said", True)  # noqa: B010 - main() need not say it again
         raise
     if reader.error is not None:
         where = f"; the {output.lines} results before it are in {args.output}" if args.output else ""

@@ -600,6 +600,7 @@ def test_resume_after_interrupt_matches_an_uninterrupted_run(
         # Ctrl-C can land between a line's write and its count: one short at worst.
         lines = partial.count(b"\n")
         assert any(f"interrupted; {n} results are in".encode() in err for n in (lines, lines - 1)), err
+        assert err.count(b"parmap: interrupted") == 1, err  # not again on its own line
     resumed = cli(*args, "--resume", cwd=targets)
     assert resumed.code == 0, resumed.err
     assert out.read_bytes() == reference
@@ -616,7 +617,7 @@ def test_sigterm_ends_the_run_even_inside_a_task_on_the_callers_thread(
     proc = start(*args, cwd=targets)
     _interrupt_midway(proc, out, signal.SIGTERM)
     _, err = proc.communicate(timeout=10)
-    assert proc.returncode == 143 and b"terminated" in err and b"skipped" not in err, err
+    assert proc.returncode == 143 and err.count(b"parmap: terminated") == 1 and b"skipped" not in err, err
     resumed = cli(*args, "--resume", cwd=targets)
     assert resumed.code == 0, resumed.err
     assert out.read_bytes() == reference
