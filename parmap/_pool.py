@@ -22,7 +22,7 @@ from . import _context
 from ._errors import PoolClosedError, SerializationError
 from ._options import CallOptions, OnError, PoolOptions
 from ._scheduler import SKIPPED, Record, Scheduler, lost_error
-from ._serialization import find_unpicklable, short_repr
+from ._serialization import find_unpicklable, short_repr, track_classes
 from .backends import create_backend, create_timed_stand_in
 from .backends._base import Backend, Call, Chunk, ChunkLost, ChunkOutcome
 
@@ -472,6 +472,8 @@ class Pool:
         # it (imap's consumer could append to one between results): forked
         # workers may read the items from their copy of it (Call.source).
         source = cast("Sequence[Any]", items) if type(items) in (list, tuple, range) else None
+        if source is not None:
+            track_classes(source)
         scheduler = self._scheduler(fn, items, options, star=star, in_order=False, source=source)
         # Each record joins the results as soon as those before it have, and
         # its own list is freed at once: the results are assembled while the

@@ -184,6 +184,39 @@ def only_type(values: Sequence[Any]) -> type | None:
     return first if operator.countOf(map(type, values), first) == len(values) else None
 
 
+#: How many items :func:`track_classes` looks at: the classes of a list are
+#: most often one or two, and a full pass would cost W1 ~10 ms.
+CLASS_SAMPLES = 16
+
+
+def track_classes(values: Sequence[Any]) -> None:
+    """Have cloudpickle know the classes it would send by value among
+    ``values`` (a sample of them), before workers are forked.
+
+    A forked worker reads such items from its copy of the input, and its
+    results, pickled by value, name their class by an id cloudpickle gives
+    it on first pickling. Given in the worker, that id is new to the caller,
+    which then rebuilds a twin class: results no longer equal the items'
+    kind (a dataclass defined in a function). Given here, before the fork,
+    the worker inherits it and the caller finds its own class by it.
+    """
+    count = len(values)
+    if not count or type(values) is range:
+        return
+    seen: set[type] = set()
+    for index in range(0, count, max(1, count // CLASS_SAMPLES)):
+        value = values[index]
+        kinds = [type(part) for part in value] if type(value) is tuple else [type(value)]  # starmap's
+        for kind in kinds:
+            if kind in _ALWAYS_PICKLABLE or kind in seen:
+                continue
+            seen.add(kind)
+            try:
+                cloudpickle.Pickler(_Discard(), protocol=PROTOCOL).dump(kind)
+            except Exception:  # noqa: S112 - the items' own check will say so
+                continue
+
+
 def plain_text(values: Sequence[Any]) -> bool:
     """Whether ``values`` are all ``str`` or all ``bytes`` (exactly those types).
 

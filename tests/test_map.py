@@ -211,3 +211,25 @@ def test_imap_keeps_no_result_the_consumer_dropped(backend, chunksize):
         del result
         gc.collect()
         assert ref() is None
+
+
+def test_items_of_a_class_defined_in_a_function_come_back_as_that_class(any_backend):
+    # Forked workers read such items from their copy of the list and sent
+    # the class back by value under an id the caller did not know: the
+    # results were instances of a twin class, equal to nothing.
+    import dataclasses
+    import enum
+
+    @dataclasses.dataclass
+    class Point:
+        x: int
+
+    class Mode(enum.Enum):
+        A = 1
+        B = 2
+
+    points = [Point(i) for i in range(6)]
+    assert parmap.map(workfns.identity, points, workers=2, backend=any_backend) == points
+    modes = [Mode.A, Mode.B] * 3
+    got = parmap.map(workfns.identity, modes, workers=2, backend=any_backend)
+    assert all(a is b for a, b in zip(got, modes, strict=True))

@@ -466,3 +466,7 @@ def count_and_crash_the_first_time(marker_dir, x):
     if first:
         os._exit(3)
     return x
+
+
+def identity(x):
+    return x
