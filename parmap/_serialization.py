@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import copyreg
+import functools
 import io
 import operator
 import os
@@ -93,6 +94,92 @@ def check_function(fn: object, *, local: bool = False, what: str = "the function
         cloudpickle.CloudPickler(_Discard(), protocol=PROTOCOL).dump(fn)
     except Exception as exc:
         raise _function_error(fn, what, exc) from exc
+
+
+def _unwrapped(fn: object) -> object:
+    for _ in range(8):  # through partials and wrappers (a submit's), not for ever
+        inner = fn.func if isinstance(fn, functools.partial) else getattr(fn, "__wrapped__", None)
+        if inner is None:
+            break
+        fn = inner
+    return fn
+
+
+def by_value_globals(fn: object) -> dict[str, Any] | None:
+    """The globals of a function cloudpickle sent by value (a lambda, or any
+    function of a ``__main__`` the workers cannot import), which are a copy
+    private to its payload; None for a function of a module."""
+    namespace = getattr(_unwrapped(fn), "__globals__", None)
+    if not isinstance(namespace, dict):
+        return None
+    module = sys.modules.get(str(namespace.get("__name__")))
+    if module is not None and getattr(module, "__dict__", None) is namespace:
+        return None  # a module's own
+    return namespace
+
+
+#: What an initializer set up, for :func:`share_globals`: its globals, and
+#: the names it uses there (None: all of them, a copy of its own).
+InitializerGlobals = tuple[dict[str, Any], frozenset[str] | None]
+
+
+def initializer_globals(initializer: object) -> InitializerGlobals | None:
+    """Where ``initializer`` keeps its state, for the ``fn`` that follow it."""
+    copy = by_value_globals(initializer)
+    if copy is not None:
+        return copy, None
+    fn = _unwrapped(initializer)
+    namespace = getattr(fn, "__globals__", None)
+    if not isinstance(namespace, dict):
+        return None
+    return namespace, _names_used(fn, namespace)
+
+
+def _names_used(fn: object, namespace: dict[str, Any]) -> frozenset[str]:
+    """The globals ``fn`` names, and those its module's functions it names do."""
+    names: set[str] = set()
+    seen: set[int] = set()
+    todo = [fn]
+    while todo and len(seen) < 256:
+        function = todo.pop()
+        code = getattr(function, "__code__", None)
+        if code is None or id(function) in seen:
+            continue
+        seen.add(id(function))
+        own: set[str] = set()
+        codes = [code]
+        while codes:  # nested functions and comprehensions included
+            current = codes.pop()
+            own.update(current.co_names)
+            codes.extend(c for c in current.co_consts if hasattr(c, "co_names"))
+        names |= own
+        todo.extend(value for name in own if getattr(value := namespace.get(name), "__globals__", None) is namespace)
+    return frozenset(names)
+
+
+def _module_name(namespace: dict[str, Any]) -> object:
+    name = namespace.get("__name__")
+    return "__main__" if name == "__mp_main__" else name  # a spawned worker's name for the script
+
+
+def share_globals(fn: object, init: InitializerGlobals | None) -> None:
+    """Let ``fn`` see what its initializer set up, as in one module.
+
+    Sent by value (a lambda, a script's function where the workers cannot
+    import the script), a function unpickles with a private copy of its
+    module's globals, so what the initializer stored would be invisible to
+    ``fn``, or ``fn``'s store to the initializer. ``fn``'s globals take the
+    initializer's values once, when ``fn`` arrives (after the initializer
+    ran): all of a copy's, or those it names of its module's.
+    """
+    if init is None:
+        return
+    source, names = init
+    namespace = getattr(_unwrapped(fn), "__globals__", None)
+    if not isinstance(namespace, dict) or namespace is source or _module_name(namespace) != _module_name(source):
+        return
+    keys = source.keys() if names is None else names & source.keys()
+    namespace.update((k, source[k]) for k in keys if not (k.startswith("__") and k.endswith("__")))
 
 
 class _Discard:

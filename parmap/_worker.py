@@ -44,7 +44,18 @@ from typing import Any
 
 from . import _context
 from ._errors import SerializationError
-from ._serialization import ErrorInfo, Pickled, dump_data, find_unpicklable, loads, plain_text, refused_items
+from ._serialization import (
+    ErrorInfo,
+    InitializerGlobals,
+    Pickled,
+    dump_data,
+    find_unpicklable,
+    initializer_globals,
+    loads,
+    plain_text,
+    refused_items,
+    share_globals,
+)
 from ._wire import recv_framed, send_framed
 
 # Status slots let the parent see which item a worker is running and since
@@ -257,9 +268,12 @@ class FunctionCache:
         inherited = inherited or {}
         self._functions: dict[int, Callable[..., Any]] = {key: fn for key, (fn, _) in inherited.items()}
         self._sources = {key: source for key, (_, source) in inherited.items() if source is not None}
+        for fn in self._functions.values():
+            share_globals(fn, init_globals)
 
     def add(self, call_id: int, fn_bytes: bytes) -> None:
-        self._functions[call_id] = loads(fn_bytes)
+        fn = self._functions[call_id] = loads(fn_bytes)
+        share_globals(fn, init_globals)
 
     def get(self, call_id: int) -> Callable[..., Any] | None:
         return self._functions.get(call_id)
@@ -400,13 +414,20 @@ def _watch_parent() -> None:
     threading.Thread(target=watch, name="parmap-parent-watch", daemon=True).start()
 
 
+#: The globals of this worker's initializer, when it came by value: each
+#: ``fn`` that arrives takes what it set up (see ``share_globals``).
+init_globals: InitializerGlobals | None = None
+
+
 def run_initializer(init_bytes: bytes | None) -> ErrorInfo | None:
     """Run the user's initializer; its failure is reported, not swallowed."""
+    global init_globals
     if init_bytes is None:
         return None
     try:
         initializer, initargs = loads(init_bytes)
         initializer(*initargs)
+        init_globals = initializer_globals(initializer)
     except BaseException as exc:
         # SystemExit too: a worker that exited here would be replaced by one
         # that exits the same way (multiprocessing.Pool does so for ever).

@@ -63,8 +63,14 @@ SCRIPT = textwrap.dedent(
                 assert parmap.map(lambda x: x * 2, range(5), **opts) == [0, 2, 4, 6, 8]
                 assert parmap.map(triple, range(5), **opts) == [0, 3, 6, 9, 12]
                 assert parmap.map(ready, range(4), initializer=remember, **opts) == [True] * 4, (method, backend)
+                # A lambda goes by value, with a copy of the globals the initializer set.
+                got = parmap.map(lambda _: state.get("ready", False), range(2), initializer=remember, **opts)
+                assert got == [True] * 2, (method, backend)
                 assert raises_the_script_class(**opts), (method, backend)
         assert parmap.map(lambda x: -x, range(3), workers=2, backend="fork") == [0, -1, -2]
+        for backend in ("auto", "pool"):
+            got = parmap.map(ready, range(2), workers=2, backend=backend, initializer=lambda: remember())
+            assert got == [True] * 2, backend
         for backend in ("auto", "fork", "thread", "serial"):
             assert raises_the_script_class(workers=2, backend=backend), backend
         print("all good")
@@ -154,6 +160,34 @@ def test_python_dash_c_lambda_under_spawn():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[1, 2, 3]"
+
+
+DASH_C_INITIALIZER = """
+import sys
+sys.path.insert(0, {root!r})
+import parmap
+
+state = {{}}
+
+def remember():
+    state["ready"] = True
+
+def ready(_):
+    return state.get("ready", False)
+
+for options in ({{"backend": "auto"}}, {{"backend": "pool"}}, {{"start_method": "spawn"}}):
+    assert parmap.map(ready, range(2), workers=2, initializer=remember, **options) == [True] * 2, options
+print("all good")
+"""
+
+
+@pytest.mark.timeout(120)
+def test_initializer_state_reaches_fn_under_python_dash_c():
+    # No script file: both go by value, each with its own copy of the globals.
+    code = DASH_C_INITIALIZER.format(root=ROOT)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=100)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "all good"
 
 
 GLOBAL_METHOD_SCRIPT = textwrap.dedent(

@@ -29,8 +29,9 @@ from dataclasses import dataclass
 from multiprocessing.connection import wait
 from typing import Any
 
+from .. import _worker
 from .._errors import PoolClosedError
-from .._serialization import ErrorInfo, loads
+from .._serialization import ErrorInfo, loads, share_globals
 from .._worker import (
     SLOT_WIDTH,
     ChunkOutcome,
@@ -96,6 +97,7 @@ def _load_function(call_id: int, fn_ref: bytes | str) -> Callable[..., Any]:
             with open(fn_ref, "rb") as f:
                 fn_ref = f.read()
         fn = loads(fn_ref)
+        share_globals(fn, _worker.init_globals)
         _functions[call_id] = fn
         while len(_functions) > FUNCTION_CACHE_SIZE:
             _functions.popitem(last=False)

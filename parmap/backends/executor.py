@@ -17,8 +17,6 @@ that can take no more work.
 
 from __future__ import annotations
 
-import functools
-import sys
 import threading
 import uuid
 from collections import OrderedDict
@@ -31,7 +29,7 @@ from typing import Any
 from .. import _context
 from .._errors import PoolClosedError, WorkerCrashedError
 from .._options import default_workers
-from .._serialization import ErrorInfo, loads
+from .._serialization import ErrorInfo, InitializerGlobals, initializer_globals, loads, share_globals
 from .._worker import ChunkOutcome, encode_outcome, fatal_outcome, run_chunk, unreadable_outcome
 from ._base import Backend, Call, Capabilities, Chunk, ChunkLost, Done, decode_chunk_outcome
 from .thread import _run_in_thread
@@ -51,8 +49,8 @@ _PROCESS_TOKEN = uuid.uuid4().hex
 _worker_lock = threading.Lock()
 _functions: OrderedDict[str, Callable[..., Any]] = OrderedDict()
 _initialized: dict[str, ErrorInfo | None] = {}
-# The globals an initializer sent by value ran in, by init key (see _share_globals).
-_init_globals: dict[str, dict[str, Any]] = {}
+# The globals an initializer sent by value ran in, by init key (see share_globals).
+_init_globals: dict[str, InitializerGlobals] = {}
 
 
 def call_key(call: Call) -> str:
@@ -66,7 +64,7 @@ def _load_function(key: str, fn_bytes: bytes, init_key: str | None = None) -> Ca
         if fn is None:
             fn = loads(fn_bytes)
             if init_key is not None and init_key in _init_globals:
-                _share_globals(fn, _init_globals[init_key])
+                share_globals(fn, _init_globals[init_key])
             _functions[key] = fn
             while len(_functions) > FUNCTION_CACHE_SIZE:
                 _functions.popitem(last=False)
@@ -84,44 +82,13 @@ def _initialize(key: str, init_bytes: bytes) -> ErrorInfo | None:
                 initializer, initargs = loads(init_bytes)
                 initializer(*initargs)
                 _initialized[key] = None
-                namespace = _by_value_globals(initializer)
+                namespace = initializer_globals(initializer)
                 if namespace is not None:
                     _init_globals[key] = namespace
             except Exception as exc:
                 exc.add_note("parmap: raised by the initializer")
                 _initialized[key] = ErrorInfo.capture(exc, pickle_it=True)
         return _initialized[key]
-
-
-def _by_value_globals(fn: object) -> dict[str, Any] | None:
-    """The globals of a function cloudpickle sent by value (of ``__main__``,
-    say), which are a copy private to its payload; None for any other."""
-    for _ in range(8):  # through partials and wrappers (a submit's), not for ever
-        inner = fn.func if isinstance(fn, functools.partial) else getattr(fn, "__wrapped__", None)
-        if inner is None:
-            break
-        fn = inner
-    namespace = getattr(fn, "__globals__", None)
-    if not isinstance(namespace, dict):
-        return None
-    module = sys.modules.get(str(namespace.get("__name__")))
-    if module is not None and getattr(module, "__dict__", None) is namespace:
-        return None  # a module's own: shared already
-    return namespace
-
-
-def _share_globals(fn: object, init_globals: dict[str, Any]) -> None:
-    """Let ``fn`` see what its initializer set up, as in one module.
-
-    Sent by value, the two unpickle with private copies of their script's
-    globals, so state the initializer stored would be invisible to ``fn``.
-    ``fn``'s copy (which its helpers sent with it share) takes the
-    initializer's values once, when ``fn`` arrives: after the initializer ran.
-    """
-    namespace = _by_value_globals(fn)
-    if namespace is None or namespace is init_globals or namespace.get("__name__") != init_globals.get("__name__"):
-        return
-    namespace.update(init_globals)
 
 
 def run_remote_chunk(
