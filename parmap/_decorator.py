@@ -25,6 +25,9 @@ class ParallelFunction(Generic[P, R]):
     reference to its module, as the function it replaced did.
     """
 
+    __name__: str  # the wrapped function's, as functools.wraps copies them
+    __qualname__: str
+
     def __init__(self, fn: Callable[P, R], options: dict[str, Any]) -> None:
         functools.update_wrapper(self, fn)
         self.__wrapped__ = fn

@@ -16,7 +16,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, InvalidStateError
-from typing import Any, TypeVar, cast
+from typing import Any, ParamSpec, TypeVar, cast
 
 from . import _context
 from ._errors import PoolClosedError, SerializationError
@@ -28,6 +28,7 @@ from .backends._base import Backend, Call, Chunk, ChunkLost, ChunkOutcome
 
 T = TypeVar("T")
 R = TypeVar("R")
+P = ParamSpec("P")
 
 
 # Pools never closed, terminated at interpreter exit before multiprocessing's
@@ -74,7 +75,7 @@ class Pool:
         initargs: Iterable[Any] = (),
         address: str | None = None,
         chunksize: int | None = None,
-        progress: bool | Mapping[str, Any] = False,
+        progress: bool | Mapping[str, Any] | None = False,
         timeout: float | None = None,
         retries: int = 0,
         on_error: OnError = "raise",
@@ -89,7 +90,12 @@ class Pool:
             address=address,
         )
         self._defaults = CallOptions(
-            chunksize=chunksize, progress=progress, timeout=timeout, retries=retries, on_error=on_error, ordered=ordered
+            chunksize=chunksize,
+            progress=False if progress is None else progress,
+            timeout=timeout,
+            retries=retries,
+            on_error=on_error,
+            ordered=ordered,
         )
         self._backend, self._owns_backend = create_backend(self._options)
         self._timed: Backend | None = None  # see _backend_for
@@ -153,7 +159,7 @@ class Pool:
         scheduler = self._scheduler(fn, items, options, star=False, in_order=options.ordered)
         return _flatten(scheduler.records(), skip=options.on_error == "skip", pool=self, owned=owned)
 
-    def submit(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> Future[R]:
+    def submit(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
         """Run ``fn(*args, **kwargs)`` on a worker; returns a :class:`concurrent.futures.Future`.
 
         As with :class:`concurrent.futures.ProcessPoolExecutor`, the future is

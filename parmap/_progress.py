@@ -30,6 +30,8 @@ class Progress:
             return
         settings: dict[str, Any] = {"total": total, "file": sys.stderr, "unit": "item", "dynamic_ncols": True}
         if isinstance(option, Mapping):
+            if "ncols" in option:
+                settings["dynamic_ncols"] = False  # tqdm drops a width given with it
             settings.update(option)
         if _terminal_size(settings["file"]) == (0, 0):
             # A terminal that reports no size (a pseudo-terminal nobody

@@ -175,6 +175,13 @@ def test_progress_options_reach_tqdm(capsys):
     assert "7/7" in err
 
 
+def test_progress_takes_a_width(capsys):
+    # parmap's default of following the terminal's width made tqdm drop it.
+    parmap.map(workfns.square, range(7), workers=2, backend="thread", progress={"ncols": 40})
+    lines = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if "7/7" in line]
+    assert lines and all(len(line) <= 40 for line in lines), lines
+
+
 def test_progress_none_means_no_bar(capsys):
     # None is how wrappers that forward an optional setting spell "not asked for".
     assert parmap.map(workfns.square, range(7), workers=2, backend="thread", progress=None) == [x * x for x in range(7)]

@@ -28,6 +28,10 @@ with parmap.Pool(workers=2, backend="thread") as pool:
     assert_type(pool.imap(to_text, [1]), Iterator[str])
     assert_type(pool.starmap(pair_sum, [(1, 2)]), list[int])
     assert_type(pool.submit(to_text, 1), Future[str])
+    pool.submit(to_text, "one")  # type: ignore[arg-type]  # checked like the function's own call
+
+assert_type(parmap.map(to_text, [1], progress=None), list[str])  # None: no bar, as False
+assert_type(parmap.Pool(progress={"desc": "work"}), parmap.Pool)
 
 
 @parmap.parallel
@@ -41,6 +45,7 @@ def half(x: float) -> float:
 
 
 assert_type(cube(2), int)
+assert_type(cube.__name__, str)
 assert_type(cube.map([1, 2]), list[int])
 assert_type(cube.imap([1, 2]), Iterator[int])
 assert_type(half(2.0), float)
