@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import numbers
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 OnError = Literal["raise", "skip", "return"]
 ON_ERROR_CHOICES: tuple[str, ...] = ("raise", "skip", "return")
@@ -60,7 +61,10 @@ def _check_timeout(value: object) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"timeout must be a positive number of seconds or None, got {value!r}")
-    seconds = float(value)
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int past float's range (10**400): for ever, or refused below
+        seconds = math.inf if cast(int, value) > 0 else -math.inf  # only an int overflows a float
     if not seconds > 0:  # also refuses NaN
         raise ValueError(f"timeout must be a positive number of seconds or None, got {value!r}")
     return seconds

@@ -28,6 +28,7 @@ import parmap
         ({"timeout": 0}, ValueError, "timeout"),
         ({"timeout": -1}, ValueError, "timeout"),
         ({"timeout": "1"}, TypeError, "timeout"),
+        ({"timeout": -(10**400)}, ValueError, "timeout"),  # past a float: no bare OverflowError
         ({"retries": -1}, ValueError, "retries"),
         ({"on_error": "ignore"}, ValueError, "on_error"),
         ({"progress": "yes"}, TypeError, "progress"),
@@ -173,6 +174,10 @@ def test_progress_options_reach_tqdm(capsys):
     err = capsys.readouterr().err
     assert "squaring" in err
     assert "7/7" in err
+
+
+def test_a_timeout_past_a_float_means_no_limit():
+    assert parmap.map(workfns.square, range(3), workers=2, backend="process", timeout=10**400) == [0, 1, 4]
 
 
 def test_progress_takes_a_width(capsys):

@@ -153,6 +153,19 @@ def test_workers_crashing_at_once_are_each_charged_with_their_exit_code(process_
         assert [(marks / f"{x}.runs").read_text() for x in (0, 1)] == ["x", "x"]
 
 
+@pytest.mark.timeout(60)
+def test_a_timeout_counts_only_the_items_own_run(process_backend):
+    # The worker's start, its initializer, and the sending of a chunk's
+    # results were charged to an item (the first): instant items timed out.
+    assert parmap.map(
+        workfns.square, range(4), workers=2, backend=process_backend, timeout=0.3, initializer=workfns.slow_initializer
+    ) == [0, 1, 4, 9]
+    results = parmap.map(
+        workfns.nap_then_big_list, range(8), workers=2, backend=process_backend, chunksize=4, timeout=0.5
+    )
+    assert [len(r) for r in results] == [1_000_000] * 8
+
+
 @pytest.mark.timeout(30)
 def test_unordered_errors_say_which_item_they_belong_to(process_backend):
     results = list(

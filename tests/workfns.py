@@ -470,3 +470,13 @@ def count_and_crash_the_first_time(marker_dir, x):
 
 def identity(x):
     return x
+
+
+def nap_then_big_list(x):
+    """0.15 s, then a list of a million ints: a chunk of these spends a while sending."""
+    time.sleep(0.15)
+    return list(range(1_000_000)) if x >= 0 else []
+
+
+def slow_initializer():
+    time.sleep(0.6)

@@ -90,6 +90,11 @@ MAX_AHEAD_OF_SECONDS = 0.2
 # The dispatcher's longest sleep: a due time further off (a huge ``timeout``)
 # is looked at again then, since the wait's own limit is ~24 days in ms.
 MAX_WAIT_SECONDS = 3600.0
+#: How often the dispatcher looks for the first item of a worker whose chunk
+#: has a timeout while none of it runs yet: how late the clock can start.
+#: The item's own start time still sets its deadline, so it costs nothing
+#: in precision; it bounds the wake-ups of a long initializer to 20 a second.
+UNMARKED_POLL_SECONDS = 0.05
 
 
 # Every worker start of every pool in this process, one at a time. A start
@@ -596,15 +601,20 @@ class LocalWorkers(Backend):
         """Seconds until the earliest running item could pass its timeout,
         or a deferred worker start is due."""
         deadline = self._grow_due
+        now = time.monotonic()
         for worker in self._procs:
             if worker is None or worker.chunk is None or worker.chunk.call.timeout is None:
                 continue
             base = worker.index * SLOT_WIDTH
             offset, started = self._status[base + 1], self._status[base + 2]
-            # Until the worker marks its first item, the item cannot have run
-            # longer than the time since the chunk was sent.
-            since = started if offset >= 0 and started >= worker.sent_at else worker.sent_at
-            due = since + worker.chunk.call.timeout
+            if offset < 0:
+                # No item runs yet (or any more): the worker starts, runs the
+                # initializer, loads the chunk or sends its results. An item
+                # it starts meanwhile is due no sooner than a timeout after
+                # the chunk was sent; past that, look again shortly.
+                due = max(worker.sent_at + worker.chunk.call.timeout, now + UNMARKED_POLL_SECONDS)
+            else:
+                due = (started if started >= worker.sent_at else worker.sent_at) + worker.chunk.call.timeout
             deadline = due if deadline is None else min(deadline, due)
         if deadline is None:
             return None
@@ -776,6 +786,7 @@ class LocalWorkers(Backend):
             chunks += [w.chunk for w in self._procs if w is not None and w.chunk is not None]
             inherited = {c.call.id: (c.call.fn, c.call.source) for c in chunks if c.call.id not in ended}
         self._status[index * SLOT_WIDTH + 3] = 0.0  # the new worker has read nothing yet
+        self._status[index * SLOT_WIDTH + 1] = -1.0  # nor runs an item (the last one's mark may linger)
         began = time.monotonic()
         with _STARTING:
             worker = self._start_worker(index, inherited)
@@ -803,9 +814,11 @@ class LocalWorkers(Backend):
                 continue
             base = worker.index * SLOT_WIDTH
             offset, started = int(self._status[base + 1]), self._status[base + 2]
-            since = started if offset >= 0 and started >= worker.sent_at else worker.sent_at
+            if offset < 0:
+                continue  # no item runs: what the worker does is parmap's time, not an item's
+            since = started if started >= worker.sent_at else worker.sent_at
             if now - since >= timeout:
-                worker.timed_out_offset = max(offset, 0)
+                worker.timed_out_offset = offset
                 self._kill_worker(worker)
 
     def _kill_worker(self, worker: WorkerProcess) -> None:
