@@ -13,7 +13,9 @@ An explicit ``chunksize`` is used as given. Otherwise the size adapts:
   :data:`MIN_TAIL_CHUNK_SECONDS`);
 * a chunk's items pickle to at most about :data:`MAX_CHUNK_BYTES`, so big
   items (images, arrays) stream to the workers a few at a time instead of
-  in one huge message that the workers wait for;
+  in one huge message that the workers wait for; so do its results, so that
+  big results come back a few at a time, and ``imap``'s window of chunks
+  holds a few of them, not hundreds;
 * an input of unknown length gets chunks of at most
   :data:`MAX_UNSIZED_CHUNK` items at first, which bounds what ``imap`` pulls
   ahead of a consumer that has just begun or is slow; the cap grows with
@@ -92,6 +94,7 @@ class ChunkSizer:
         self._total = total
         self._cost: float | None = None  # seconds per item
         self._item_bytes: float | None = None  # pickled bytes per item
+        self._result_bytes: float | None = None  # pickled bytes per result
 
     def next_size(self, remaining: int | None, taken: int = 0) -> int:
         """The size of the next chunk, given how many items remain (if known)
@@ -105,8 +108,9 @@ class ChunkSizer:
                 size = min(MAX_INITIAL_CHUNK, max(1, self._total // (self._workers * INITIAL_SHARE)))
         else:
             size = int(TARGET_CHUNK_SECONDS / self._cost) if self._cost > 0 else MAX_UNSIZED_CHUNK * 64
-        if self._item_bytes:
-            size = min(size, int(MAX_CHUNK_BYTES / self._item_bytes))
+        per_item = max(self._item_bytes or 0.0, self._result_bytes or 0.0)
+        if per_item:
+            size = min(size, int(MAX_CHUNK_BYTES / per_item))
         if remaining is None:
             grown = min(MAX_GROWN_UNSIZED_CHUNK, taken // UNSIZED_GROWTH_SHARE)
             size = min(size, max(MAX_UNSIZED_CHUNK, grown))
@@ -143,5 +147,14 @@ class ChunkSizer:
         """A chunk of ``items`` items pickled to ``nbytes`` bytes."""
         if self._fixed is not None or items <= 0:
             return
-        size = nbytes / items
-        self._item_bytes = size if self._item_bytes is None else SMOOTHING * size + (1 - SMOOTHING) * self._item_bytes
+        self._item_bytes = _smoothed(self._item_bytes, nbytes / items)
+
+    def observe_result_bytes(self, results: int, nbytes: int) -> None:
+        """A chunk's ``results`` came back as ``nbytes`` bytes (0: not pickled)."""
+        if self._fixed is not None or results <= 0 or nbytes <= 0:
+            return
+        self._result_bytes = _smoothed(self._result_bytes, nbytes / results)
+
+
+def _smoothed(average: float | None, sample: float) -> float:
+    return sample if average is None else SMOOTHING * sample + (1 - SMOOTHING) * average

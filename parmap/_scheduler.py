@@ -353,6 +353,7 @@ class Scheduler:
             self._alone = False
         if isinstance(result, ChunkOutcome) and result.fatal is None:
             self._sizer.observe(len(result.results), result.elapsed)
+            self._sizer.observe_result_bytes(len(result.results), result.nbytes)
             left = None if self._total is None else max(0, self._total - self._settled - len(result.results))
             self._call.backlog = self._sizer.backlog(left)
             if offsets is None and not result.errors and len(result.results) == len(record.items):

@@ -94,6 +94,8 @@ class ChunkOutcome:
     #: backend sends it again by value once (a function the worker's
     #: ``__main__`` lacks, defined after the worker started).
     fn_unreadable: bool = False
+    #: How many bytes it came back as from a worker process (0: it never was pickled).
+    nbytes: int = 0
 
     @classmethod
     def failed(cls, exc: BaseException, *, pickle_it: bool = False) -> ChunkOutcome:

@@ -71,6 +71,14 @@ def test_big_items_travel_a_few_at_a_time():
     assert sizer.next_size(None, taken=10**9) == MAX_CHUNK_BYTES // (1024 * 1024)
 
 
+def test_big_results_come_back_a_few_at_a_time():
+    # imap's window of 5 chunks held ~700 MB of 10 MiB results before.
+    sizer = ChunkSizer(None, workers=2, total=None)
+    sizer.observe(1000, 1000 * TINY)
+    sizer.observe_result_bytes(100, 100 * 1024 * 1024)  # 1 MiB per result
+    assert sizer.next_size(None, taken=10**9) == MAX_CHUNK_BYTES // (1024 * 1024)
+
+
 def test_backlog_is_unknown_until_a_chunk_is_measured():
     sizer = ChunkSizer(None, workers=2, total=1000)
     assert sizer.backlog(1000) is None

@@ -249,9 +249,11 @@ def decode_chunk_outcome(chunk: Chunk, data: bytes | bytearray) -> ChunkOutcome:
     pickled there but will not unpickle here fails alone (see
     :func:`~parmap._worker.unreadable_outcome`)."""
     try:
-        return decode_outcome(data)
+        outcome = decode_outcome(data)
     except Exception as exc:
         return unreadable_outcome(exc, chunk.positions, results=True)
+    outcome.nbytes = len(data)
+    return outcome
 
 
 def dropped_outcome() -> ChunkOutcome:
