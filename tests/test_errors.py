@@ -158,12 +158,12 @@ def test_a_timeout_counts_only_the_items_own_run(process_backend):
     # The worker's start, its initializer, and the sending of a chunk's
     # results were charged to an item (the first): instant items timed out.
     assert parmap.map(
-        workfns.square, range(4), workers=2, backend=process_backend, timeout=0.3, initializer=workfns.slow_initializer
+        workfns.square, range(4), workers=2, backend=process_backend, timeout=0.2, initializer=workfns.slow_initializer
     ) == [0, 1, 4, 9]
     results = parmap.map(
-        workfns.nap_then_big_list, range(8), workers=2, backend=process_backend, chunksize=4, timeout=0.5
+        workfns.nap_then_big_list, range(4), workers=2, backend=process_backend, chunksize=4, timeout=0.5
     )
-    assert [len(r) for r in results] == [1_000_000] * 8
+    assert [len(r) for r in results] == [1_000_000] * 4
 
 
 @pytest.mark.timeout(30)

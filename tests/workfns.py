@@ -479,4 +479,4 @@ def nap_then_big_list(x):
 
 
 def slow_initializer():
-    time.sleep(0.6)
+    time.sleep(0.4)
