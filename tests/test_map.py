@@ -233,3 +233,21 @@ def test_items_of_a_class_defined_in_a_function_come_back_as_that_class(any_back
     modes = [Mode.A, Mode.B] * 3
     got = parmap.map(workfns.identity, modes, workers=2, backend=any_backend)
     assert all(a is b for a, b in zip(got, modes, strict=True))
+
+
+def test_closing_an_imap_stops_the_chunks_its_threads_run():
+    # Queued chunks were skipped, but a running one ran to its end: with
+    # chunksize=200, ~400 more calls after close().
+    calls = []
+
+    def slow(x):
+        calls.append(x)
+        time.sleep(0.002)
+        return x
+
+    results = parmap.imap(slow, itertools.count(), workers=2, backend="thread", chunksize=200)
+    assert next(results) == 0
+    results.close()
+    seen = len(calls)
+    time.sleep(0.1)
+    assert len(calls) <= seen + 2, (seen, len(calls))  # at most the items running at close()

@@ -24,13 +24,30 @@ from .._worker import ChunkOutcome, run_chunk
 from ._base import Backend, Call, Capabilities, Chunk, Done, dropped_outcome, terminated_outcome
 
 
-def _run_in_thread(chunk: Chunk, backend: Backend) -> ChunkOutcome:
+def _run_in_thread(chunk: Chunk, backend: Backend, fn: Callable[..., Any] | None = None) -> ChunkOutcome:
     call = chunk.call
     _context.set_worker_thread(backend)
     try:
-        return run_chunk(call.fn, chunk.items, star=call.star, stop_on_error=call.stop_on_error, pickle_errors=False)
+        fn = call.fn if fn is None else fn
+        return run_chunk(fn, chunk.items, star=call.star, stop_on_error=call.stop_on_error, pickle_errors=False)
     finally:
         _context.set_worker_thread(None)
+
+
+class _Released(BaseException):
+    """The call ended while its chunk ran: a BaseException, so the chunk stops."""
+
+
+def _until_released(fn: Callable[..., Any], released: set[int], call_id: int) -> Callable[..., Any]:
+    """``fn``, refusing to start an item once the call was released: a closed
+    ``imap`` stops its running chunks too, not only its queued ones."""
+
+    def guarded(*args: Any) -> Any:
+        if call_id in released:
+            raise _Released
+        return fn(*args)
+
+    return guarded
 
 
 class ThreadBackend(Backend):
@@ -94,8 +111,10 @@ class ThreadBackend(Backend):
             return dropped_outcome()
         if self._init_error is not None:
             return ChunkOutcome.failed(self._init_error)
+        call_id = chunk.call.id
         try:
-            return _run_in_thread(chunk, self)
+            outcome = _run_in_thread(chunk, self, _until_released(chunk.call.fn, self._released, call_id))
+            return None if call_id in self._released else outcome
         except BaseException as exc:
             # Raised outside fn (run_chunk carries fn's own SystemExit back):
             # fail the call rather than end this thread unreported.
