@@ -127,13 +127,24 @@ class StatusSlot:
         self._array[self._base] = float(os.getpid())
 
     def received(self) -> None:
-        self._array[self._base + 3] += 1.0
+        # Also when it began loading the chunk: the user's __setstate__ may
+        # run then, and a timeout must still bound it (see _local's timeouts).
+        self._array[self._base + 2] = time.monotonic()
+        self._array[self._base + 3] = float(int(self._array[self._base + 3]) + 1)
+
+    def loading_function(self) -> None:
+        """The function of the next chunk's call arrived: the count of chunks
+        read says half a chunk more until the chunk does (see received)."""
+        self._array[self._base + 2] = time.monotonic()
+        self._array[self._base + 3] = int(self._array[self._base + 3]) + 0.5
 
     def mark(self, offset: int) -> None:
         self._array[self._base + 2] = time.monotonic()
         self._array[self._base + 1] = float(offset)
 
     def clear(self) -> None:
+        # When the chunk's results began to be pickled (a __getstate__ may hang).
+        self._array[self._base + 2] = time.monotonic()
         self._array[self._base + 1] = -1.0
 
     def marking(self, items: Iterator[Any], *, timed: bool) -> Iterator[Any]:
@@ -469,6 +480,7 @@ def worker_main(
                 return
             kind = message[0]
             if kind == "fn":
+                status.loading_function()
                 try:
                     functions.add(message[1], message[2])
                 except Exception as exc:

@@ -166,6 +166,30 @@ def test_a_timeout_counts_only_the_items_own_run(process_backend):
     assert [len(r) for r in results] == [1_000_000] * 4
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", ["process", "fork"])
+def test_a_timeout_still_bounds_the_loading_of_items_and_pickling_of_results(backend):
+    # Only an item's own run counts, but a hang in the user's __setstate__ or
+    # __reduce__ around it must not make the call wait for ever.
+    began = time.monotonic()
+    loaded = parmap.imap(
+        workfns.value_or_slow_result,
+        [0, workfns.SlowToLoad(5), 2],
+        workers=2,
+        backend=backend,
+        chunksize=1,
+        timeout=0.5,
+        on_error="return",
+    )
+    results = list(loaded)
+    assert [type(r) for r in results] == [int, parmap.TaskTimeoutError, int], results
+    pickled = parmap.map(
+        workfns.value_or_slow_result, [0, 1, 2], workers=2, backend=backend, chunksize=1, timeout=0.5, on_error="return"
+    )
+    assert [type(r) for r in pickled] == [int, parmap.TaskTimeoutError, int], pickled
+    assert time.monotonic() - began < 20
+
+
 @pytest.mark.timeout(30)
 def test_unordered_errors_say_which_item_they_belong_to(process_backend):
     results = list(

@@ -480,3 +480,26 @@ def nap_then_big_list(x):
 
 def slow_initializer():
     time.sleep(0.4)
+
+
+class SlowToLoad:
+    """Unpickles only after 30 s: a hang in the worker before any item runs."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __setstate__(self, state):
+        time.sleep(30)
+        self.__dict__.update(state)
+
+
+class SlowToPickle:
+    """Pickles only after 30 s: a hang in the worker after its item ran."""
+
+    def __reduce__(self):
+        time.sleep(30)
+        return (SlowToPickle, ())
+
+
+def value_or_slow_result(x):
+    return SlowToPickle() if x == 1 else getattr(x, "value", x)

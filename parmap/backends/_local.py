@@ -608,11 +608,10 @@ class LocalWorkers(Backend):
             base = worker.index * SLOT_WIDTH
             offset, started = self._status[base + 1], self._status[base + 2]
             if offset < 0:
-                # No item runs yet (or any more): the worker starts, runs the
-                # initializer, loads the chunk or sends its results. An item
-                # it starts meanwhile is due no sooner than a timeout after
-                # the chunk was sent; past that, look again shortly.
-                due = max(worker.sent_at + worker.chunk.call.timeout, now + UNMARKED_POLL_SECONDS)
+                phase = self._between_items(worker)
+                # Not reading this chunk yet (starting, in the initializer,
+                # finishing the last one): look again shortly for its start.
+                due = now + UNMARKED_POLL_SECONDS if phase is None else phase
             else:
                 due = (started if started >= worker.sent_at else worker.sent_at) + worker.chunk.call.timeout
             deadline = due if deadline is None else min(deadline, due)
@@ -815,11 +814,31 @@ class LocalWorkers(Backend):
             base = worker.index * SLOT_WIDTH
             offset, started = int(self._status[base + 1]), self._status[base + 2]
             if offset < 0:
-                continue  # no item runs: what the worker does is parmap's time, not an item's
+                phase = self._between_items(worker)
+                if phase is not None and now >= phase:
+                    worker.timed_out_offset = 0  # which item's load or result hangs is unknown
+                    self._kill_worker(worker)
+                continue
             since = started if started >= worker.sent_at else worker.sent_at
             if now - since >= timeout:
                 worker.timed_out_offset = offset
                 self._kill_worker(worker)
+
+    def _between_items(self, worker: WorkerProcess) -> float | None:
+        """When a worker that runs no item of its chunk is late, or None when
+        it is not at its chunk yet.
+
+        Starting, running the initializer, or finishing the chunk before is
+        no item's time. Loading the chunk's items and pickling its results
+        is (the user's ``__setstate__``/``__getstate__`` may hang there), at a
+        timeout per item: a chunk of big results may take a while to pickle.
+        """
+        assert worker.chunk is not None and worker.chunk.call.timeout is not None
+        base = worker.index * SLOT_WIDTH
+        if self._status[base + 3] + 0.5 < worker.seq:  # + 0.5: loading this chunk's function
+            return None
+        since = max(float(self._status[base + 2]), worker.sent_at)
+        return since + worker.chunk.call.timeout * max(1, len(worker.chunk.positions))
 
     def _kill_worker(self, worker: WorkerProcess) -> None:
         try:
