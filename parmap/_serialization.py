@@ -26,6 +26,7 @@ import pickle
 import reprlib
 import sys
 import traceback
+import types
 from collections import ChainMap
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -119,20 +120,49 @@ def by_value_globals(fn: object) -> dict[str, Any] | None:
 
 
 #: What an initializer set up, for :func:`share_globals`: its globals, and
-#: the names it uses there (None: all of them, a copy of its own).
-InitializerGlobals = tuple[dict[str, Any], frozenset[str] | None]
+#: the names among them it set or changed.
+InitializerGlobals = tuple[dict[str, Any], frozenset[str]]
 
 
-def initializer_globals(initializer: object) -> InitializerGlobals | None:
-    """Where ``initializer`` keeps its state, for the ``fn`` that follow it."""
-    copy = by_value_globals(initializer)
-    if copy is not None:
-        return copy, None
-    fn = _unwrapped(initializer)
-    namespace = getattr(fn, "__globals__", None)
-    if not isinstance(namespace, dict):
-        return None
-    return namespace, _names_used(fn, namespace)
+class InitializerWatch:
+    """The globals an initializer may set, looked at before it runs; after,
+    :meth:`changed` says which it set or changed (see :func:`share_globals`)."""
+
+    def __init__(self, initializer: object) -> None:
+        copy = by_value_globals(initializer)
+        fn = _unwrapped(initializer)
+        namespace = copy if copy is not None else getattr(fn, "__globals__", None)
+        self._namespace = namespace if isinstance(namespace, dict) else None
+        self._names: frozenset[str] | None = None  # None: all of a by-value copy
+        if self._namespace is not None and copy is None:
+            self._names = _names_used(fn, self._namespace)
+        self._before = {k: _fingerprint(v) for k, v in self._watched().items()}
+
+    def _watched(self) -> dict[str, Any]:
+        if self._namespace is None:
+            return {}
+        if self._names is None:
+            return {k: v for k, v in self._namespace.items() if not (k.startswith("__") and k.endswith("__"))}
+        return {k: self._namespace[k] for k in self._names if k in self._namespace}
+
+    def changed(self) -> InitializerGlobals | None:
+        """The initializer's globals and the names it set or changed in them."""
+        if self._namespace is None:
+            return None
+        after = self._watched()
+        names = frozenset(k for k, v in after.items() if k not in self._before or self._before[k] != _fingerprint(v))
+        return (self._namespace, names) if names else None
+
+
+def _fingerprint(value: object) -> tuple[int, bytes | None]:
+    """What tells a value changed: its identity, and for data its pickle (a
+    dict the initializer filled in place keeps its identity)."""
+    if isinstance(value, (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType)):
+        return id(value), None
+    try:
+        return id(value), pickle.dumps(value, protocol=PROTOCOL)
+    except Exception:
+        return id(value), None  # what does not pickle cannot be in a by-value fn's copy either
 
 
 def _names_used(fn: object, namespace: dict[str, Any]) -> frozenset[str]:
@@ -169,8 +199,9 @@ def share_globals(fn: object, init: InitializerGlobals | None) -> None:
     import the script), a function unpickles with a private copy of its
     module's globals, so what the initializer stored would be invisible to
     ``fn``, or ``fn``'s store to the initializer. ``fn``'s globals take the
-    initializer's values once, when ``fn`` arrives (after the initializer
-    ran): all of a copy's, or those it names of its module's.
+    values the initializer set or changed, once, when ``fn`` arrives (after
+    the initializer ran); those it only read stay ``fn``'s own, which were
+    pickled later and so are the caller's newer ones.
     """
     if init is None:
         return
@@ -178,8 +209,7 @@ def share_globals(fn: object, init: InitializerGlobals | None) -> None:
     namespace = getattr(_unwrapped(fn), "__globals__", None)
     if not isinstance(namespace, dict) or namespace is source or _module_name(namespace) != _module_name(source):
         return
-    keys = source.keys() if names is None else names & source.keys()
-    namespace.update((k, source[k]) for k in keys if not (k.startswith("__") and k.endswith("__")))
+    namespace.update((k, source[k]) for k in names if k in source)
 
 
 class _Discard:

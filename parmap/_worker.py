@@ -47,10 +47,10 @@ from ._errors import SerializationError
 from ._serialization import (
     ErrorInfo,
     InitializerGlobals,
+    InitializerWatch,
     Pickled,
     dump_data,
     find_unpicklable,
-    initializer_globals,
     loads,
     plain_text,
     refused_items,
@@ -439,8 +439,9 @@ def run_initializer(init_bytes: bytes | None) -> ErrorInfo | None:
         return None
     try:
         initializer, initargs = loads(init_bytes)
+        watch = InitializerWatch(initializer)
         initializer(*initargs)
-        init_globals = initializer_globals(initializer)
+        init_globals = watch.changed()
     except BaseException as exc:
         # SystemExit too: a worker that exited here would be replaced by one
         # that exits the same way (multiprocessing.Pool does so for ever).

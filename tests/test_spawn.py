@@ -71,6 +71,13 @@ SCRIPT = textwrap.dedent(
         for backend in ("auto", "pool"):
             got = parmap.map(ready, range(2), workers=2, backend=backend, initializer=lambda: remember())
             assert got == [True] * 2, backend
+            # What an initializer only read is fn's own, newer, value.
+            global mode
+            mode = "old"
+            with parmap.Pool(workers=2, backend=backend, initializer=lambda: mode) as pool:
+                assert pool.map(lambda _: mode, range(2)) == ["old"] * 2
+                mode = "new"
+                assert pool.map(lambda _: mode, range(2)) == ["new"] * 2, backend
         for backend in ("auto", "fork", "thread", "serial"):
             assert raises_the_script_class(workers=2, backend=backend), backend
         print("all good")

@@ -29,7 +29,7 @@ from typing import Any
 from .. import _context
 from .._errors import PoolClosedError, WorkerCrashedError
 from .._options import default_workers
-from .._serialization import ErrorInfo, InitializerGlobals, initializer_globals, loads, share_globals
+from .._serialization import ErrorInfo, InitializerGlobals, InitializerWatch, loads, share_globals
 from .._worker import ChunkOutcome, encode_outcome, fatal_outcome, run_chunk, unreadable_outcome
 from ._base import Backend, Call, Capabilities, Chunk, ChunkLost, Done, decode_chunk_outcome
 from .thread import _run_in_thread
@@ -80,9 +80,10 @@ def _initialize(key: str, init_bytes: bytes) -> ErrorInfo | None:
         if key not in _initialized:
             try:
                 initializer, initargs = loads(init_bytes)
+                watch = InitializerWatch(initializer)
                 initializer(*initargs)
                 _initialized[key] = None
-                namespace = initializer_globals(initializer)
+                namespace = watch.changed()
                 if namespace is not None:
                     _init_globals[key] = namespace
             except Exception as exc:
