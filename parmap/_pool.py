@@ -635,6 +635,11 @@ class _SubmitFuture(Future[R]):
             return True
 
 
+#: Settling threads a pool may have at once: one per done-callback that
+#: blocks (waiting for another future), up to this; later ones queue.
+MAX_SETTLERS = 32
+
+
 class _Settlers:
     """The ``parmap-futures`` threads, which settle the futures that have
     done-callbacks: one, and one more whenever every one is busy, because a
@@ -654,16 +659,22 @@ class _Settlers:
         self._stopped = False
 
     def put(self, settle: Callable[[], None]) -> bool:
-        """Have ``settle`` run on a free settling thread; False once stopped."""
+        """Have ``settle`` run on a free settling thread (or, past
+        :data:`MAX_SETTLERS` busy ones, the next to be free); False once stopped."""
         with self._lock:
             if self._stopped:
                 return False
             if self._idle:
                 self._idle -= 1
-            else:
+            elif len(self._threads) < MAX_SETTLERS or not self._threads:
                 thread = threading.Thread(target=self._serve, name="parmap-futures", daemon=True)
-                self._threads.append(thread)
-                thread.start()
+                try:
+                    thread.start()
+                except RuntimeError:  # no more threads here (a container's limit)
+                    if not self._threads:
+                        return False  # settled by the caller, where it is
+                else:
+                    self._threads.append(thread)
             self._queue.put(settle)  # under the lock: stop() cannot slip in before it
         return True
 

@@ -356,6 +356,23 @@ def test_a_task_that_closes_its_own_pool_does_not_wait_for_itself(in_process_bac
 
 
 @pytest.mark.timeout(30)
+def test_blocking_done_callbacks_get_a_bounded_number_of_threads():
+    # One settling thread per blocked callback, without limit, was 1,000
+    # threads for 1,000 futures (and a dead dispatcher where threads ran out).
+    go, release = threading.Event(), threading.Event()
+    with parmap.Pool(workers=2, backend="thread") as pool:
+        futures = [pool.submit(go.wait, 10) for _ in range(100)]  # pending while callbacks are added
+        for future in futures:
+            future.add_done_callback(lambda _: release.wait(10))
+        go.set()
+        time.sleep(0.5)
+        settlers = [t for t in threading.enumerate() if t.name == "parmap-futures"]
+        assert 1 < len(settlers) <= _pool.MAX_SETTLERS
+        release.set()
+    assert [f.result() for f in futures] == [True] * 100
+
+
+@pytest.mark.timeout(30)
 @pytest.mark.parametrize("kind", ["exit", "interrupt"])
 def test_a_submit_that_asks_to_stop_is_not_retried(backend, tmp_path, kind):
     # As in map: SystemExit and KeyboardInterrupt stop, whatever retries says.
