@@ -149,9 +149,14 @@ class InitializerWatch:
         """The initializer's globals and the names it set or changed in them."""
         if self._namespace is None:
             return None
-        after = self._watched()
-        names = frozenset(k for k, v in after.items() if k not in self._before or self._before[k] != _fingerprint(v))
+        names = frozenset(k for k, v in self._watched().items() if self._changed(k, v))
         return (self._namespace, names) if names else None
+
+    def _changed(self, name: str, value: object) -> bool:
+        before = self._before.get(name)
+        if before is None or before[0] != id(value):
+            return True  # set, or set anew: no need to pickle what it holds now (a model, say)
+        return before != _fingerprint(value)
 
 
 def _fingerprint(value: object) -> tuple[int, bytes | None]:
