@@ -427,8 +427,8 @@ def _watch_parent() -> None:
     threading.Thread(target=watch, name="parmap-parent-watch", daemon=True).start()
 
 
-#: The globals of this worker's initializer, when it came by value: each
-#: ``fn`` that arrives takes what it set up (see ``share_globals``).
+#: What this worker's initializer set or changed in its globals: each
+#: ``fn`` that arrives takes it (see ``share_globals``).
 init_globals: InitializerGlobals | None = None
 
 

@@ -49,7 +49,7 @@ _PROCESS_TOKEN = uuid.uuid4().hex
 _worker_lock = threading.Lock()
 _functions: OrderedDict[str, Callable[..., Any]] = OrderedDict()
 _initialized: dict[str, ErrorInfo | None] = {}
-# The globals an initializer sent by value ran in, by init key (see share_globals).
+# What each initializer set or changed in its globals, by init key (see share_globals).
 _init_globals: dict[str, InitializerGlobals] = {}
 
 
