@@ -23,20 +23,23 @@ def test_lambda_and_closure(backend, start_method):
     assert results == [x + 100 for x in range(6)]
 
 
-SCRIPT = textwrap.dedent(
+# An initializer and a function sharing the script's state, for the scripts below.
+READY_PREAMBLE = """
+import sys
+sys.path.insert(0, {root!r})
+import parmap
+
+state = {{}}
+
+def remember():
+    state["ready"] = True
+
+def ready(_):
+    return state.get("ready", False)
+"""
+
+SCRIPT = READY_PREAMBLE + textwrap.dedent(
     """
-    import sys
-    sys.path.insert(0, {root!r})
-    import parmap
-
-    state = {{}}
-
-    def remember():
-        state["ready"] = True
-
-    def ready(_):
-        return state.get("ready", False)
-
     def triple(x):
         return 3 * x
 
@@ -169,23 +172,14 @@ def test_python_dash_c_lambda_under_spawn():
     assert result.stdout.strip() == "[1, 2, 3]"
 
 
-DASH_C_INITIALIZER = """
-import sys
-sys.path.insert(0, {root!r})
-import parmap
-
-state = {{}}
-
-def remember():
-    state["ready"] = True
-
-def ready(_):
-    return state.get("ready", False)
-
+DASH_C_INITIALIZER = (
+    READY_PREAMBLE
+    + """
 for options in ({{"backend": "auto"}}, {{"backend": "pool"}}, {{"start_method": "spawn"}}):
     assert parmap.map(ready, range(2), workers=2, initializer=remember, **options) == [True] * 2, options
 print("all good")
 """
+)
 
 
 @pytest.mark.timeout(120)
