@@ -23,6 +23,7 @@ the output is a run of complete lines plus at most one torn line.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -116,7 +117,15 @@ class Reader:
 
     def _decoded(self) -> Iterator[tuple[int, str]]:
         encoding = "utf-8-sig"  # a byte-order mark is allowed on the first line only
-        for lineno, raw in enumerate(self._stream, 1):
+        lines = enumerate(self._stream, 1)
+        lineno = 0
+        while True:
+            try:
+                lineno, raw = next(lines)
+            except StopIteration:
+                return
+            except OSError as exc:  # a failing disk, a terminal that hung up
+                raise InputError(lineno + 1, f"cannot be read: {exc.strerror or exc}") from None
             try:
                 yield lineno, raw.decode(encoding)
             except UnicodeDecodeError as exc:
@@ -137,7 +146,7 @@ class Reader:
                 continue  # blank lines are not items (a trailing one is common)
             if not done(index):
                 try:
-                    value = json.loads(text)
+                    value = json.loads(_strip_newline(text))  # else an error at its end names column 1 of a line after
                 except json.JSONDecodeError as exc:
                     raise InputError(lineno, f"malformed JSON: {exc.msg} (column {exc.colno})") from None
                 except (ValueError, RecursionError) as exc:  # an int past the digit limit, nesting too deep
@@ -153,7 +162,9 @@ class Reader:
         # line of any length is fine here, as in the other formats.
         csv.field_size_limit(_CSV_FIELD_LIMIT)
         rows = csv.reader(texts, strict=True)
-        header = self._csv_row(rows)
+        header: list[str] | None = []
+        while header == []:  # blank lines before the header, as after it, are not rows
+            header = self._csv_row(rows)
         if header is None:
             return
         if len(set(header)) != len(header):
@@ -198,14 +209,17 @@ def estimate_items(path: str, fmt: str) -> int | None:
     """
     if not os.path.isfile(path):
         return None
-    with open(path, "rb") as file:
-        if fmt == "lines":
-            return _count_lines(file)
-        # Blank lines are not items in these formats: the readers skip them.
-        if fmt == "jsonl":
-            rows = sum(1 for line in file if line.strip())
-        else:
-            rows = sum(1 for line in file if line not in (b"\n", b"\r\n"))
+    try:
+        with open(path, "rb") as file:
+            if fmt == "lines":
+                return _count_lines(file)
+            # Blank lines are not items in these formats: the readers skip them.
+            if fmt == "jsonl":
+                rows = sum(1 for line in file if line.strip())
+            else:
+                rows = sum(1 for line in file if line not in (b"\n", b"\r\n"))
+    except OSError:
+        return None  # the reader meets the same error, and names its line
     return max(0, rows - 1) if fmt == "csv" else rows
 
 
@@ -288,6 +302,8 @@ class Output:
         self._stream = stream
         self._journal = journal
         self._path = path
+        # Absolute now: a task may change the working directory (serial, thread).
+        self._journal_path = None if path is None else os.path.abspath(journal_path(path))
         self.done = done
         self.skipped = 0
         self.lines = done.count - done.skipped  # results in the output, earlier runs' included
@@ -324,8 +340,9 @@ class Output:
         self._stream.close()
         if self._journal is not None:
             self._journal.close()
-            if complete and self.done.skipped == 0:
-                os.remove(journal_path(self._path))
+            if complete and self.done.skipped == 0 and self._journal_path is not None:
+                with contextlib.suppress(FileNotFoundError):  # someone else's doing; the run is complete
+                    os.remove(self._journal_path)
 
 
 def open_output(path: str | None, *, resume: bool, journal: bool, stdout: StdoutWriter | None = None) -> Output:

@@ -6,6 +6,8 @@ workers cannot outlive a failed test.
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import pty
@@ -18,12 +20,13 @@ from collections import Counter
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import parmap
 from parmap._cli import Step
-from parmap._records import Item, journal_path
+from parmap._records import Done, InputError, Item, Reader, journal_path, open_output
 from parmap._target import TargetFunction, parse_target
 
 REPO = Path(__file__).resolve().parents[1]
@@ -489,6 +492,55 @@ def test_unreadable_input_names_its_line(targets: Path, fmt: str, text: str, lin
     result = cli("tgt:echo", "in.data", "--input-format", fmt, cwd=targets)
     assert result.code == 2 and result.err.count("\n") == 1, result.err
     assert f"input line {line}: " in result.err and expected in result.err
+
+
+def _read(data: bytes | io.RawIOBase, fmt: str) -> tuple[list[object], InputError | None]:
+    reader = Reader(io.BufferedReader(data) if isinstance(data, io.RawIOBase) else io.BytesIO(data), fmt, Done())
+    return [item.value for item in reader], reader.error
+
+
+def test_blank_lines_before_a_csv_header_are_skipped() -> None:
+    assert _read(b"\n\r\nname,age\n\nada,3\n", "csv") == ([{"name": "ada", "age": "3"}], None)
+
+
+def test_a_cut_short_json_line_names_the_column_where_it_ends() -> None:
+    values, error = _read(b'1\n{"name": "ada", "age":\n', "jsonl")
+    assert values == [1] and error is not None
+    assert str(error) == "input line 2: malformed JSON: Expecting value (column 23)"
+
+
+class _FailingDisk(io.RawIOBase):
+    """Two lines, then the read fails as a dying disk's (or a hung-up terminal's) does."""
+
+    def __init__(self) -> None:
+        self._left = [b"1\n2\n"]
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if not self._left:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        data = self._left.pop()
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def test_an_input_that_fails_to_read_names_the_line_it_stopped_at() -> None:
+    values, error = _read(_FailingDisk(), "lines")
+    assert values == ["1", "2"]
+    assert str(error) == "input line 3: cannot be read: Input/output error"
+
+
+def test_a_complete_run_removes_its_journal_after_a_task_changed_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    output = open_output("out.jsonl", resume=False, journal=True)
+    output.write(0, b"1\n")
+    monkeypatch.chdir(tmp_path.parent)  # what os.chdir() in a serial or thread task does
+    output.close(complete=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]
 
 
 def test_a_csv_field_may_be_long(targets: Path) -> None:
