@@ -411,10 +411,6 @@ class Pool:
     ) -> Scheduler:
         self._check_open()
         _check_fn(fn)
-        try:
-            iter(items)
-        except TypeError:
-            raise TypeError(f"items must be iterable, got {type(items).__name__}: {items!r}") from None
         call = Call(
             fn,
             star=star,

@@ -81,12 +81,20 @@ class Record:
 
 
 def input_length(items: Iterable[Any]) -> int | None:
-    """``len(items)``, else a positive ``length_hint``, else unknown."""
+    """``len(items)``, else a positive ``length_hint``, else unknown.
+
+    Only a hint: ``map()`` never asks for a length, so a ``__len__`` that
+    raises, or a range past ``sys.maxsize``, leaves it unknown, not failed.
+    """
     try:
         return len(items)  # type: ignore[arg-type]
-    except TypeError:
+    except Exception:  # noqa: S110 - the hint below, or unknown
+        pass
+    try:
         hint = operator.length_hint(items, 0)
-        return hint if hint > 0 else None
+    except Exception:
+        return None
+    return hint if hint > 0 else None
 
 
 class Scheduler:
@@ -105,7 +113,11 @@ class Scheduler:
         self._call = call
         self._options = options
         self._total = input_length(items)
-        self._source = iter(items)
+        try:
+            # Once: an iterable may run a query, or open a file, each time.
+            self._source = iter(items)
+        except TypeError:
+            raise TypeError(f"items must be iterable, got {type(items).__name__}: {short_repr(items)}") from None
         self._next_position = 0
         self._exhausted = False
         self._in_order = deliver_in_order

@@ -38,6 +38,44 @@ def test_generator_input(any_backend):
     assert parmap.map(square, (x for x in range(50)), workers=2, backend=any_backend) == [x * x for x in range(50)]
 
 
+class _OneShot:
+    """An iterable that can be iterated once, as a query's result set is."""
+
+    def __init__(self, items):
+        self._items = items
+        self.iterated = 0
+
+    def __iter__(self):
+        self.iterated += 1
+        if self.iterated > 1:
+            raise RuntimeError("result set already consumed")
+        return iter(self._items)
+
+
+class _LengthUnknowable:
+    def __iter__(self):
+        return iter(range(5))
+
+    def __len__(self):
+        raise RuntimeError("size unknown")
+
+
+def test_an_iterable_is_iterated_once(any_backend):
+    items = _OneShot(range(5))
+    assert parmap.map(square, items, workers=2, backend=any_backend) == [0, 1, 4, 9, 16]
+    assert items.iterated == 1
+    assert list(parmap.imap(square, _OneShot(range(5)), workers=2, backend=any_backend)) == [0, 1, 4, 9, 16]
+    assert parmap.starmap(add, _OneShot([(1, 2), (3, 4)]), workers=2, backend=any_backend) == [3, 7]
+
+
+def test_a_length_that_cannot_be_had_is_only_a_missing_hint(any_backend):
+    # map() never asks for len(): neither a __len__ that raises nor a range past sys.maxsize stops it.
+    assert parmap.map(square, _LengthUnknowable(), workers=2, backend=any_backend) == [0, 1, 4, 9, 16]
+    endless = parmap.imap(square, range(sys.maxsize + 1), workers=2, backend=any_backend)
+    assert [next(endless) for _ in range(3)] == [0, 1, 4]
+    endless.close()
+
+
 def test_empty_input_starts_nothing(any_backend):
     assert parmap.map(square, [], workers=2, backend=any_backend) == []
     assert list(parmap.imap(square, iter([]), workers=2, backend=any_backend)) == []
