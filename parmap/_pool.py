@@ -8,6 +8,7 @@ machinery with a Pool that lives for one call.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import inspect
 import multiprocessing.util  # noqa: F401 - its exit handler must be registered before ours
 import os
@@ -16,13 +17,13 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, InvalidStateError
-from typing import Any, ParamSpec, TypeVar, cast
+from typing import Any, NamedTuple, ParamSpec, TypeVar, cast
 
 from . import _context
 from ._errors import PoolClosedError, SerializationError
 from ._options import CallOptions, OnError, PoolOptions
 from ._scheduler import SKIPPED, Record, Scheduler, lost_error
-from ._serialization import find_unpicklable, short_repr, track_classes
+from ._serialization import dumps_function, find_unpicklable, short_repr, track_classes, travels_by_name
 from .backends import create_backend, create_timed_stand_in
 from .backends._base import Backend, Call, Chunk, ChunkLost, ChunkOutcome
 
@@ -119,7 +120,7 @@ class Pool:
         self._settlers = _Settlers()
         # submit(): the call of the last function submitted, and how many
         # submits of each call have not ended (see _submit_call_for).
-        self._submit_call: tuple[Callable[..., Any], Call] | None = None
+        self._submit_call: _SubmitCall | None = None
         self._submits_running: dict[int, int] = {}
         _open_pools.add(self)
 
@@ -171,8 +172,11 @@ class Pool:
         worker at a time: one running, one queued behind it.) If the pool is
         terminated first, the
         future fails with ``PoolClosedError``.
-        Consecutive submits of one function share one call, so ``fn`` goes
-        to each worker once and only the arguments travel with each submit.
+        Consecutive submits of one function of a module share one call, so
+        ``fn`` goes to each worker once and only the arguments travel with
+        each submit. A lambda, closure or callable object is pickled with
+        each submit, as ``ProcessPoolExecutor`` does: a change to its state
+        between two submits reaches the worker.
         """
         self._check_open()
         _check_fn(fn)
@@ -189,7 +193,7 @@ class Pool:
 
         else:
             future.set_running_or_notify_cancel()
-        call = self._submit_call_for(fn)
+        call = self._submit_call_for(fn, backend)
         done = _Submission(self, backend, future, call, fn, (args, kwargs))
         with self._lock:
             self._futures.add(future)
@@ -208,17 +212,37 @@ class Pool:
                 raise interrupt  # Ctrl-C while fn ran here: the caller's, not the future's
         return future
 
-    def _submit_call_for(self, fn: Callable[..., Any]) -> Call:
-        """The call that runs ``fn`` for ``submit``: the last one's when ``fn``
-        is the same function again (benchmark: 10,000 submits), else a new one;
-        a call replaced so is released once its last submit has ended."""
+    def _submit_call_for(self, fn: Callable[..., Any], backend: Backend) -> Call:
+        """The call that runs ``fn`` for ``submit``: when ``fn`` is the last
+        function submitted, that one's (benchmark W8: 10,000 submits), else a
+        new one; a call replaced so is released once its last submit has ended.
+
+        Only what would reach a worker unchanged is shared: a function that
+        is not pickled (threads) or is found by its module and name, or,
+        while a submit of it still runs, one that pickles to the same bytes
+        as before. A closure or a callable object whose state changed
+        between two submits must send that state again, as
+        ``ProcessPoolExecutor`` does, and only a function of a module, which
+        lives on there anyway, is kept once its submits have ended: the pool
+        must not keep alive what the caller is done with.
+        """
+        kept = travels_by_name(fn, local=not backend.capabilities.remote)  # alive in its module anyway
+        shared = kept or not backend.capabilities.isolated
+        fn_bytes = None
+        if not shared:
+            with contextlib.suppress(SerializationError):  # submit() names the problem
+                fn_bytes = dumps_function(_Apply(fn))
         idle: Call | None = None
         with self._lock:
-            if self._submit_call is None or self._submit_call[0] is not fn:
-                if self._submit_call is not None and self._submit_call[1].id not in self._submits_running:
-                    idle = self._submit_call[1]  # nothing of it runs: release it now
-                self._submit_call = (fn, Call(_Apply(fn), timeout=self._defaults.timeout))
-            call = self._submit_call[1]
+            last = self._submit_call
+            same = shared and last is not None and last.shared
+            if last is not None and last.fn is fn and (same or (fn_bytes and fn_bytes == last.fn_bytes)):
+                call = last.call
+            else:
+                if last is not None and last.call.id not in self._submits_running:
+                    idle = last.call  # nothing of it runs: release it now
+                call = Call(_Apply(fn), timeout=self._defaults.timeout, _fn_bytes=fn_bytes)
+                self._submit_call = _SubmitCall(fn, call, shared, kept, fn_bytes)
             self._submits_running[call.id] = self._submits_running.get(call.id, 0) + 1
         if idle is not None:
             self._backend.release(idle)
@@ -231,8 +255,11 @@ class Pool:
                 self._submits_running[call.id] = left
                 return
             del self._submits_running[call.id]
-            if self._submit_call is not None and call is self._submit_call[1]:
-                return  # kept for the next submit of the same function
+            last = self._submit_call
+            if last is not None and call is last.call:
+                if last.kept:
+                    return  # for the next submit of the same function
+                self._submit_call = None
         self._backend.release(call)
 
     # -- lifecycle -----------------------------------------------------------------
@@ -718,6 +745,16 @@ def _settle(setter: Callable[[Any], None], outcome: Any) -> None:
         setter(outcome)
     except InvalidStateError:
         pass  # cancelled while it had not begun (a pool terminated under it): nothing to settle
+
+
+class _SubmitCall(NamedTuple):
+    """The call of the last function submitted (see ``Pool._submit_call_for``)."""
+
+    fn: Callable[..., Any]
+    call: Call
+    shared: bool  # every submit of fn may use it while it runs
+    kept: bool  # ... and after, for the next submit of fn
+    fn_bytes: bytes | None  # else what fn pickled to: only a submit pickling the same may
 
 
 class _Apply:

@@ -97,6 +97,24 @@ def check_function(fn: object, *, local: bool = False, what: str = "the function
         raise _function_error(fn, what, exc) from exc
 
 
+def travels_by_name(fn: object, *, local: bool = False) -> bool:
+    """True for a function that pickles as its module and name: whatever state
+    it reads, it reads in the worker, so every copy of it is the same.
+
+    A function of ``__main__`` counts only for ``local`` workers that can
+    import the script (see :func:`dumps_function`); to others it goes by value.
+    """
+    if not isinstance(fn, (types.FunctionType, types.BuiltinFunctionType)):
+        return False
+    module = getattr(fn, "__module__", None)
+    if module is None or (module == "__main__" and not (local and _main_is_importable())):
+        return False
+    target: Any = sys.modules.get(module)
+    for name in getattr(fn, "__qualname__", "").split("."):
+        target = getattr(target, name, None)
+    return target is fn
+
+
 def _unwrapped(fn: object) -> object:
     for _ in range(8):  # through partials and wrappers (a submit's), not for ever
         inner = fn.func if isinstance(fn, functools.partial) else getattr(fn, "__wrapped__", None)

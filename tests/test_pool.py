@@ -213,6 +213,41 @@ def test_submits_of_one_function_send_it_once_per_worker(process_backend, tmp_ma
     assert 1 <= len(os.listdir(tmp_marker_dir)) <= 4  # was one per submit
 
 
+class _Reading:
+    """A callable object whose state the caller changes between submits."""
+
+    def __init__(self):
+        self.value = 0
+
+    def __call__(self):
+        return self.value
+
+
+def test_a_submit_sees_the_state_the_function_has_when_submitted(any_backend):
+    # As ProcessPoolExecutor and a serial call do: what fn holds travels with each submit.
+    data = {"value": 1}
+    read = lambda: data["value"]  # noqa: E731
+    obj = _Reading()
+    with parmap.Pool(workers=2, backend=any_backend) as pool:
+        assert pool.submit(read).result(timeout=20) == 1
+        data["value"] = 2
+        assert pool.submit(read).result(timeout=20) == 2
+        assert pool.submit(obj).result(timeout=20) == 0
+        obj.value = 5
+        assert pool.submit(obj).result(timeout=20) == 5
+
+
+def test_a_pool_keeps_no_submitted_function_alive_once_its_call_is_done(backend):
+    # CPython's test_no_stale_references, for concurrent.futures executors.
+    obj = _Reading()
+    ref = weakref.ref(obj)
+    with parmap.Pool(workers=2, backend=backend) as pool:
+        assert pool.submit(obj.__call__).result(timeout=20) == 0
+        del obj
+        gc.collect()
+        assert ref() is None
+
+
 @pytest.mark.timeout(60)
 def test_submit_with_an_unpicklable_argument_names_it_and_leaves_the_pool_usable(any_backend):
     with parmap.Pool(workers=2, backend=any_backend) as pool:
