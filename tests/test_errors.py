@@ -154,6 +154,23 @@ def test_workers_crashing_at_once_are_each_charged_with_their_exit_code(process_
 
 
 @pytest.mark.timeout(60)
+def test_a_crash_is_charged_to_no_chunk_its_worker_had_finished(process_backend, tmp_path):
+    # pool/apply_async: a worker that finished a chunk (its result still in
+    # the old pool's queue) and then crashed on the next was charged with
+    # both: a retry "failed twice" that crashed once, and skip dropped items
+    # that never failed (1-6 maps in 10).
+    for round_ in range(8):
+        marks = tmp_path / str(round_)
+        marks.mkdir()
+        fn = functools.partial(workfns.every_seventh_crashes_once, str(marks))
+        if round_ % 2:
+            assert parmap.map(fn, range(60), workers=2, backend=process_backend, retries=1) == list(range(60))
+        else:
+            kept = parmap.map(fn, range(60), workers=2, backend=process_backend, on_error="skip")
+            assert kept == [x for x in range(60) if x % 7 != 3]
+
+
+@pytest.mark.timeout(60)
 def test_a_timeout_counts_only_the_items_own_run(process_backend):
     # The worker's start, its initializer, and the sending of a chunk's
     # results were charged to an item (the first): instant items timed out.

@@ -178,6 +178,16 @@ def crash_first_time(marker_dir, x):
     return x
 
 
+def every_seventh_crashes_once(marker_dir, x):
+    """Items 3, 10, 17, ... exit the first time they run, and pass after."""
+    marker = os.path.join(marker_dir, f"{x}.tried")
+    if x % 7 == 3 and not os.path.exists(marker):
+        with open(marker, "w"):
+            pass
+        os._exit(1)
+    return x
+
+
 def work_then_crash_first_time(marker_dir, x):
     """A millisecond of work per item; on ``BAD``, a crash the first time only."""
     time.sleep(0.001)

@@ -474,7 +474,19 @@ class MPPoolBackend(Backend):
             # SIGKILL only where it had to force.
             ours = {0, -signal.SIGTERM, -signal.SIGKILL} if forced else {0, -signal.SIGTERM}
             innocent = []
+            # As in _worker_died: of the chunks naming one worker, only the
+            # latest claimed can have died with it; the others finished, and
+            # their results were lost in the old pool's queue.
+            latest: dict[int, _Flight] = {}
             for flight in orphans:
+                pid = int(self._status[flight.slot * SLOT_WIDTH])
+                other = latest.get(pid)
+                if other is None or self._claimed_at(flight) > self._claimed_at(other):
+                    latest[pid] = flight
+            for flight in orphans:
+                if latest[int(self._status[flight.slot * SLOT_WIDTH])] is not flight:
+                    innocent.append(flight)
+                    continue
                 death = self._own_death(flight, known or {}, handled or set(), ours)
                 if death is None:
                     innocent.append(flight)
@@ -489,6 +501,10 @@ class MPPoolBackend(Backend):
                 self._launch_waiting()
         for flight, death in lost:
             flight.done(flight.chunk, death)
+
+    def _claimed_at(self, flight: _Flight) -> float:
+        """When ``flight``'s chunk reached its worker, or its running item began."""
+        return float(self._status[flight.slot * SLOT_WIDTH + 2])
 
     def _own_death(self, flight: _Flight, known: dict[int, Any], handled: set[int], ours: set[int]) -> ChunkLost | None:
         """How ``flight``'s worker died, if not of the pool's replacement."""
@@ -572,7 +588,7 @@ class MPPoolBackend(Backend):
             # the next pool, as an orphan: twice for one attempt.
             self._replacing = True
             mine = [
-                (self._status[f.slot * SLOT_WIDTH + 2], key)
+                (self._claimed_at(f), key)
                 for key, f in self._flights.items()
                 if int(self._status[f.slot * SLOT_WIDTH]) == pid
             ]
