@@ -334,7 +334,9 @@ def _empty_stdin() -> None:
         except (OSError, ValueError):
             pass
     try:
-        sys.stdin = open(os.devnull, encoding="utf-8")  # noqa: SIM115 - lives as long as the process
+        # Lives as long as the process. Not closing its descriptor itself, it
+        # is not reported as an unclosed file at a spawned worker's exit.
+        sys.stdin = open(os.open(os.devnull, os.O_RDONLY), encoding="utf-8", closefd=False)  # noqa: SIM115
     except OSError:  # pragma: no cover - no /dev/null
         sys.stdin = None  # type: ignore[assignment]
 
