@@ -23,6 +23,9 @@ from .._errors import PoolClosedError
 from .._worker import ChunkOutcome, run_chunk
 from ._base import Backend, Call, Capabilities, Chunk, Done, dropped_outcome, terminated_outcome
 
+#: terminate() waits this long for a thread that looked idle to end.
+IDLE_EXIT_SECONDS = 1.0
+
 
 def _run_in_thread(chunk: Chunk, backend: Backend, fn: Callable[..., Any] | None = None) -> ChunkOutcome:
     call = chunk.call
@@ -69,6 +72,7 @@ class ThreadBackend(Backend):
         self._lock = threading.Lock()
         self._closed = False
         self._released: set[int] = set()
+        self._busy: set[threading.Thread] = set()  # running a chunk (terminate() does not wait for them)
 
     def submit(self, chunk: Chunk, done: Done) -> None:
         with self._lock:
@@ -83,8 +87,11 @@ class ThreadBackend(Backend):
     def _serve(self) -> None:
         if self._user_initializer is not None:
             self._initialize(self._user_initializer)
+        me = threading.current_thread()
         while (job := self._jobs.get()) is not None:
+            self._busy.add(me)
             self._serve_one(*job)
+            self._busy.discard(me)
             # A chunk holds its call, and the call the whole input: an idle
             # thread must not keep the last one alive (CPython's
             # test_release_task_refs asks the same of multiprocessing.Pool).
@@ -144,6 +151,12 @@ class ThreadBackend(Backend):
                 done(chunk, terminated_outcome())
         for _ in threads:
             self._jobs.put(None)
-        if not kill:
-            for thread in threads:
+        for thread in threads:
+            if not kill:
                 thread.join()
+            elif thread not in self._busy:
+                # An idle one is gone at once, so that terminate(); join() leaves
+                # no thread of the pool's but those still running an item. (One
+                # that took a chunk a moment ago but is not marked busy yet
+                # is waited for no longer than this.)
+                thread.join(timeout=IDLE_EXIT_SECONDS)
