@@ -87,11 +87,8 @@ class ThreadBackend(Backend):
     def _serve(self) -> None:
         if self._user_initializer is not None:
             self._initialize(self._user_initializer)
-        me = threading.current_thread()
         while (job := self._jobs.get()) is not None:
-            self._busy.add(me)
             self._serve_one(*job)
-            self._busy.discard(me)
             # A chunk holds its call, and the call the whole input: an idle
             # thread must not keep the last one alive (CPython's
             # test_release_task_refs asks the same of multiprocessing.Pool).
@@ -99,7 +96,13 @@ class ThreadBackend(Backend):
             self._idle.release()
 
     def _serve_one(self, chunk: Chunk, done: Done) -> None:
-        outcome = self._run(chunk)
+        me = threading.current_thread()
+        self._busy.add(me)
+        try:
+            outcome = self._run(chunk)
+        finally:
+            # Before done(): the caller may terminate() as soon as it has the outcome.
+            self._busy.discard(me)
         if outcome is not None:
             done(chunk, outcome)
 
