@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import inspect
+import logging
 import multiprocessing.util  # noqa: F401 - its exit handler must be registered before ours
 import os
 import queue
@@ -38,6 +39,8 @@ P = ParamSpec("P")
 # multiprocessing.Pool fed by parmap waited for ever on a worker's queue lock,
 # and parmap's own workers raced its process finalizers.
 _open_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+# Where concurrent.futures logs what a done-callback raised.
+_futures_logger = logging.getLogger("concurrent.futures")
 
 
 def _terminate_open_pools() -> None:
@@ -718,7 +721,10 @@ class _Settlers:
 
     def _serve(self) -> None:
         while (settle := self._queue.get()) is not None:
-            settle()  # a done-callback's own error is logged by concurrent.futures
+            try:
+                settle()  # a done-callback's own Exception is logged by concurrent.futures
+            except BaseException:  # its SystemExit, KeyboardInterrupt: this thread must live on
+                _futures_logger.exception("a done-callback of a parmap.Pool future raised")
             del settle
             with self._lock:
                 self._idle += 1

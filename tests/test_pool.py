@@ -237,6 +237,26 @@ def test_a_submit_sees_the_state_the_function_has_when_submitted(any_backend):
         assert pool.submit(obj).result(timeout=20) == 5
 
 
+def test_done_callbacks_raising_system_exit_leave_the_futures_settling(caplog):
+    # Each used to end its settling thread for good; past MAX_SETTLERS of
+    # them, no future with a callback was ever settled again.
+    def leave(_future):
+        raise SystemExit("from a callback")
+
+    with parmap.Pool(workers=2, backend="thread") as pool:
+        for _ in range(_pool.MAX_SETTLERS + 1):
+            go = threading.Event()
+            future = pool.submit(go.wait, 10)
+            future.add_done_callback(leave)  # before it is done: a settling thread runs it
+            go.set()
+            assert future.result(timeout=10) is True
+        seen = threading.Event()
+        future = pool.submit(workfns.square, 3)
+        future.add_done_callback(lambda _: seen.set())
+        assert future.result(timeout=10) == 9 and seen.wait(10)
+    assert "a done-callback of a parmap.Pool future raised" in caplog.text
+
+
 def test_terminate_then_join_leaves_no_idle_thread_of_the_pool():
     before = set(threading.enumerate())  # earlier tests' threads may still run an item
     pool = parmap.Pool(workers=2, backend="thread")
