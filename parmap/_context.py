@@ -29,5 +29,15 @@ def in_worker() -> bool:
 
 
 def working_for(backend: object) -> bool:
-    """Whether this thread runs a chunk for ``backend`` (a ``thread`` backend's, say)."""
-    return getattr(_thread_flag, "backend", None) is backend
+    """Whether this thread runs a chunk for ``backend`` (a ``thread`` backend's, say).
+
+    Backends over one ``concurrent.futures`` executor count as one: each
+    ``parmap.map(fn, items, backend=executor)`` makes its own, and a task of
+    the executor waiting for more of its threads may wait for ever.
+    """
+    marked = getattr(_thread_flag, "backend", None)
+    return marked is not None and _runs_on(marked) is _runs_on(backend)
+
+
+def _runs_on(backend: object) -> object:
+    return getattr(backend, "executor", None) or backend

@@ -89,6 +89,18 @@ def test_nested_call_runs_serially(executor):
     assert parmap.map(nested_workers, range(3), backend=executor) == [[1, 4, 9]] * 3
 
 
+@pytest.mark.timeout(30)
+def test_a_task_of_a_thread_executor_mapping_on_that_executor_runs_the_map_itself():
+    # Each parmap.map(backend=ex) makes its own backend over ex: a task that
+    # waited for ex's other threads, all busy with its siblings, hung.
+    with ThreadPoolExecutor(2) as ex:
+
+        def inner(_):
+            return parmap.map(sleep_then_square, range(3), backend=ex)
+
+        assert parmap.map(inner, range(4), backend=ex, chunksize=1) == [[0, 1, 4]] * 4
+
+
 def test_timeout_and_start_method_are_refused(executor):
     with pytest.raises(ValueError, match="timeout"):
         parmap.map(square, range(3), backend=executor, timeout=1)
