@@ -77,6 +77,31 @@ def test_closing_the_pool_waits_for_its_calls_but_leaves_the_executor(executor):
     assert_still_usable(executor)
 
 
+@pytest.mark.timeout(30)
+def test_terminate_ends_the_pools_work_on_the_executor_and_leaves_it_running(executor):
+    # It used to fail the futures and let their calls run anyway, and an imap
+    # went on yielding: terminate() did nothing to an executor's work.
+    with parmap.Pool(backend=executor) as pool:
+        results = pool.imap(sleep_then_square, range(40), chunksize=1)
+        assert next(results) == 0
+        queued = [pool.submit(sleep_then_square, i) for i in range(8)]
+        pool.terminate()
+        after = []
+        with pytest.raises(parmap.PoolClosedError):
+            after.extend(results)
+        assert len(after) <= 4  # those already back, not the other 35
+        for future in queued:
+            with pytest.raises(parmap.PoolClosedError):
+                future.result(timeout=10)
+        with pytest.raises(parmap.PoolClosedError):
+            pool.map(square, range(3))
+    # What ran on the executor was at most a chunk per worker (and what a
+    # ProcessPoolExecutor had already moved to its workers' queue).
+    started = time.monotonic()
+    assert_still_usable(executor)
+    assert time.monotonic() - started < 0.2 * 8
+
+
 def test_errors_keep_their_type(executor):
     with pytest.raises(KeyError) as info:
         parmap.map(fail_on_three, range(10), backend=executor)

@@ -71,7 +71,7 @@ def create_backend(options: PoolOptions) -> tuple[Backend, bool]:
         _no_start_method(options, "an Executor")
         from .executor import ExecutorBackend
 
-        return ExecutorBackend(backend), False
+        return ExecutorBackend(backend), True  # the wrapper, not the executor: that is never shut down
     check_backend(backend)
     assert isinstance(backend, str)
     name = auto_backend() if backend == "auto" else backend

@@ -31,7 +31,7 @@ from .._errors import PoolClosedError, WorkerCrashedError
 from .._options import default_workers
 from .._serialization import ErrorInfo, InitializerGlobals, InitializerWatch, loads, share_globals
 from .._worker import ChunkOutcome, encode_outcome, fatal_outcome, run_chunk, unreadable_outcome
-from ._base import Backend, Call, Capabilities, Chunk, ChunkLost, Done, decode_chunk_outcome
+from ._base import Backend, Call, Capabilities, Chunk, ChunkLost, Done, decode_chunk_outcome, terminated_outcome
 from .thread import _run_in_thread
 
 __all__ = ["ExecutorBackend", "call_key", "run_remote_chunk"]
@@ -133,12 +133,18 @@ def run_remote_chunk(
 
 @dataclass(eq=False)
 class _CallFutures:
-    futures: set[Future[Any]] = field(default_factory=set)
+    #: The executor's futures still out, and whom each reports to.
+    futures: dict[Future[Any], tuple[Chunk, Done]] = field(default_factory=dict)
     released: bool = False
 
 
 class ExecutorBackend(Backend):
-    """Runs chunks on a user-supplied executor."""
+    """Runs chunks on a user-supplied executor.
+
+    The executor is the user's: closing this backend (the pool over it)
+    never shuts it down. Terminating it takes back what it queued there and
+    fails what still runs, whose results are then ignored.
+    """
 
     def __init__(self, executor: Executor) -> None:
         self._executor = executor
@@ -149,9 +155,13 @@ class ExecutorBackend(Backend):
         self._lock = threading.Lock()
         self._calls: dict[int, _CallFutures] = {}
         self._broken = False
+        self._closed = False
 
     def submit(self, chunk: Chunk, done: Done) -> None:
         call = chunk.call
+        with self._lock:
+            if self._closed:
+                raise PoolClosedError("this pool is closed")
         try:
             if self._in_process:
                 future: Future[Any] = self._executor.submit(_run_in_thread, chunk, self)
@@ -167,18 +177,23 @@ class ExecutorBackend(Backend):
             state = self._calls.get(call.id)
             if state is None:
                 state = self._calls[call.id] = _CallFutures()
-            state.futures.add(future)
-        future.add_done_callback(partial(self._report, chunk, done, state))
-
-    def _report(self, chunk: Chunk, done: Done, state: _CallFutures, future: Future[Any]) -> None:
-        with self._lock:
-            state.futures.discard(future)
-            if state.released:
+            if state.released or self._closed:  # meanwhile: it must not run
+                future.cancel()
                 return
+            state.futures[future] = (chunk, done)
+        future.add_done_callback(partial(self._report, state))
+
+    def _report(self, state: _CallFutures, future: Future[Any]) -> None:
+        with self._lock:
+            # Whoever takes it reports it: this, or a terminate() meanwhile.
+            taken = state.futures.pop(future, None)
+        if taken is None:
+            return
+        chunk, done = taken
         try:
             value = future.result()
         except CancelledError:
-            # Not by us (release marks the call first): someone shut the executor down.
+            # Not by us (release and terminate take it first): someone shut the executor down.
             done(chunk, ChunkLost(None, detail="the executor cancelled it (was it shut down?)"))
             return
         except BrokenExecutor as exc:
@@ -200,15 +215,38 @@ class ExecutorBackend(Backend):
             if state is None:
                 return
             state.released = True
-            # A breaking ProcessPoolExecutor fails its futures one by one from its
-            # manager thread; cancelling one meanwhile makes that thread die of
-            # InvalidStateError (CPython 3.11) and leave its workers running.
-            futures = [] if self._broken else list(state.futures)
-        for future in futures:
-            future.cancel()  # queued chunks are dropped; running ones finish unseen
+            futures = list(state.futures)
+            state.futures.clear()
+        self._cancel(futures)  # queued chunks are dropped; running ones finish unseen
 
     def close(self, kill: bool = False) -> None:
-        """Not ours to shut down."""
+        """Take no more chunks; with ``kill``, also end those still out, as
+        terminated. The executor itself is not ours to shut down."""
+        with self._lock:
+            self._closed = True
+            if not kill:
+                return
+            states = list(self._calls.values())
+            self._calls.clear()
+            ended: list[tuple[Chunk, Done]] = []
+            futures: list[Future[Any]] = []
+            for state in states:
+                state.released = True
+                ended.extend(state.futures.values())
+                futures.extend(state.futures)
+                state.futures.clear()
+        self._cancel(futures)  # out of the lock: a cancelled future's callback takes it
+        outcome = terminated_outcome()
+        for chunk, done in ended:
+            done(chunk, outcome)
+
+    def _cancel(self, futures: list[Future[Any]]) -> None:
+        # A breaking ProcessPoolExecutor fails its futures one by one from its
+        # manager thread; cancelling one meanwhile makes that thread die of
+        # InvalidStateError (CPython 3.11) and leave its workers running.
+        if not self._broken:
+            for future in futures:
+                future.cancel()
 
 
 def _broken_message(exc: BaseException) -> str:
