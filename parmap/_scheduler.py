@@ -121,8 +121,10 @@ class Scheduler:
         self._next_position = 0
         self._exhausted = False
         self._in_order = deliver_in_order
-        self._window = 2 * backend.workers + 1
-        self._sizer = ChunkSizer(options.chunksize, backend.workers, self._total)
+        # An empty list asks nothing of the backend: a Dask one would connect to count its workers.
+        workers = 1 if self._total == 0 else backend.workers
+        self._window = 2 * workers + 1
+        self._sizer = ChunkSizer(options.chunksize, workers, self._total)
         self._events: queue.SimpleQueue[tuple[Chunk, ChunkOutcome | ChunkLost]] = queue.SimpleQueue()
         self._outstanding: deque[Record] = deque()  # in creation (= input) order
         self._unfinished = 0

@@ -307,6 +307,12 @@ def test_unreachable_scheduler_fails_naming_it(monkeypatch):
     assert any("PARMAP_DASK_ADDRESS" in note for note in info.value.__notes__)
 
 
+def test_an_empty_input_asks_nothing_of_the_scheduler():
+    # It connected (to count the workers) and failed on an address it never needed.
+    assert parmap.map(square, [], backend="dask", address="tcp://127.0.0.1:1") == []
+    assert parmap.starmap(pow, (), backend="dask", address="tcp://127.0.0.1:1") == []
+
+
 @pytest.mark.parametrize("peer", ["silent", "babbling"])
 def test_an_address_that_is_no_scheduler_fails_naming_it(monkeypatch, peer):
     # A listener that never answers (a dashboard's port, say) kept Client()
