@@ -739,11 +739,26 @@ def _settlement(
     elif result.fatal is not None:
         error = result.fatal.rebuild()
     elif result.errors:
-        error = result.errors[0].rebuild()
+        error = _retold_for_submit(result.errors[0].rebuild(), fn)
     else:
         value = result.results[0]
         return lambda: _settle(future.set_result, value)
     return lambda: _settle(future.set_exception, error)
+
+
+def _retold_for_submit(error: BaseException, fn: Callable[..., Any]) -> BaseException:
+    """A submit has no "item #0": its arguments, and its result, are what travelled."""
+    if not isinstance(error, SerializationError):
+        return error
+    text = str(error)
+    where = f"submit({short_repr(fn)}, ...)"
+    retellings = (("the result of item #0 ", f"the result of {where} "), ("item #0 ", f"the arguments of {where} "))
+    for said, meant in retellings:
+        if text.startswith(said):
+            retold = SerializationError(meant + text[len(said) :])
+            retold.__cause__ = error.__cause__
+            return retold
+    return error
 
 
 def _settle(setter: Callable[[Any], None], outcome: Any) -> None:

@@ -213,6 +213,13 @@ def test_submits_of_one_function_send_it_once_per_worker(process_backend, tmp_ma
     assert 1 <= len(os.listdir(tmp_marker_dir)) <= 4  # was one per submit
 
 
+def test_a_submit_whose_result_cannot_travel_names_the_submit_not_an_item(process_backend):
+    with parmap.Pool(workers=2, backend=process_backend) as pool:
+        future = pool.submit(workfns.return_unpicklable, workfns.BAD)
+        with pytest.raises(parmap.SerializationError, match=r"^the result of submit\(<function return_unpicklable"):
+            future.result(timeout=20)
+
+
 class _Reading:
     """A callable object whose state the caller changes between submits."""
 
