@@ -332,7 +332,12 @@ class Pool:
         # A pool dropped without close() must not leave processes behind.
         if not getattr(self, "_closed", True):
             try:
-                self._shutdown(kill=True)
+                if threading.current_thread().daemon:
+                    # Likely a thread of the backend's own, which took the last
+                    # reference with a result: closing here would wait for it.
+                    threading.Thread(target=self._shutdown, args=(True,), name="parmap-dropped", daemon=True).start()
+                else:
+                    self._shutdown(kill=True)
             except Exception:  # noqa: S110 - interpreter teardown
                 pass
 

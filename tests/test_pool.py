@@ -604,6 +604,20 @@ def test_imap_dropped_without_close(backend):
     gc.collect()  # the one-call pool stops its workers (no_orphans checks)
 
 
+def test_a_pool_dropped_while_its_submit_runs_closes_without_deadlock(backend):
+    # The last reference went with the future's result, on a thread of the
+    # backend's own: closing there waited for that very thread (pool: the
+    # interpreter then never exited; apply_async: three threads stuck).
+    before = set(threading.enumerate())
+    future = parmap.Pool(workers=2, backend=backend).submit(workfns.sleep_then_square, 3, 0.2)
+    assert future.result(timeout=10) == 9
+    del future
+    deadline = time.monotonic() + 5
+    while (left := set(threading.enumerate()) - before) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [t.name for t in left if not t.name.startswith("tqdm")] == []
+
+
 @pytest.mark.parametrize("collector", ["gc", "no gc"])
 def test_a_pool_dropped_after_submit_stops_its_workers(process_backend, collector):
     # A submit's outcome handler used to be a closure that resubmitted
