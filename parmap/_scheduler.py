@@ -221,7 +221,10 @@ class Scheduler:
         return used < self._window
 
     def _next_record(self) -> Record | None:
-        remaining = None if self._total is None else max(0, self._total - self._next_position)
+        remaining = None
+        if self._total is not None and self._next_position < self._total:
+            remaining = self._total - self._next_position
+        # else unknown: past a __len__ that said too little, chunks of one would crawl
         size = self._sizer.next_size(remaining, self._taken)
         items: list[Any] | SourceSlice
         source = self._call.source

@@ -60,6 +60,36 @@ class _LengthUnknowable:
         raise RuntimeError("size unknown")
 
 
+class _Understated:
+    """20,000 items under a __len__ that says 10, with a log of pulls and calls."""
+
+    def __init__(self, log):
+        self._log = log
+
+    def __len__(self):
+        return 10
+
+    def __iter__(self):
+        for i in range(20_000):
+            self._log.append("pull")
+            yield i
+
+
+def test_a_len_that_says_too_little_does_not_shrink_chunks_to_one_item():
+    # Past the stated length the rest was sized as a tail of nothing left:
+    # one item per chunk, 400-800x slower. On serial, each run of calls
+    # after a run of pulls is one chunk.
+    log = []
+
+    def logged(x):
+        log.append("call")
+        return x
+
+    assert parmap.map(logged, _Understated(log), backend="serial") == list(range(20_000))
+    chunks = sum(1 for a, b in itertools.pairwise(log) if a == "pull" and b == "call")
+    assert chunks < 200
+
+
 def test_an_iterable_is_iterated_once(any_backend):
     items = _OneShot(range(5))
     assert parmap.map(square, items, workers=2, backend=any_backend) == [0, 1, 4, 9, 16]
