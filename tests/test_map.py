@@ -7,6 +7,7 @@ import itertools
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -301,6 +302,26 @@ def test_items_of_a_class_defined_in_a_function_come_back_as_that_class(any_back
     modes = [Mode.A, Mode.B] * 3
     got = parmap.map(workfns.identity, modes, workers=2, backend=any_backend)
     assert all(a is b for a, b in zip(got, modes, strict=True))
+
+
+def _fail_on_0_else_nap(x):
+    if x == 0:
+        raise ValueError("the first")
+    time.sleep(0.3)
+    return x
+
+
+def test_a_failed_or_closed_call_on_threads_leaves_no_thread_running():
+    # As `with ThreadPoolExecutor()` would: the items under way (short
+    # here) are waited for, so no thread of the call outlives it.
+    before = set(threading.enumerate())
+    with pytest.raises(ValueError, match="the first"):
+        parmap.map(_fail_on_0_else_nap, range(6), workers=2, backend="thread", chunksize=1)
+    assert [t.name for t in set(threading.enumerate()) - before if t.name.startswith("parmap")] == []
+    results = parmap.imap(_fail_on_0_else_nap, range(1, 20), workers=2, backend="thread", chunksize=1)
+    assert next(results) == 1
+    results.close()
+    assert [t.name for t in set(threading.enumerate()) - before if t.name.startswith("parmap")] == []
 
 
 def test_closing_an_imap_stops_the_chunks_its_threads_run():

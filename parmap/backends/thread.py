@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,8 +24,11 @@ from .._errors import PoolClosedError
 from .._worker import ChunkOutcome, run_chunk
 from ._base import Backend, Call, Capabilities, Chunk, Done, dropped_outcome, terminated_outcome
 
-#: terminate() waits this long for a thread that looked idle to end.
-IDLE_EXIT_SECONDS = 1.0
+#: terminate() waits at most this long for the threads to end. One running
+#: an item stops before its next; the item itself cannot be stopped, and
+#: one that runs on is left to finish unwatched, so that an error or Ctrl-C
+#: still ends the call within about a second, as on the process backends.
+KILL_WAIT_SECONDS = 1.0
 
 
 def _run_in_thread(chunk: Chunk, backend: Backend, fn: Callable[..., Any] | None = None) -> ChunkOutcome:
@@ -41,12 +45,14 @@ class _Released(BaseException):
     """The call ended while its chunk ran: a BaseException, so the chunk stops."""
 
 
-def _until_released(fn: Callable[..., Any], released: set[int], call_id: int) -> Callable[..., Any]:
-    """``fn``, refusing to start an item once the call was released: a closed
-    ``imap`` stops its running chunks too, not only its queued ones."""
+def _until_released(fn: Callable[..., Any], backend: ThreadBackend, call_id: int) -> Callable[..., Any]:
+    """``fn``, refusing to start an item once the call was released or the
+    pool terminated: a closed ``imap`` stops its running chunks too, not
+    only its queued ones."""
+    released = backend._released
 
     def guarded(*args: Any) -> Any:
-        if call_id in released:
+        if call_id in released or backend._killed:
             raise _Released
         return fn(*args)
 
@@ -72,7 +78,7 @@ class ThreadBackend(Backend):
         self._lock = threading.Lock()
         self._closed = False
         self._released: set[int] = set()
-        self._busy: set[threading.Thread] = set()  # running a chunk (terminate() does not wait for them)
+        self._killed = False
 
     def submit(self, chunk: Chunk, done: Done) -> None:
         with self._lock:
@@ -96,13 +102,7 @@ class ThreadBackend(Backend):
             self._idle.release()
 
     def _serve_one(self, chunk: Chunk, done: Done) -> None:
-        me = threading.current_thread()
-        self._busy.add(me)
-        try:
-            outcome = self._run(chunk)
-        finally:
-            # Before done(): the caller may terminate() as soon as it has the outcome.
-            self._busy.discard(me)
+        outcome = self._run(chunk)
         if outcome is not None:
             done(chunk, outcome)
 
@@ -123,8 +123,10 @@ class ThreadBackend(Backend):
             return ChunkOutcome.failed(self._init_error)
         call_id = chunk.call.id
         try:
-            outcome = _run_in_thread(chunk, self, _until_released(chunk.call.fn, self._released, call_id))
-            return None if call_id in self._released else outcome
+            outcome = _run_in_thread(chunk, self, _until_released(chunk.call.fn, self, call_id))
+            if call_id in self._released:
+                return None
+            return terminated_outcome() if self._killed else outcome  # stopped by terminate()
         except BaseException as exc:
             # Raised outside fn (run_chunk carries fn's own SystemExit back):
             # fail the call rather than end this thread unreported.
@@ -135,13 +137,15 @@ class ThreadBackend(Backend):
 
     def close(self, kill: bool = False) -> None:
         """Stop the threads once the queued work is done; with ``kill``, drop
-        the queued work and leave running items to finish unwatched."""
+        the queued work, stop running chunks before their next item, and
+        wait for that no longer than :data:`KILL_WAIT_SECONDS`."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             threads = list(self._threads)
         if kill:
+            self._killed = True
             dropped = []
             try:
                 while True:
@@ -154,12 +158,8 @@ class ThreadBackend(Backend):
                 done(chunk, terminated_outcome())
         for _ in threads:
             self._jobs.put(None)
+        deadline = time.monotonic() + KILL_WAIT_SECONDS
         for thread in threads:
-            if not kill:
-                thread.join()
-            elif thread not in self._busy:
-                # An idle one is gone at once, so that terminate(); join() leaves
-                # no thread of the pool's but those still running an item. (One
-                # that took a chunk a moment ago but is not marked busy yet
-                # is waited for no longer than this.)
-                thread.join(timeout=IDLE_EXIT_SECONDS)
+            if thread is threading.current_thread():
+                continue  # a task that closed its own pool
+            thread.join(timeout=max(0.0, deadline - time.monotonic()) if kill else None)
