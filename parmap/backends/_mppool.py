@@ -473,6 +473,12 @@ class MPPoolBackend(Backend):
             # terminate() sends SIGTERM (a worker it finds idle exits 0);
             # SIGKILL only where it had to force.
             ours = {0, -signal.SIGTERM, -signal.SIGKILL} if forced else {0, -signal.SIGTERM}
+            # And the workers the old pool started since the last look: one
+            # may have taken a chunk and died of it meanwhile.
+            known = dict(known or {})
+            for process in list(self._pool.started):
+                if process.pid is not None:
+                    known.setdefault(process.pid, process)
             innocent = []
             # As in _worker_died: of the chunks naming one worker, only the
             # latest claimed can have died with it; the others finished, and
@@ -487,7 +493,7 @@ class MPPoolBackend(Backend):
                 if latest[int(self._status[flight.slot * SLOT_WIDTH])] is not flight:
                     innocent.append(flight)
                     continue
-                death = self._own_death(flight, known or {}, handled or set(), ours)
+                death = self._own_death(flight, known, handled or set(), ours)
                 if death is None:
                     innocent.append(flight)
                 else:
