@@ -2,7 +2,8 @@
 
 An explicit ``chunksize`` is used as given. Otherwise the size adapts:
 
-* the first chunks are small, so the first measurement comes back quickly;
+* the first chunks are small (1, 2, 4, ... items), so the first measurement,
+  and the first result, come back quickly;
 * each finished chunk reports how long its items took to compute; the next
   chunk is sized to take about :data:`TARGET_CHUNK_SECONDS`, so a tiny task
   is batched by the thousand and a slow one travels alone;
@@ -69,10 +70,10 @@ MARK_MIN_ITEM_SECONDS = 10e-6
 # Chunks this small are marked whatever their items cost: 64 marks take ~8 us,
 # against the ~100 us a chunk costs the parent anyway (benchmark W4).
 MARK_ALWAYS_UP_TO = 64
-# Before the first measurement, with a known length: a small slice of it, so
-# that the first cost measurement comes back after one item on W2/W3 (200
-# items of ~10 ms: total // (2 * 64) = 1) and after 64 items on W1, whose
-# first chunks are all overhead anyway (benchmarks/bench.py, W1-W3).
+# Before the first measurement, with a known length: chunks of 1, 2, 4, ...
+# items, up to a small slice of it, so that the first cost measurement (and
+# the first result) comes back after one item, and W1's first chunks, all
+# overhead anyway, still grow to 64 items (benchmarks/bench.py, W1-W3).
 INITIAL_SHARE = 64
 MAX_INITIAL_CHUNK = 64
 # Big items travel a few at a time: one pickled chunk stays under this, so the
@@ -97,6 +98,7 @@ class ChunkSizer:
         self._cost: float | None = None  # seconds per item
         self._item_bytes: float | None = None  # pickled bytes per item
         self._result_bytes: float | None = None  # pickled bytes per result
+        self._unmeasured = 0  # chunks sized before the first measurement
 
     def next_size(self, remaining: int | None, taken: int = 0) -> int:
         """The size of the next chunk, given how many items remain (if known)
@@ -107,7 +109,11 @@ class ChunkSizer:
             if self._total is None:
                 size = 1
             else:
-                size = min(MAX_INITIAL_CHUNK, max(1, self._total // (self._workers * INITIAL_SHARE)))
+                # 1, 2, 4, ... up to a small slice: an item of seconds must
+                # not wait behind dozens of others for the first result.
+                share = max(1, self._total // (self._workers * INITIAL_SHARE))
+                size = min(MAX_INITIAL_CHUNK, share, 1 << min(self._unmeasured, 16))
+                self._unmeasured += 1
         else:
             size = int(TARGET_CHUNK_SECONDS / self._cost) if self._cost > 0 else MAX_UNSIZED_CHUNK * 64
         per_item = max(self._item_bytes or 0.0, self._result_bytes or 0.0)

@@ -92,3 +92,12 @@ def test_backlog_is_measured_even_with_a_fixed_chunksize():
     sizer.observe(5, 5 * 0.01)
     assert sizer.next_size(95) == 5
     assert sizer.backlog(95) == 95 * 0.01
+
+
+def test_before_any_measurement_chunks_double_from_one_item():
+    # A long input of slow items got 64-item first chunks: the first result
+    # waited for 64 of them. Tiny ones still reach the slice quickly.
+    sizer = ChunkSizer(None, workers=2, total=1_000_000)
+    assert [sizer.next_size(1_000_000) for _ in range(9)] == [1, 2, 4, 8, 16, 32, 64, 64, 64]
+    small = ChunkSizer(None, workers=2, total=1000)  # a slice of 1000 // 128 = 7
+    assert [small.next_size(1000) for _ in range(5)] == [1, 2, 4, 7, 7]
