@@ -311,6 +311,40 @@ def _fail_on_0_else_nap(x):
     return x
 
 
+CALLS_FROM_FOUR_THREADS = """
+import sys, threading, time
+sys.path.insert(0, {root!r})
+import parmap
+
+def square(x):
+    return x * x
+
+def loop(deadline):
+    while time.monotonic() < deadline:
+        assert parmap.map(square, range(6), workers=2, backend="process") == [x * x for x in range(6)]
+
+deadline = time.monotonic() + 2
+threads = [threading.Thread(target=loop, args=(deadline,)) for _ in range(4)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+print("done")
+"""
+
+
+@pytest.mark.timeout(60)
+def test_calls_from_several_threads_fork_workers_that_start_cleanly():
+    # A worker forked while another call's thread was closing a pipe end met
+    # a half-closed connection in its after-fork clean-up: "Exception
+    # ignored ... Bad file descriptor", and the rest of the clean-up skipped.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = CALLS_FROM_FOUR_THREADS.format(root=root)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=50)
+    assert result.returncode == 0 and result.stdout.strip() == "done", result.stderr[-2000:]
+    assert "Exception ignored" not in result.stderr, result.stderr[-2000:]
+
+
 def test_a_failed_or_closed_call_on_threads_leaves_no_thread_running():
     # As `with ThreadPoolExecutor()` would: the items under way (short
     # here) are waited for, so no thread of the call outlives it.

@@ -139,8 +139,28 @@ def _drop_parent_ends_after_fork() -> None:
     for workers in list(_LIVE):
         workers._drop_parent_ends()
     for conn in _STARTING_ENDS:
-        conn.close()
+        _close_quietly(conn)
     _forget_the_parents_children()
+
+
+def _close_quietly(conn: Any) -> None:
+    # A fork by anyone but a pool start (a multiprocessing.Pool's, the
+    # user's) may catch a connection half closed by its parent; the rest of
+    # the clean-up must still happen.
+    with contextlib.suppress(OSError):
+        conn.close()
+
+
+def _close_parent_end(conn: Any) -> None:
+    """Close the parent's end of a worker's pipe, never while a worker forks.
+
+    ``Connection.close()`` frees the descriptor before it forgets it: a
+    child forked in between would close that number again in
+    :func:`_drop_parent_ends_after_fork`, and by then it may be the new
+    worker's own pipe end.
+    """
+    with _STARTING:
+        conn.close()
 
 
 def _forget_the_parents_children() -> None:
@@ -304,7 +324,7 @@ class LocalWorkers(Backend):
         """
         for other in self._procs:
             if other is not None:
-                other.conn.close()
+                _close_quietly(other.conn)
 
     # -- the Backend interface (caller threads) ------------------------
     def submit(self, chunk: Chunk, done: Done) -> None:
@@ -730,7 +750,7 @@ class LocalWorkers(Backend):
         except (EOFError, OSError):
             pass
         exitcode = self._reap(worker)
-        worker.conn.close()
+        _close_parent_end(worker.conn)
         if worker.chunk is not None:
             timed_out = worker.timed_out_offset is not None
             read = self._status[worker.index * SLOT_WIDTH + 3]
@@ -863,5 +883,5 @@ class LocalWorkers(Backend):
             if not kill and not wait([worker.sentinel], timeout=5.0):
                 self._kill_worker(worker)
             self._reap(worker)
-            worker.conn.close()
+            _close_parent_end(worker.conn)
         self._procs = [None] * self.workers
