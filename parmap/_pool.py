@@ -378,14 +378,21 @@ class Pool:
             self._finished.set()
 
     def _close_backend(self, kill: bool) -> None:
-        with self._lock:
-            if not kill:
-                # Submitted calls first, retries included (the backend would
-                # refuse a retry once closing), and maps running in other
-                # threads (which hand the backend their chunks as they go);
-                # on an executor given as backend too, though it runs on.
-                while (self._futures or self._running_maps) and not self._killed:
-                    self._all_settled.wait()
+        if not kill:
+            try:
+                with self._lock:
+                    # Submitted calls first, retries included (the backend would
+                    # refuse a retry once closing), and maps running in other
+                    # threads (which hand the backend their chunks as they go);
+                    # on an executor given as backend too, though it runs on.
+                    while (self._futures or self._running_maps) and not self._killed:
+                        self._all_settled.wait()
+            except BaseException:
+                # Ctrl-C while leaving the with block: stop the workers now.
+                with self._lock:
+                    self._killed = True
+                self._close_backend(kill=True)
+                raise
         if self._owns_backend:
             self._backend.close(kill=kill)
         for stand_in in (self._timed, self._here):

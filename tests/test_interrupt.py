@@ -86,6 +86,45 @@ def test_ctrl_c_stops_everything(tmp_path, backend):
     assert _gone(workers, within=3) == []
 
 
+LEAVING_WITH_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    sys.path[:0] = [{root!r}, {tests!r}]
+    import parmap
+
+    def slow(x):
+        time.sleep(30)
+        return x
+
+    if __name__ == "__main__":
+        try:
+            with parmap.Pool(workers=2, backend={backend!r}) as pool:
+                futures = [pool.submit(slow, i) for i in range(2)]
+                print("started", flush=True)
+        except KeyboardInterrupt:  # the program goes on, and so did the workers
+            print("caught", flush=True)
+            time.sleep(30)
+    """
+)
+
+
+@pytest.mark.timeout(40)
+@pytest.mark.parametrize("backend", PROCESS_BACKENDS)
+def test_ctrl_c_while_leaving_a_with_block_stops_the_workers(tmp_path, backend):
+    # Leaving the block waits for the submitted calls; Ctrl-C then ended
+    # the wait but stopped nothing, and the workers ran on for good.
+    script = tmp_path / "leaving_with.py"
+    script.write_text(LEAVING_WITH_SCRIPT.format(root=os.path.dirname(TESTS_DIR), tests=TESTS_DIR, backend=backend))
+    proc, workers = _start(tmp_path, backend, script)
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.stdout.readline().strip() == "caught"
+        assert _gone(workers, within=3) == []
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
 COMMAND_SCRIPT = textwrap.dedent(
     """
     import subprocess, sys
