@@ -36,7 +36,13 @@ class ParallelFunction(Generic[P, R]):
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         return self.__wrapped__(*args, **kwargs)
 
-    def __get__(self, instance: object, owner: type | None = None) -> Any:
+    @overload
+    def __get__(self, instance: None, owner: type | None = None) -> ParallelFunction[P, R]: ...
+    @overload
+    def __get__(self, instance: object, owner: type | None = None) -> ParallelFunction[..., R]: ...
+
+    def __get__(self, instance: object, owner: type | None = None) -> ParallelFunction[Any, Any]:
+        # Bound, the parameters less ``self`` cannot be spelled: only R is kept.
         fn = self.__wrapped__
         if isinstance(fn, (staticmethod, classmethod)):  # @parallel above them: they bind as they would
             return ParallelFunction(fn.__get__(instance, owner), self._options)

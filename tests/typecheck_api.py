@@ -50,3 +50,16 @@ assert_type(cube.map([1, 2]), list[int])
 assert_type(cube.imap([1, 2]), Iterator[int])
 assert_type(half(2.0), float)
 assert_type(half.map([1.0], chunksize=1), list[float])
+
+
+class Scaler:
+    def __init__(self, factor: int) -> None:
+        self.factor = factor
+
+    @parmap.parallel
+    def scale(self, x: int) -> int:
+        return x * self.factor
+
+
+assert_type(Scaler(3).scale(2), int)
+assert_type(Scaler(3).scale.map([1, 2]), list[int])
