@@ -29,12 +29,15 @@ def in_worker() -> bool:
 
 
 def working_for(backend: object) -> bool:
-    """Whether this thread runs a chunk for ``backend`` (a ``thread`` backend's, say).
+    """Whether this thread runs a chunk for ``backend`` (a ``thread`` backend's, say)."""
+    return getattr(_thread_flag, "backend", None) is backend
 
-    Backends over one ``concurrent.futures`` executor count as one: each
-    ``parmap.map(fn, items, backend=executor)`` makes its own, and a task of
-    the executor waiting for more of its threads may wait for ever.
-    """
+
+def working_on(backend: object) -> bool:
+    """Whether this thread is one of the threads ``backend`` runs its chunks
+    on: also a task of another backend over the same ``concurrent.futures``
+    executor (each ``parmap.map(fn, items, backend=executor)`` makes its
+    own), which waiting for more of that executor's threads may wait for ever."""
     marked = getattr(_thread_flag, "backend", None)
     return marked is not None and _runs_on(marked) is _runs_on(backend)
 

@@ -24,7 +24,7 @@ from . import _context
 from ._errors import PoolClosedError, SerializationError
 from ._options import CallOptions, OnError, PoolOptions
 from ._scheduler import SKIPPED, Record, Scheduler, lost_error
-from ._serialization import dumps_function, find_unpicklable, short_repr, track_classes, travels_by_name
+from ._serialization import dumps_function, find_unpicklable, loads, short_repr, track_classes, travels_by_name
 from .backends import create_backend, create_timed_stand_in
 from .backends._base import Backend, Call, Chunk, ChunkLost, ChunkOutcome
 
@@ -177,9 +177,11 @@ class Pool:
         future fails with ``PoolClosedError``.
         Consecutive submits of one function of a module share one call, so
         ``fn`` goes to each worker once and only the arguments travel with
-        each submit. A lambda, closure or callable object is pickled with
-        each submit, as ``ProcessPoolExecutor`` does: a change to its state
-        between two submits reaches the worker.
+        each submit. A lambda, closure or callable object is pickled at each
+        submit (those that pickle the same share a call): a worker runs it
+        as it was when submitted, whatever the caller changes in it later.
+        (On the ``thread`` backend nothing is pickled: the task runs the
+        caller's very object, as a ``ThreadPoolExecutor``'s does.)
         """
         self._check_open()
         _check_fn(fn)
@@ -216,40 +218,56 @@ class Pool:
         return future
 
     def _submit_call_for(self, fn: Callable[..., Any], backend: Backend) -> Call:
-        """The call that runs ``fn`` for ``submit``: when ``fn`` is the last
-        function submitted, that one's (benchmark W8: 10,000 submits), else a
-        new one; a call replaced so is released once its last submit has ended.
+        """The call that runs ``fn`` for ``submit``: the last submit's when it
+        would run the same (benchmark W8: 10,000 submits), else a new one; a
+        call replaced so is released once its last submit has ended.
 
-        Only what would reach a worker unchanged is shared: a function that
-        is not pickled (threads) or is found by its module and name, or,
-        while a submit of it still runs, one that pickles to the same bytes
-        as before. A closure or a callable object whose state changed
-        between two submits must send that state again, as
-        ``ProcessPoolExecutor`` does, and only a function of a module, which
-        lives on there anyway, is kept once its submits have ended: the pool
-        must not keep alive what the caller is done with.
+        The same is: ``fn`` itself, when it is not pickled (threads) or is
+        found by its module and name; else what ``fn`` pickles to. A closure
+        or a callable object whose state changed between two submits must
+        send that state again, as ``ProcessPoolExecutor`` does, and a worker
+        must run it as it was at its submit, also one forked later, which
+        inherits the call: such a call runs a copy of ``fn`` made from those
+        bytes. The pool keeps the last call for the next submit only when it
+        holds no object of the caller's but a function of a module (alive
+        there anyway): it must not keep alive what the caller is done with.
         """
-        kept = travels_by_name(fn, local=not backend.capabilities.remote)  # alive in its module anyway
-        shared = kept or not backend.capabilities.isolated
+        local = not backend.capabilities.remote
+        named = travels_by_name(fn, local=local)
         fn_bytes = None
-        if not shared:
+        if not named and backend.capabilities.isolated:
             with contextlib.suppress(SerializationError):  # submit() names the problem
-                fn_bytes = dumps_function(_Apply(fn))
-        idle: Call | None = None
+                fn_bytes = dumps_function(_Apply(fn), local=local)  # as the backend will send it
+        by_identity = fn_bytes is None
         with self._lock:
-            last = self._submit_call
-            same = shared and last is not None and last.shared
-            if last is not None and last.fn is fn and (same or (fn_bytes and fn_bytes == last.fn_bytes)):
-                call = last.call
+            call = self._reusable_submit_call(fn if by_identity else None, fn_bytes)
+        if call is None:
+            runs = fn if fn_bytes is None else loads(fn_bytes).fn  # fn as it is now
+            call = Call(_Apply(runs), timeout=self._defaults.timeout)
+            if local:
+                call._local_fn_bytes = fn_bytes
             else:
+                call._fn_bytes = fn_bytes
+            kept = named or not by_identity
+            idle: Call | None = None
+            with self._lock:
+                last = self._submit_call
                 if last is not None and last.call.id not in self._submits_running:
                     idle = last.call  # nothing of it runs: release it now
-                call = Call(_Apply(fn), timeout=self._defaults.timeout, _fn_bytes=fn_bytes)
-                self._submit_call = _SubmitCall(fn, call, shared, kept, fn_bytes)
-            self._submits_running[call.id] = self._submits_running.get(call.id, 0) + 1
-        if idle is not None:
-            self._backend.release(idle)
+                self._submit_call = _SubmitCall(fn if by_identity else None, call, kept, fn_bytes)
+                self._submits_running[call.id] = 1
+            if idle is not None:
+                self._backend.release(idle)
         return call
+
+    def _reusable_submit_call(self, fn: Callable[..., Any] | None, fn_bytes: bytes | None) -> Call | None:
+        """The last submit's call if it runs ``fn`` (or what pickled to
+        ``fn_bytes``), counted as running once more (under the lock)."""
+        last = self._submit_call
+        if last is None or (last.fn is not fn if fn is not None else last.fn_bytes != fn_bytes):
+            return None
+        self._submits_running[last.call.id] = self._submits_running.get(last.call.id, 0) + 1
+        return last.call
 
     def _submit_ended(self, call: Call) -> None:
         with self._lock:
@@ -474,7 +492,7 @@ class Pool:
           could stop a running item. That call runs serially still, on one
           forked child that can be stopped.
         """
-        if _context.working_for(self._backend):
+        if _context.working_for(self._backend) or _context.working_on(self._backend):
             with self._lock:
                 if self._here is None:
                     from .backends.serial import SerialBackend
@@ -783,11 +801,10 @@ def _settle(setter: Callable[[Any], None], outcome: Any) -> None:
 class _SubmitCall(NamedTuple):
     """The call of the last function submitted (see ``Pool._submit_call_for``)."""
 
-    fn: Callable[..., Any]
+    fn: Callable[..., Any] | None  # a submit of this very function may use it
     call: Call
-    shared: bool  # every submit of fn may use it while it runs
-    kept: bool  # ... and after, for the next submit of fn
-    fn_bytes: bytes | None  # else what fn pickled to: only a submit pickling the same may
+    kept: bool  # for the next submit once its own have ended (it holds nothing of the caller's)
+    fn_bytes: bytes | None  # else one of a function that pickles to these bytes may
 
 
 class _Apply:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 
@@ -100,6 +101,52 @@ def test_terminate_ends_the_pools_work_on_the_executor_and_leaves_it_running(exe
     started = time.monotonic()
     assert_still_usable(executor)
     assert time.monotonic() - started < 0.2 * 8
+
+
+class _SlowToSubmit(ThreadPoolExecutor):
+    """An executor whose submit() takes a while (a busy one, an instrumented one)."""
+
+    def submit(self, *args, **kwargs):
+        future = super().submit(*args, **kwargs)
+        time.sleep(0.3)
+        return future
+
+
+@pytest.mark.timeout(30)
+def test_terminate_while_a_chunk_is_being_handed_over_still_ends_the_map():
+    # The chunk handed over while terminate() ran was cancelled and never
+    # reported: the map waited for it for ever.
+    with _SlowToSubmit(2) as ex:
+        pool = parmap.Pool(backend=ex)
+        outcome = []
+        mapping = threading.Thread(target=lambda: outcome.append(_outcome_of(pool.map, time.sleep, [0.05])))
+        mapping.start()
+        time.sleep(0.15)
+        pool.terminate()
+        mapping.join(10)
+        assert not mapping.is_alive()
+        assert isinstance(outcome[0], parmap.PoolClosedError)
+
+
+def _outcome_of(fn, *args):
+    try:
+        return fn(*args)
+    except BaseException as exc:
+        return exc
+
+
+def test_a_task_may_close_and_join_a_pool_of_its_own_over_the_same_executor():
+    # Only a task of that very pool is refused join() (it would wait for itself).
+    with ThreadPoolExecutor(4) as ex:
+
+        def task(_):
+            pool = parmap.Pool(backend=ex)
+            results = pool.map(abs, [-1, -2])
+            pool.close()
+            pool.join()
+            return results
+
+        assert parmap.map(task, range(2), backend=ex) == [[1, 2], [1, 2]]
 
 
 def test_errors_keep_their_type(executor):

@@ -177,10 +177,16 @@ class ExecutorBackend(Backend):
             state = self._calls.get(call.id)
             if state is None:
                 state = self._calls[call.id] = _CallFutures()
-            if state.released or self._closed:  # meanwhile: it must not run
-                future.cancel()
-                return
-            state.futures[future] = (chunk, done)
+            # Meanwhile released (no one waits for it) or terminated (it must
+            # hear so, as what close() found did): it must not run.
+            late = state.released or self._closed
+            if not late:
+                state.futures[future] = (chunk, done)
+        if late:
+            future.cancel()
+            if not state.released:
+                done(chunk, terminated_outcome())
+            return
         future.add_done_callback(partial(self._report, state))
 
     def _report(self, state: _CallFutures, future: Future[Any]) -> None:
