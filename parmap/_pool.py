@@ -54,6 +54,14 @@ def _terminate_open_pools() -> None:
 atexit.register(_terminate_open_pools)
 
 
+def run_exit_hook_first() -> None:
+    """Move the exit hook that ends open pools before those registered since
+    (``distributed``'s closes its clusters: a pool's client would then try
+    for seconds to reach a scheduler already gone, and say so on stderr)."""
+    atexit.unregister(_terminate_open_pools)
+    atexit.register(_terminate_open_pools)
+
+
 class Pool:
     """A set of workers that serves many calls.
 

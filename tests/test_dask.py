@@ -388,6 +388,33 @@ def _run_python(code: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
 
 
+QUIET_EXIT = """
+import os
+import parmap
+
+def crash_on_1(x):
+    if x == 1:
+        os._exit(3)
+    return x
+
+pool = parmap.Pool(workers=2, backend="dask")
+results = pool.map(crash_on_1, range(4), chunksize=1, on_error="return")
+print([type(r).__name__ for r in results])
+# left open: the exit hook closes it
+"""
+
+
+@pytest.mark.timeout(90)
+def test_a_crash_and_a_pool_left_open_at_exit_are_quiet_on_parmaps_own_cluster():
+    # Dask logged the crash parmap reports itself ("marked as failed because
+    # 1 workers died"), and at exit closed its cluster before parmap's pool
+    # closed its client: "Failed to reconnect to scheduler", tracebacks.
+    done = _run_python(QUIET_EXIT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['int', 'WorkerCrashedError', 'int', 'int']"
+    assert done.stderr == ""
+
+
 def test_import_parmap_does_not_import_distributed():
     done = _run_python("import sys, parmap; print('distributed' in sys.modules)")
     assert done.returncode == 0, done.stderr

@@ -219,6 +219,9 @@ class DaskBackend(Backend):
         address: str | None = None,
     ) -> None:
         self._distributed = import_distributed()
+        from .._pool import run_exit_hook_first
+
+        run_exit_hook_first()
         self._requested_workers = workers
         self._workers: int | None = None
         self._address_given = bool(address)
@@ -350,10 +353,11 @@ class DaskBackend(Backend):
                         threads_per_worker=1,
                         processes=True,
                         dashboard_address=":0",
-                        # Its warnings (a task cancelled, a worker lost) are
+                        # Its warnings and errors (a task cancelled, a worker
+                        # lost, "marked as failed because 1 workers died") are
                         # about events parmap handles and reports itself; on
-                        # Ctrl-C they were a screenful of noise.
-                        silence_logs=logging.ERROR,
+                        # Ctrl-C or a crash they were a screenful of noise.
+                        silence_logs=logging.CRITICAL,
                     )
                 address = cluster.scheduler_address
             else:
