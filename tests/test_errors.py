@@ -4,6 +4,7 @@ and leaves no process behind (the autouse no_orphans fixture checks that)."""
 from __future__ import annotations
 
 import functools
+import multiprocessing
 import os
 import pickle
 import subprocess
@@ -175,6 +176,41 @@ def test_a_crash_is_charged_to_no_chunk_its_worker_had_finished(process_backend,
     # A replacement's SIGKILL between an item's marker and its exit is rare,
     # and makes its crash look like the replacement's: at most once here.
     assert uncharged <= 1
+
+
+@pytest.mark.timeout(60)
+def test_a_forkserver_workers_exit_code_reads_the_same_from_two_threads():
+    # parmap's monitor and multiprocessing.Pool's worker handler both poll a
+    # dead worker: the second reader of the forkserver's status pipe met
+    # end-of-file, and "exit code 255" could be what was kept (pool backend,
+    # start_method="forkserver": ~3% of crashes). With multiprocessing's own
+    # Popen this loop sees a 255 about every other run of 10 processes.
+    from multiprocessing.connection import wait
+
+    from parmap.backends._mppool import _ForkserverPopen
+
+    context = multiprocessing.get_context("forkserver")
+    seen = set()
+    for _ in range(30):
+        process = context.Process(target=os._exit, args=(3,))
+        process._Popen = _ForkserverPopen
+        process.start()
+        wait([process.sentinel])
+        both = threading.Barrier(2)
+        codes = []
+
+        def ask(process=process, both=both, codes=codes):
+            both.wait()
+            codes.append(process._popen.poll())
+
+        askers = [threading.Thread(target=ask) for _ in range(2)]
+        for asker in askers:
+            asker.start()
+        for asker in askers:
+            asker.join()
+        process.join()
+        seen.update(codes)
+    assert seen == {3}
 
 
 @pytest.mark.timeout(60)

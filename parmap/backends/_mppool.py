@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import abc
 import multiprocessing
+import multiprocessing.forkserver
 import multiprocessing.pool
+import multiprocessing.popen_forkserver
 import os
 import signal
 import tempfile
@@ -730,6 +732,8 @@ class _RecordingPool(multiprocessing.pool.Pool):
 
         def make(ctx: Any, *process_args: Any, **process_kwargs: Any) -> Any:
             process = ctx.Process(*process_args, **process_kwargs)
+            if ctx.get_start_method() == "forkserver":
+                process._Popen = _ForkserverPopen  # start() makes its Popen through this
             self.started.append(process)
             return process
 
@@ -737,6 +741,33 @@ class _RecordingPool(multiprocessing.pool.Pool):
         # maintenance thread: an attribute here comes before the staticmethod.
         self.Process = make  # type: ignore[method-assign]
         super().__init__(*args, **kwargs)
+
+
+_POLL_LOCK = threading.Lock()
+
+
+class _ForkserverPopen(multiprocessing.popen_forkserver.Popen):  # type: ignore[misc]
+    """A forkserver child whose exit status two threads may ask for at once.
+
+    The status is 4 bytes the forkserver writes to a pipe. Polled from two
+    threads (parmap's monitor and the pool's own worker handler), one reads
+    it and the other meets end-of-file, which multiprocessing records as exit
+    code 255, and that one may be what is kept: ``WorkerCrashedError`` then
+    said "exit code 255" for a SIGKILL (~3% of crashes). The read is one at
+    a time here; the wait for the pipe, which may be long, is not.
+    """
+
+    def poll(self, flag: int = os.WNOHANG) -> int | None:
+        if self.returncode is None:
+            if not wait([self.sentinel], 0 if flag == os.WNOHANG else None):
+                return None
+            with _POLL_LOCK:
+                if self.returncode is None:
+                    try:
+                        self.returncode = multiprocessing.forkserver.read_signed(self.sentinel)
+                    except (OSError, EOFError):  # the forkserver itself died
+                        self.returncode = 255
+        return int(self.returncode)
 
 
 def _terminate(pool: Any) -> bool:
