@@ -8,7 +8,6 @@ machinery with a Pool that lives for one call.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import inspect
 import logging
 import multiprocessing.util  # noqa: F401 - its exit handler must be registered before ours
@@ -24,7 +23,7 @@ from . import _context
 from ._errors import PoolClosedError, SerializationError
 from ._options import CallOptions, OnError, PoolOptions
 from ._scheduler import SKIPPED, Record, Scheduler, lost_error
-from ._serialization import dumps_function, find_unpicklable, loads, short_repr, track_classes, travels_by_name
+from ._serialization import find_unpicklable, short_repr, track_classes, travels_by_name
 from .backends import create_backend, create_timed_stand_in
 from .backends._base import Backend, Call, Chunk, ChunkLost, ChunkOutcome
 
@@ -54,12 +53,22 @@ def _terminate_open_pools() -> None:
 atexit.register(_terminate_open_pools)
 
 
-def run_exit_hook_first() -> None:
-    """Move the exit hook that ends open pools before those registered since
-    (``distributed``'s closes its clusters: a pool's client would then try
-    for seconds to reach a scheduler already gone, and say so on stderr)."""
-    atexit.unregister(_terminate_open_pools)
-    atexit.register(_terminate_open_pools)
+def terminate_at_exit_before_now(backend: object) -> None:
+    """At exit, terminate the open pools over ``backend`` before the exit
+    hooks registered so far run: those of ``distributed``, imported for it,
+    close its clusters, and a pool's client would then try for seconds to
+    reach a scheduler already gone, and say so on stderr. Other pools, and
+    exit hooks of the program's that use them, keep their order."""
+    atexit.register(_terminate_pools_over, weakref.ref(backend))
+
+
+def _terminate_pools_over(backend: weakref.ref[object]) -> None:
+    for pool in list(_open_pools):
+        if backend() is not None and pool._backend is backend():
+            try:
+                pool.terminate()
+            except Exception:  # noqa: S110 - exiting: nothing left to tell
+                pass
 
 
 class Pool:
@@ -186,10 +195,10 @@ class Pool:
         Consecutive submits of one function of a module share one call, so
         ``fn`` goes to each worker once and only the arguments travel with
         each submit. A lambda, closure or callable object is pickled at each
-        submit (those that pickle the same share a call): a worker runs it
-        as it was when submitted, whatever the caller changes in it later.
-        (On the ``thread`` backend nothing is pickled: the task runs the
-        caller's very object, as a ``ThreadPoolExecutor``'s does.)
+        submit, as ``ProcessPoolExecutor`` does: a worker runs a fresh copy
+        of it as it was when submitted, whatever the caller changes in it
+        later. (On the ``thread`` backend nothing is pickled: the task runs
+        the caller's very object, as a ``ThreadPoolExecutor``'s does.)
         """
         self._check_open()
         _check_fn(fn)
@@ -226,56 +235,38 @@ class Pool:
         return future
 
     def _submit_call_for(self, fn: Callable[..., Any], backend: Backend) -> Call:
-        """The call that runs ``fn`` for ``submit``: the last submit's when it
-        would run the same (benchmark W8: 10,000 submits), else a new one; a
-        call replaced so is released once its last submit has ended.
+        """The call that runs ``fn`` for ``submit``: the last submit's when
+        ``fn`` is the same function (benchmark W8: 10,000 submits), else a
+        new one; a call replaced so is released once its last submit has ended.
 
-        The same is: ``fn`` itself, when it is not pickled (threads) or is
-        found by its module and name; else what ``fn`` pickles to. A closure
-        or a callable object whose state changed between two submits must
-        send that state again, as ``ProcessPoolExecutor`` does, and a worker
-        must run it as it was at its submit, also one forked later, which
-        inherits the call: such a call runs a copy of ``fn`` made from those
-        bytes. The pool keeps the last call for the next submit only when it
-        holds no object of the caller's but a function of a module (alive
-        there anyway): it must not keep alive what the caller is done with.
+        Only what each worker would run the same way is shared: a function
+        that is not pickled (threads), or one found by its module and name,
+        which is also kept for the next submit (it lives on in its module
+        anyway). A closure or a callable object sent by value gets a call of
+        its own, pickled now: a worker runs it as it was at this submit, in
+        a fresh copy (as ``ProcessPoolExecutor`` does), and the pool keeps
+        nothing of it once it has run.
         """
-        local = not backend.capabilities.remote
-        named = travels_by_name(fn, local=local)
-        fn_bytes = None
+        named = travels_by_name(fn, local=not backend.capabilities.remote)
         if not named and backend.capabilities.isolated:
-            with contextlib.suppress(SerializationError):  # submit() names the problem
-                fn_bytes = dumps_function(_Apply(fn), local=local)  # as the backend will send it
-        by_identity = fn_bytes is None
-        with self._lock:
-            call = self._reusable_submit_call(fn if by_identity else None, fn_bytes)
-        if call is None:
-            runs = fn if fn_bytes is None else loads(fn_bytes).fn  # fn as it is now
-            call = Call(_Apply(runs), timeout=self._defaults.timeout)
-            if local:
-                call._local_fn_bytes = fn_bytes
-            else:
-                call._fn_bytes = fn_bytes
-            kept = named or not by_identity
-            idle: Call | None = None
+            call = Call(_Apply(fn), timeout=self._defaults.timeout, snapshot=True)
             with self._lock:
-                last = self._submit_call
+                self._submits_running[call.id] = 1
+            return call
+        idle: Call | None = None
+        with self._lock:
+            last = self._submit_call
+            if last is not None and last.fn is fn:
+                call = last.call
+            else:
                 if last is not None and last.call.id not in self._submits_running:
                     idle = last.call  # nothing of it runs: release it now
-                self._submit_call = _SubmitCall(fn if by_identity else None, call, kept, fn_bytes)
-                self._submits_running[call.id] = 1
-            if idle is not None:
-                self._backend.release(idle)
+                call = Call(_Apply(fn), timeout=self._defaults.timeout)
+                self._submit_call = _SubmitCall(fn, call, kept=named)
+            self._submits_running[call.id] = self._submits_running.get(call.id, 0) + 1
+        if idle is not None:
+            self._backend.release(idle)
         return call
-
-    def _reusable_submit_call(self, fn: Callable[..., Any] | None, fn_bytes: bytes | None) -> Call | None:
-        """The last submit's call if it runs ``fn`` (or what pickled to
-        ``fn_bytes``), counted as running once more (under the lock)."""
-        last = self._submit_call
-        if last is None or (last.fn is not fn if fn is not None else last.fn_bytes != fn_bytes):
-            return None
-        self._submits_running[last.call.id] = self._submits_running.get(last.call.id, 0) + 1
-        return last.call
 
     def _submit_ended(self, call: Call) -> None:
         with self._lock:
@@ -301,9 +292,10 @@ class Pool:
         from another thread ends the wait. Called by one of the pool's own
         tasks (``thread`` backend), which that wait would include, it is
         ``shutdown(wait=False)``: the pool takes no new work and closes once
-        its running work is done.
+        its running work is done. So it is from a task of any pool over the
+        same thread executor, whose thread that work may be waiting for.
         """
-        if _context.working_for(self._backend):
+        if _context.working_for(self._backend) or _context.working_on(self._backend):
             self.shutdown(wait=False)
             return
         self._shutdown(kill=False)
@@ -342,8 +334,12 @@ class Pool:
         """
         if not self.closed:
             raise ValueError("join() on a parmap.Pool that is still open: call close() or terminate() first")
+        # From a task on the threads the work runs on, only a pool with no
+        # work left can be waited for: the rest may wait for this very thread.
         if _context.working_for(self._backend):
             raise RuntimeError("join() in one of this pool's own tasks would wait for that task to end")
+        if _context.working_on(self._backend) and self._has_work():
+            raise RuntimeError("join() in a task on the threads this pool's work waits for would wait for that task")
         if os.getpid() == self._pid and not self._settlers.on_one():
             self._finished.wait()
 
@@ -434,6 +430,10 @@ class Pool:
         # Every future the workers settled is settled before close() returns,
         # unless this is a done-callback, on a settling thread itself.
         self._settlers.stop()
+
+    def _has_work(self) -> bool:
+        with self._lock:
+            return bool(self._futures or self._running_maps)
 
     def _forget(self, future: Future[Any]) -> None:
         """``future`` is no longer the pool's to wait for."""
@@ -809,10 +809,9 @@ def _settle(setter: Callable[[Any], None], outcome: Any) -> None:
 class _SubmitCall(NamedTuple):
     """The call of the last function submitted (see ``Pool._submit_call_for``)."""
 
-    fn: Callable[..., Any] | None  # a submit of this very function may use it
+    fn: Callable[..., Any]
     call: Call
-    kept: bool  # for the next submit once its own have ended (it holds nothing of the caller's)
-    fn_bytes: bytes | None  # else one of a function that pickles to these bytes may
+    kept: bool  # for the next submit of fn, once its own have ended (a function of a module)
 
 
 class _Apply:

@@ -415,6 +415,20 @@ def test_a_crash_and_a_pool_left_open_at_exit_are_quiet_on_parmaps_own_cluster()
     assert done.stderr == ""
 
 
+def test_a_dask_pool_leaves_the_programs_exit_hooks_their_pools():
+    # Making a Dask backend moved parmap's exit hook ahead of the program's:
+    # a hook of its own that used a process pool met PoolClosedError.
+    code = (
+        "import atexit, parmap\n"
+        "pool = parmap.Pool(workers=1, backend='process')\n"
+        "atexit.register(lambda: print(pool.map(abs, [-1])))\n"
+        "parmap.Pool(backend='dask').close()  # no cluster starts for nothing\n"
+    )
+    done = _run_python(code)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[1]"
+
+
 def test_import_parmap_does_not_import_distributed():
     done = _run_python("import sys, parmap; print('distributed' in sys.modules)")
     assert done.returncode == 0, done.stderr

@@ -149,6 +149,28 @@ def test_a_task_may_close_and_join_a_pool_of_its_own_over_the_same_executor():
         assert parmap.map(task, range(2), backend=ex) == [[1, 2], [1, 2]]
 
 
+@pytest.mark.timeout(30)
+def test_a_task_closing_another_pool_over_its_executor_does_not_wait_for_its_own_thread():
+    # B's submit waits for the executor's one thread, which A's task holds:
+    # B.close() there, waiting for it, waited for ever.
+    with ThreadPoolExecutor(1) as ex:
+        a, b = parmap.Pool(backend=ex), parmap.Pool(backend=ex)
+        go = threading.Event()
+
+        def close_b():
+            go.wait()
+            b.close()
+            return "closed"
+
+        closing = a.submit(close_b)
+        queued = b.submit(time.sleep, 0.01)
+        go.set()
+        assert closing.result(timeout=10) == "closed"
+        assert queued.result(timeout=10) is None
+        a.close()
+        b.join()
+
+
 def test_errors_keep_their_type(executor):
     with pytest.raises(KeyError) as info:
         parmap.map(fail_on_three, range(10), backend=executor)

@@ -71,6 +71,10 @@ class Call:
     #: ``fn`` did not load by reference in a worker (a function of ``__main__``
     #: defined after that worker started): local workers get it by value too.
     fn_by_value: bool = False
+    #: ``fn`` is to run as it was when the call was made (a ``submit``'s
+    #: closure or callable object): the backend pickles it at once, and a
+    #: worker forked later gets those bytes rather than inheriting ``fn``.
+    snapshot: bool = False
     _fn_bytes: bytes | None = None
     _local_fn_bytes: bytes | None = None
     _local_checked: bool = False

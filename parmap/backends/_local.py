@@ -330,10 +330,10 @@ class LocalWorkers(Backend):
     def submit(self, chunk: Chunk, done: Done) -> None:
         # Fail here, in the caller, if fn cannot travel; forked workers may
         # never need its bytes, so only check then.
-        if self.forks_workers:
+        if self.forks_workers and not chunk.call.snapshot:
             chunk.call.check_local()
         else:
-            chunk.call.local_fn_bytes  # noqa: B018 - pickled once, sent per worker
+            chunk.call.local_fn_bytes  # noqa: B018 - pickled once (now), sent per worker
         # Items a worker forked during this call can read from its own copy of
         # the input are not pickled at all (benchmarks W1, W5in). The workers
         # of an earlier call (a warm Pool) lack it: pickle here, in the caller,
@@ -803,7 +803,9 @@ class LocalWorkers(Backend):
                 chunks = [q.chunk for q in self._pending]
                 ended = set(self._ended_calls)
             chunks += [w.chunk for w in self._procs if w is not None and w.chunk is not None]
-            inherited = {c.call.id: (c.call.fn, c.call.source) for c in chunks if c.call.id not in ended}
+            inherited = {
+                c.call.id: (c.call.fn, c.call.source) for c in chunks if c.call.id not in ended and not c.call.snapshot
+            }
         self._status[index * SLOT_WIDTH + 3] = 0.0  # the new worker has read nothing yet
         self._status[index * SLOT_WIDTH + 1] = -1.0  # nor runs an item (the last one's mark may linger)
         began = time.monotonic()

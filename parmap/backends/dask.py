@@ -219,9 +219,9 @@ class DaskBackend(Backend):
         address: str | None = None,
     ) -> None:
         self._distributed = import_distributed()
-        from .._pool import run_exit_hook_first
+        from .._pool import terminate_at_exit_before_now
 
-        run_exit_hook_first()
+        terminate_at_exit_before_now(self)
         self._requested_workers = workers
         self._workers: int | None = None
         self._address_given = bool(address)

@@ -148,7 +148,7 @@ class ExecutorBackend(Backend):
 
     def __init__(self, executor: Executor) -> None:
         self._executor = executor
-        self.executor = executor  # what its chunks run on (see _context.working_for)
+        self.executor = executor  # what its chunks run on (see _context.working_on)
         self._in_process = isinstance(executor, ThreadPoolExecutor)
         self.capabilities = Capabilities(isolated=not self._in_process, can_timeout=False)  # type: ignore[misc]
         self.workers = int(getattr(executor, "_max_workers", 0) or default_workers())
