@@ -155,7 +155,8 @@ def test_workers_crashing_at_once_are_each_charged_with_their_exit_code(process_
 
 
 @pytest.mark.timeout(60)
-def test_a_crash_is_charged_to_no_chunk_its_worker_had_finished(process_backend, tmp_path):
+@pytest.mark.parametrize("backend", ["pool", "apply_async"])  # whose workers a multiprocessing.Pool replaces
+def test_a_crash_is_charged_to_no_chunk_its_worker_had_finished(backend, tmp_path):
     # pool/apply_async: a worker that finished a chunk (its result still in
     # the old pool's queue) and then crashed on the next was charged with
     # both: a retry "failed twice" that crashed once, and skip dropped items
@@ -168,9 +169,9 @@ def test_a_crash_is_charged_to_no_chunk_its_worker_had_finished(process_backend,
         marks.mkdir()
         fn = functools.partial(workfns.every_seventh_crashes_once, str(marks))
         if round_ % 2:
-            assert parmap.map(fn, range(60), workers=2, backend=process_backend, retries=1) == list(range(60))
+            assert parmap.map(fn, range(60), workers=2, backend=backend, retries=1) == list(range(60))
         else:
-            kept = parmap.map(fn, range(60), workers=2, backend=process_backend, on_error="skip")
+            kept = parmap.map(fn, range(60), workers=2, backend=backend, on_error="skip")
             assert [x for x in range(60) if x % 7 != 3 and x not in kept] == []  # no innocent one dropped
             uncharged += sum(1 for x in kept if x % 7 == 3)
     # A replacement's SIGKILL between an item's marker and its exit is rare,

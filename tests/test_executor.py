@@ -190,7 +190,7 @@ def test_a_task_of_a_thread_executor_mapping_on_that_executor_runs_the_map_itsel
     with ThreadPoolExecutor(2) as ex:
 
         def inner(_):
-            return parmap.map(sleep_then_square, range(3), backend=ex)
+            return parmap.map(square, range(3), backend=ex)  # both threads are busy with inner() meanwhile
 
         assert parmap.map(inner, range(4), backend=ex, chunksize=1) == [[0, 1, 4]] * 4
 
