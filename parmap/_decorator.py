@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import functools
-import sys
 import types
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 from . import _api
 from ._options import CallOptions, PoolOptions, split_options
+from ._serialization import module_attribute
 from .backends import check_backend
 
 P = ParamSpec("P")
@@ -70,7 +70,7 @@ class ParallelFunction(Generic[P, R]):
         """
         fn = self.__wrapped__
         qualname = f"{self.__qualname__}.__wrapped__"  # type: ignore[attr-defined]
-        if getattr(fn, "__module__", None) == "__main__" and _module_attribute("__main__", qualname) is fn:
+        if getattr(fn, "__module__", None) == "__main__" and module_attribute("__main__", qualname) is fn:
             try:
                 fn.__qualname__ = qualname
             except (AttributeError, TypeError):  # a callable that fixes its name: by value only
@@ -101,18 +101,10 @@ class ParallelFunction(Generic[P, R]):
 
     def _named(self) -> bool:
         """True when ``module.qualname`` is this object, so pickle finds it by name."""
-        return _module_attribute(self.__module__, getattr(self, "__qualname__", "")) is self
+        return module_attribute(self.__module__, getattr(self, "__qualname__", "")) is self
 
     def __repr__(self) -> str:
         return f"<parmap.parallel {getattr(self, '__qualname__', self.__wrapped__)!r}>"
-
-
-def _module_attribute(module: str, qualname: str) -> Any:
-    """``module.qualname`` if that module is loaded, else None."""
-    target: Any = sys.modules.get(module)
-    for name in qualname.split("."):
-        target = getattr(target, name, None)
-    return target
 
 
 @overload

@@ -109,10 +109,15 @@ def travels_by_name(fn: object, *, local: bool = False) -> bool:
     module = getattr(fn, "__module__", None)
     if module is None or (module == "__main__" and not (local and _main_is_importable())):
         return False
+    return module_attribute(module, getattr(fn, "__qualname__", "")) is fn
+
+
+def module_attribute(module: str, qualname: str) -> Any:
+    """``module.qualname`` if that module is loaded, else None."""
     target: Any = sys.modules.get(module)
-    for name in getattr(fn, "__qualname__", "").split("."):
+    for name in qualname.split("."):
         target = getattr(target, name, None)
-    return target is fn
+    return target
 
 
 def _unwrapped(fn: object) -> object:

@@ -428,10 +428,11 @@ class MPPoolBackend(Backend):
             pidfds.forget_all()
             self._shutdown_pool()
 
-    def _note_started(self, known: dict[int, Any], pidfds: _PidFds) -> None:
+    def _note_started(self, known: dict[int, Any], pidfds: _PidFds | None = None) -> None:
         """Every worker the pool started since the last look, from its own
         record rather than its list: one that started and died in between
-        would be reaped by the pool with its exit code unseen."""
+        would be reaped by the pool with its exit code unseen (watched
+        through ``pidfds`` when given)."""
         started = self._pool.started
         for _ in range(len(started)):
             process = started.popleft()
@@ -439,7 +440,8 @@ class MPPoolBackend(Backend):
                 started.append(process)  # not started yet: next time
             else:
                 known.setdefault(process.pid, process)
-                pidfds.watch(process)
+                if pidfds is not None:
+                    pidfds.watch(process)
 
     def _new_pool(self) -> Any:
         pool = _RecordingPool(
@@ -478,9 +480,7 @@ class MPPoolBackend(Backend):
             # And the workers the old pool started since the last look: one
             # may have taken a chunk and died of it meanwhile.
             known = dict(known or {})
-            for process in list(self._pool.started):
-                if process.pid is not None:
-                    known.setdefault(process.pid, process)
+            self._note_started(known)
             innocent = []
             # As in _worker_died: of the chunks naming one worker, only the
             # latest claimed can have died with it; the others finished, and

@@ -147,7 +147,6 @@ class ExecutorBackend(Backend):
     """
 
     def __init__(self, executor: Executor) -> None:
-        self._executor = executor
         self.executor = executor  # what its chunks run on (see _context.working_on)
         self._in_process = isinstance(executor, ThreadPoolExecutor)
         self.capabilities = Capabilities(isolated=not self._in_process, can_timeout=False)  # type: ignore[misc]
@@ -164,9 +163,9 @@ class ExecutorBackend(Backend):
                 raise PoolClosedError("this pool is closed")
         try:
             if self._in_process:
-                future: Future[Any] = self._executor.submit(_run_in_thread, chunk, self)
+                future: Future[Any] = self.executor.submit(_run_in_thread, chunk, self)
             else:
-                future = self._executor.submit(
+                future = self.executor.submit(
                     run_remote_chunk, call_key(call), call.fn_bytes, chunk.header(), chunk.items_bytes()
                 )
         except BrokenExecutor as exc:
