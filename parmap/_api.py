@@ -81,6 +81,7 @@ def starmap(
 
     Example::
 
+        >>> import parmap
         >>> parmap.starmap(pow, [(2, 3), (3, 2)], workers=2)
         [8, 9]
     """

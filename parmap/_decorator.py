@@ -5,10 +5,10 @@ from __future__ import annotations
 import functools
 import types
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Generic, ParamSpec, TypeVar, overload
+from typing import Any, Generic, ParamSpec, TypeVar, Unpack, overload
 
 from . import _api
-from ._options import CallOptions, PoolOptions, split_options
+from ._options import CallOptions, ImapOptions, MapOptions, PoolOptions, split_options
 from ._serialization import module_attribute
 from .backends import check_backend
 
@@ -36,13 +36,11 @@ class ParallelFunction(Generic[P, R]):
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         return self.__wrapped__(*args, **kwargs)
 
-    @overload
-    def __get__(self, instance: None, owner: type | None = None) -> ParallelFunction[P, R]: ...
-    @overload
-    def __get__(self, instance: object, owner: type | None = None) -> ParallelFunction[..., R]: ...
-
-    def __get__(self, instance: object, owner: type | None = None) -> ParallelFunction[Any, Any]:
-        # Bound, the parameters less ``self`` cannot be spelled: only R is kept.
+    def __get__(self, instance: object, owner: type | None = None) -> ParallelFunction[..., R]:
+        # Only R is kept. Bound, the parameters less ``self`` cannot be spelled;
+        # through the class, a type checker hands a decorated classmethod over
+        # as a function that still takes ``cls``, which no overload can tell
+        # from a method's ``self``.
         fn = self.__wrapped__
         if isinstance(fn, (staticmethod, classmethod)):  # @parallel above them: they bind as they would
             return ParallelFunction(fn.__get__(instance, owner), self._options)
@@ -76,15 +74,15 @@ class ParallelFunction(Generic[P, R]):
             except (AttributeError, TypeError):  # a callable that fixes its name: by value only
                 pass
 
-    def map(self, items: Iterable[Any], **options: Any) -> list[R]:
+    def map(self, items: Iterable[Any], **options: Unpack[MapOptions]) -> list[R]:
         """Map the function over ``items`` in parallel; keywords override the decorator's."""
         return _api.map(self._travelling(), items, **{**self._unordered_options(), **options})
 
-    def imap(self, items: Iterable[Any], **options: Any) -> Iterator[R]:
+    def imap(self, items: Iterable[Any], **options: Unpack[ImapOptions]) -> Iterator[R]:
         """Lazily map the function over ``items``; keywords override the decorator's."""
         return _api.imap(self._travelling(), items, **{**self._options, **options})
 
-    def starmap(self, items: Iterable[Iterable[Any]], **options: Any) -> list[R]:
+    def starmap(self, items: Iterable[Iterable[Any]], **options: Unpack[MapOptions]) -> list[R]:
         """``fn(*args)`` for each tuple in ``items``, in parallel."""
         return _api.starmap(self._travelling(), items, **{**self._unordered_options(), **options})
 

@@ -19,13 +19,47 @@ import inspect
 import math
 import numbers
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypedDict, cast
 
 OnError = Literal["raise", "skip", "return"]
 ON_ERROR_CHOICES: tuple[str, ...] = ("raise", "skip", "return")
 START_METHODS: tuple[str, ...] = ("fork", "spawn", "forkserver")
+
+
+class CallOverrides(TypedDict, total=False):
+    """The per-call options a :class:`~parmap.Pool` call may override (``pool.map(fn, xs, retries=2)``)."""
+
+    chunksize: int | None
+    progress: bool | Mapping[str, Any] | None
+    timeout: float | None
+    retries: int
+    on_error: OnError
+
+
+class ImapOverrides(CallOverrides, total=False):
+    """:class:`CallOverrides` and ``ordered``, which only ``imap`` takes."""
+
+    ordered: bool
+
+
+class MapOptions(CallOverrides, total=False):
+    """Every option of :func:`parmap.map`: what ``@parallel`` and its ``.map`` take as keywords."""
+
+    workers: int | None
+    backend: object
+    initializer: Callable[..., object] | None
+    initargs: Iterable[Any]
+    start_method: str | None
+    address: str | None
+
+
+class ImapOptions(MapOptions, total=False):
+    """:class:`MapOptions` and ``ordered``, for ``.imap``."""
+
+    ordered: bool
+
 
 CALL_OPTION_NAMES = frozenset({"chunksize", "progress", "timeout", "retries", "on_error", "ordered"})
 POOL_OPTION_NAMES = frozenset({"workers", "backend", "start_method", "initializer", "initargs", "address"})

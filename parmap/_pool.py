@@ -17,11 +17,11 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, InvalidStateError
-from typing import Any, NamedTuple, ParamSpec, TypeVar, cast
+from typing import Any, NamedTuple, ParamSpec, TypeVar, Unpack, cast
 
 from . import _context
 from ._errors import PoolClosedError, SerializationError
-from ._options import CallOptions, OnError, PoolOptions
+from ._options import CallOptions, CallOverrides, ImapOverrides, OnError, PoolOptions
 from ._scheduler import SKIPPED, Record, Scheduler, lost_error
 from ._serialization import find_unpicklable, short_repr, track_classes, travels_by_name
 from .backends import create_backend, create_timed_stand_in
@@ -150,15 +150,17 @@ class Pool:
             self._backend.serve_one_call()
 
     # -- calls -----------------------------------------------------------
-    def map(self, fn: Callable[[T], R], items: Iterable[T], **overrides: Any) -> list[R]:
+    def map(self, fn: Callable[[T], R], items: Iterable[T], **overrides: Unpack[CallOverrides]) -> list[R]:
         """``[fn(x) for x in items]``, in parallel. Per-call options may override the pool's."""
         return self._map(fn, items, overrides, star=False)
 
-    def starmap(self, fn: Callable[..., R], items: Iterable[Iterable[Any]], **overrides: Any) -> list[R]:
+    def starmap(
+        self, fn: Callable[..., R], items: Iterable[Iterable[Any]], **overrides: Unpack[CallOverrides]
+    ) -> list[R]:
         """``[fn(*args) for args in items]``, in parallel."""
         return self._map(fn, items, overrides, star=True)
 
-    def imap(self, fn: Callable[[T], R], items: Iterable[T], **overrides: Any) -> Iterator[R]:
+    def imap(self, fn: Callable[[T], R], items: Iterable[T], **overrides: Unpack[ImapOverrides]) -> Iterator[R]:
         """Results lazily, pulling ``items`` only as fast as the workers take them.
 
         ``ordered=False`` yields results as they finish. Closing the iterator
@@ -166,7 +168,9 @@ class Pool:
         """
         return self._imap(fn, items, overrides)
 
-    def imap_unordered(self, fn: Callable[[T], R], items: Iterable[T], **overrides: Any) -> Iterator[R]:
+    def imap_unordered(
+        self, fn: Callable[[T], R], items: Iterable[T], **overrides: Unpack[CallOverrides]
+    ) -> Iterator[R]:
         """``imap(fn, items, ordered=False)``, under ``multiprocessing.Pool``'s name for it."""
         if "ordered" in overrides:
             raise TypeError("imap_unordered() got an unexpected keyword argument 'ordered': use imap(..., ordered=...)")

@@ -196,3 +196,12 @@ def test_progress_none_means_no_bar(capsys):
 def test_progress_without_length(capsys):
     list(parmap.imap(workfns.square, (x for x in range(9)), workers=2, backend="thread", progress=True))
     assert "9" in capsys.readouterr().err
+
+
+def test_docstring_examples_run() -> None:
+    """The examples in the docstrings are what ``help()`` shows a user: they must work as written."""
+    import doctest
+
+    for module in (parmap, parmap._api, parmap._errors, parmap._decorator, parmap._pool):
+        failed, _ = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert failed == 0, module.__name__

@@ -1,5 +1,8 @@
 """Checked by mypy (``[tool.mypy] files``), never run: the public API's types
-as a user's code meets them. A wrong annotation fails CI here."""
+as a user's code meets them. A wrong annotation fails CI here, and so does a
+wrong call that mypy stops rejecting (its ``type: ignore`` becomes unused)."""
+
+# mypy: warn-unused-ignores
 
 from __future__ import annotations
 
@@ -63,3 +66,36 @@ class Scaler:
 
 assert_type(Scaler(3).scale(2), int)
 assert_type(Scaler(3).scale.map([1, 2]), list[int])
+
+
+class Tally:
+    step = 3
+
+    @parmap.parallel
+    @classmethod
+    def count(cls, x: int) -> int:
+        return x * cls.step
+
+    @parmap.parallel
+    @staticmethod
+    def double(x: int) -> int:
+        return 2 * x
+
+
+assert_type(Tally.count(2), int)  # through the class: cls is bound, as classmethod binds it
+assert_type(Tally().count(2), int)
+assert_type(Tally.count.map([1, 2]), list[int])
+assert_type(Tally.double(2), int)
+assert_type(Tally().double.map([1]), list[int])
+
+
+def rejected_calls(pool: parmap.Pool) -> None:
+    """Calls that always fail at run time, which the types must refuse too."""
+    pool.map(to_text, [1], on_error="ignore")  # type: ignore[arg-type]
+    pool.map(to_text, [1], workers=3)  # type: ignore[call-arg]
+    pool.map(to_text, [1], ordered=False)  # type: ignore[call-arg]
+    pool.imap(to_text, [1], retries="2")  # type: ignore[arg-type]
+    pool.imap_unordered(to_text, [1], ordered=True)  # type: ignore[call-arg]
+    cube.map([1], on_error="ignore")  # type: ignore[arg-type]
+    cube.map([1], workerz=2)  # type: ignore[call-arg]
+    cube.starmap([(1,)], ordered=False)  # type: ignore[call-arg]
