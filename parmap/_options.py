@@ -19,6 +19,7 @@ import inspect
 import math
 import numbers
 import os
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, TypedDict, cast
@@ -130,8 +131,60 @@ def _check_progress(value: object) -> bool | Mapping[str, Any]:
         unknown = sorted(repr(key) for key in options if key not in _tqdm_options())
         if unknown:
             raise TypeError(f"progress: tqdm takes no option {', '.join(unknown)}")
+        _try_drawing(options)
         return options
     raise TypeError(f"progress must be True, False, None or a dict of tqdm options, got {value!r}")
+
+
+def _try_drawing(options: dict[str, Any]) -> None:
+    """Draw a bar with ``options`` once, off-screen, so that a value tqdm
+    cannot use (``desc=3``, ``bar_format="{typo}"``) fails at the call, by
+    name, and not at the first update of the real bar."""
+    import io
+
+    file = options.get("file")
+    if file is not None and not callable(getattr(file, "write", None)):
+        raise TypeError(f"progress: file must have a write() method, as tqdm writes to it, got {file!r}")
+    trial = {**options, "file": io.StringIO(), "disable": False, "delay": 0, "leave": False, "position": None}
+    try:
+        with _TRIAL_LOCK, _trial_bar()(**trial) as bar:
+            bar.update(0)
+            bar.refresh()
+    except Exception as error:
+        reason = f"{type(error).__name__}: {error}"
+        raise TypeError(f"progress: tqdm cannot draw a bar with {options!r}: {reason}") from error
+
+
+class _NoLock:
+    """A lock that locks nothing, for a bar only this thread can see."""
+
+    def acquire(self, *args: object, **kwargs: object) -> bool:
+        return True
+
+    def release(self) -> None:
+        pass
+
+    def __enter__(self) -> bool:
+        return True
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+_TRIAL_LOCK = threading.Lock()  # one trial bar at a time: they share _trial_bar()'s list of bars
+
+
+@functools.cache
+def _trial_bar() -> Any:
+    """tqdm, less what a bar drawn off-screen must not touch: the monitor
+    thread (tqdm leaves it running for the life of the process), the list of
+    bars on screen (which places new bars below those), and tqdm's global
+    lock, which a bar that fails to draw never releases."""
+    import weakref
+
+    from tqdm import tqdm
+
+    return type("TrialBar", (tqdm,), {"monitor_interval": 0, "_instances": weakref.WeakSet(), "_lock": _NoLock()})
 
 
 @functools.cache

@@ -8,6 +8,7 @@ machinery with a Pool that lives for one call.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import inspect
 import logging
 import multiprocessing.util  # noqa: F401 - its exit handler must be registered before ours
@@ -462,6 +463,10 @@ class Pool:
     def _call_options(self, overrides: Mapping[str, Any]) -> CallOptions:
         options = self._defaults.updated(overrides)
         self._check_capabilities(options)
+        if self._backend.stands_in and options.progress is not False:
+            # A nested call, run in a worker: its bar would be drawn over the
+            # caller's, on the terminal they share.
+            options = dataclasses.replace(options, progress=False)
         return options
 
     def _check_capabilities(self, options: CallOptions) -> None:

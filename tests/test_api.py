@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import multiprocessing
+import threading
 
 import psutil
 import pytest
@@ -33,6 +34,9 @@ import parmap
         ({"on_error": "ignore"}, ValueError, "on_error"),
         ({"progress": "yes"}, TypeError, "progress"),
         ({"progress": {"descr": "typo"}}, TypeError, "'descr'"),  # tqdm itself would refuse it at the first next()
+        ({"progress": {"desc": 3}}, TypeError, "progress: tqdm cannot draw"),  # tqdm: "not subscriptable", later
+        ({"progress": {"bar_format": "{typo}"}}, TypeError, "progress: .*KeyError: 'typo'"),
+        ({"progress": {"file": 3}}, TypeError, "progress: file"),
         ({"start_method": "vfork"}, ValueError, "start_method"),
         ({"backend": "thread", "start_method": "spawn"}, ValueError, "start_method"),
         ({"initializer": 3}, TypeError, "initializer"),
@@ -109,11 +113,13 @@ def test_workers_none_means_usable_cpus():
     assert parmap.map(workfns.square, range(10), workers=None) == [x * x for x in range(10)]
 
 
-def test_nested_call_runs_serially_in_the_worker(backend):
+def test_nested_call_runs_serially_in_the_worker(backend, capfd):
     if backend == "serial":
         pytest.skip("the serial backend has no workers: a call inside it may start a pool")
     for pids in parmap.map(workfns.nested_map, [1, 2], workers=2, backend=backend):
         assert len(set(pids)) == 1  # all three items ran in one place: that worker
+    # Its progress=True drew nothing: that bar would be drawn over the caller's.
+    assert "%|" not in capfd.readouterr().err
 
 
 @pytest.mark.timeout(30)
@@ -191,6 +197,18 @@ def test_progress_none_means_no_bar(capsys):
     # None is how wrappers that forward an optional setting spell "not asked for".
     assert parmap.map(workfns.square, range(7), workers=2, backend="thread", progress=None) == [x * x for x in range(7)]
     assert "7/7" not in capsys.readouterr().err
+
+
+def test_a_refused_progress_value_leaves_other_bars_working(capsys):
+    # tqdm keeps its global lock when a bar fails to draw: a bar that failed
+    # on desc=3 in this thread made every later bar on another thread wait for ever.
+    with pytest.raises(TypeError, match="progress"):
+        parmap.map(workfns.square, range(3), backend="thread", progress={"desc": 3})
+    other = threading.Thread(target=parmap.map, args=(workfns.square, range(5)), kwargs={"progress": True}, daemon=True)
+    other.start()
+    other.join(10)
+    assert not other.is_alive()
+    assert "5/5" in capsys.readouterr().err
 
 
 def test_progress_without_length(capsys):

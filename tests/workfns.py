@@ -205,8 +205,8 @@ def record_pid_then_sleep(marker_dir, x):
 
 
 def nested_map(x):
-    """A parmap call made inside a worker: must run serially, right here."""
-    return parmap.map(getpid, range(3), workers=2)
+    """A parmap call made inside a worker: must run serially, right here, and draw no bar."""
+    return parmap.map(getpid, range(3), workers=2, progress=True)
 
 
 def nested_map_with_timeout(x):
