@@ -227,6 +227,9 @@ class WorkerProcess:
     by_value_after: dict[int, int] = field(default_factory=dict)
     sources: set[int] = field(default_factory=set)
     ran_anything: bool = False
+    #: Killed by parmap because its call ended (see _stop_abandoned): its
+    #: death says nothing about whether a worker can start.
+    stopped: bool = False
     timed_out_offset: int | None = None
     sent: int = 0  # chunks sent; the worker counts those it read in its status slot
     seq: int = 0  # the running chunk's number among those sent
@@ -509,6 +512,7 @@ class LocalWorkers(Backend):
         if abandoned:
             for worker in self._procs:
                 if worker is not None and worker.chunk is not None and worker.chunk.call.id in abandoned:
+                    worker.stopped = True
                     self._kill_worker(worker)
 
     def _busy(self) -> bool:
@@ -760,7 +764,9 @@ class LocalWorkers(Backend):
             # (an initializer that ends its process, say), past which the
             # call fails as a whole: no item is to blame.
             unread = read < worker.seq and not timed_out
-            if unread and not worker.ran_anything:
+            if worker.stopped:
+                pass
+            elif unread and not worker.ran_anything:
                 self._startup_failures += 1
             else:
                 self._startup_failures = 0
@@ -777,7 +783,7 @@ class LocalWorkers(Backend):
                 if isinstance(lost, ChunkLost):
                     lost = ChunkLost(exitcode, worker.pid, innocent=read < ahead[2])
                 self._finish(worker, lost)
-        elif not worker.ran_anything:
+        elif not worker.ran_anything and not worker.stopped:
             self._startup_failures += 1
         self._procs[worker.index] = None
         with self._lock:
