@@ -527,14 +527,19 @@ class ErrorInfo:
     #: Not an ``Exception`` (``KeyboardInterrupt``, ``SystemExit``): it stops
     #: the call, as in a serial loop, whatever ``retries`` and ``on_error`` say.
     stops: bool = False
+    #: The exception's notes, for a TaskError standing in for it (the user's
+    #: own, and "raised by the initializer").
+    notes: tuple[str, ...] = ()
 
     @classmethod
     def capture(cls, exc: BaseException, *, pickle_it: bool) -> ErrorInfo:
+        notes = getattr(exc, "__notes__", None)
         info = cls(
             type_name=f"{type(exc).__module__}.{type(exc).__qualname__}".removeprefix("builtins."),
             message=_safe_str(exc),
             traceback_text=traceback_text(exc),
             stops=not isinstance(exc, Exception),
+            notes=tuple(note for note in notes if isinstance(note, str)) if isinstance(notes, list) else (),
         )
         if not pickle_it:
             info.exc = exc
@@ -566,10 +571,10 @@ class ErrorInfo:
 
     def __getstate__(self) -> tuple[object, ...]:
         # Never pickle the live exception object; the payload stands for it.
-        return (self.type_name, self.message, self.traceback_text, self.payload, self.stops)
+        return (self.type_name, self.message, self.traceback_text, self.payload, self.stops, self.notes)
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
-        self.type_name, self.message, self.traceback_text, self.payload, self.stops = state
+        self.type_name, self.message, self.traceback_text, self.payload, self.stops, self.notes = state
         self.exc = None
 
     def rebuild(self) -> BaseException:
@@ -582,6 +587,8 @@ class ErrorInfo:
                 exc = None
         if exc is None:
             exc = TaskError(self.type_name, self.message, self.traceback_text)
+            for note in self.notes:
+                exc.add_note(note)
         exc.__cause__ = RemoteTraceback(self.traceback_text)
         return exc
 

@@ -50,6 +50,18 @@ def test_crash_matrix(process_backend, fn, options, error, text):
 
 
 @pytest.mark.timeout(30)
+def test_an_exception_that_cannot_travel_keeps_its_notes(process_backend):
+    # Its TaskError stand-in lost them: the user's own, and the note that
+    # tells an initializer's failure from an item's.
+    with pytest.raises(parmap.TaskError) as info:
+        parmap.map(workfns.raise_unpicklable_with_a_note, [1], workers=1, backend=process_backend)
+    assert info.value.__notes__ == ["while reading the user's record", "parmap: raised by item #0 (1)"]
+    with pytest.raises(parmap.TaskError) as info:
+        parmap.map(abs, [1], workers=1, backend=process_backend, initializer=workfns.init_raise_unpicklable)
+    assert info.value.__notes__ == ["parmap: raised by the initializer"]
+
+
+@pytest.mark.timeout(30)
 def test_unpicklable_item(process_backend):
     items = [1, 2, threading.Lock(), 4]
     with pytest.raises(parmap.SerializationError, match=r"^item #2 cannot be serialised") as info:

@@ -122,6 +122,16 @@ def raise_unpicklable(x):
     return x
 
 
+def raise_unpicklable_with_a_note(x):
+    error = UnpicklableError("cannot travel")
+    error.add_note("while reading the user's record")
+    raise error
+
+
+def init_raise_unpicklable():
+    raise UnpicklableError("cannot travel")
+
+
 def return_unpicklable(x):
     if x == BAD:
         return threading.Lock()
