@@ -97,6 +97,82 @@ def check_function(fn: object, *, local: bool = False, what: str = "the function
         raise _function_error(fn, what, exc) from exc
 
 
+def _inherited_only(obj: object) -> bool:
+    """An object multiprocessing lets cross only to a process it is starting
+    (a ``Lock``, ``Value``, ``Queue``...): pickled at any other time, it
+    raises "should only be shared between processes through inheritance"."""
+    import multiprocessing.queues
+    import multiprocessing.reduction
+    import multiprocessing.sharedctypes
+    import multiprocessing.synchronize
+
+    kinds = (
+        multiprocessing.synchronize.SemLock,
+        multiprocessing.synchronize.Condition,
+        multiprocessing.queues.Queue,
+        multiprocessing.queues.SimpleQueue,
+        multiprocessing.sharedctypes.SynchronizedBase,
+    )
+    # What multiprocessing registers reducers for: its shared ctypes and
+    # heap arenas, connections, sockets.
+    registered = getattr(multiprocessing.reduction.ForkingPickler, "_extra_reducers", {})
+    return isinstance(obj, kinds) or type(obj) in registered
+
+
+class InitializerPayload:
+    """The initializer and its initargs, on their way to local workers.
+
+    Pickled at once, so that one that cannot travel fails at the call; but a
+    ``multiprocessing`` lock, value or queue among the initargs (the way
+    ``multiprocessing.Pool`` users share them) is set aside, not pickled: a
+    forked worker inherits it, and a spawned one receives it from
+    multiprocessing itself as it starts the worker, the one time those
+    objects may be pickled.
+    """
+
+    __slots__ = ("data", "shared")
+
+    def __init__(self, initializer: object, initargs: tuple[Any, ...]) -> None:
+        self.shared: list[Any] = []
+        payload = (initializer, tuple(initargs))
+        what = "the initializer or its initargs"
+        picklers: list[type[pickle.Pickler]] = [cloudpickle.CloudPickler]
+        if _main_is_importable():  # as dumps_function(local=True): __main__ by name
+            picklers.insert(0, pickle.Pickler)
+        for pickler_class in picklers:
+            self.shared = []
+            buffer = io.BytesIO()
+            pickler = pickler_class(buffer, protocol=PROTOCOL)
+            pickler.persistent_id = self._set_aside  # type: ignore[method-assign]
+            try:
+                pickler.dump(payload)
+            except Exception as exc:
+                if pickler_class is picklers[-1]:
+                    raise _function_error(payload, what, exc) from exc
+                continue
+            self.data = buffer.getvalue()
+            return
+
+    def _set_aside(self, obj: object) -> int | None:
+        if not _inherited_only(obj):
+            return None
+        self.shared.append(obj)
+        return len(self.shared) - 1
+
+    def load(self) -> tuple[Any, tuple[Any, ...]]:
+        """``(initializer, initargs)``, in the worker."""
+        unpickler = pickle.Unpickler(io.BytesIO(self.data))
+        unpickler.persistent_load = self.shared.__getitem__  # type: ignore[assignment]
+        loaded: tuple[Any, tuple[Any, ...]] = unpickler.load()
+        return loaded
+
+    def __getstate__(self) -> tuple[bytes, list[Any]]:
+        return self.data, self.shared
+
+    def __setstate__(self, state: tuple[bytes, list[Any]]) -> None:
+        self.data, self.shared = state
+
+
 def travels_by_name(fn: object, *, local: bool = False) -> bool:
     """True for a function that pickles as its module and name: whatever state
     it reads, it reads in the worker, so every copy of it is the same.

@@ -47,6 +47,7 @@ from ._errors import SerializationError
 from ._serialization import (
     ErrorInfo,
     InitializerGlobals,
+    InitializerPayload,
     InitializerWatch,
     Pickled,
     dump_data,
@@ -434,13 +435,13 @@ def _watch_parent() -> None:
 init_globals: InitializerGlobals | None = None
 
 
-def run_initializer(init_bytes: bytes | None) -> ErrorInfo | None:
+def run_initializer(init: InitializerPayload | None) -> ErrorInfo | None:
     """Run the user's initializer; its failure is reported, not swallowed."""
     global init_globals
-    if init_bytes is None:
+    if init is None:
         return None
     try:
-        initializer, initargs = loads(init_bytes)
+        initializer, initargs = init.load()
         watch = InitializerWatch(initializer)
         initializer(*initargs)
         init_globals = watch.changed()
@@ -456,7 +457,7 @@ def worker_main(
     conn: Any,
     status_array: Any,
     index: int,
-    init_bytes: bytes | None,
+    init: InitializerPayload | None,
     inherited: Inherited | None = None,
 ) -> None:
     """The loop of a ``process``/``fork`` worker; returns when told to or on EOF.
@@ -468,7 +469,7 @@ def worker_main(
     prepare_worker_process()
     status = StatusSlot(status_array, index)
     status.claim()
-    init_error = run_initializer(init_bytes)
+    init_error = run_initializer(init)
     functions = FunctionCache(inherited)
     load_error: BaseException = RuntimeError("the function never arrived")
     recv = conn.recv_bytes

@@ -594,6 +594,24 @@ def test_initializer_runs_once_per_worker(process_backend, tmp_marker_dir):
             assert f.read() == "x"
 
 
+def test_initargs_may_hold_multiprocessing_locks_values_and_queues(process_backend):
+    # multiprocessing.Pool's way of sharing them: they may cross only to a
+    # process being started, so pickling them with the initializer failed.
+    context = multiprocessing.get_context()
+    lock, counter, queue = context.Lock(), context.Value("i", 0), context.SimpleQueue()
+    results = parmap.map(
+        workfns.count_under_lock,
+        range(10),
+        workers=2,
+        backend=process_backend,
+        initializer=workfns.keep_shared,
+        initargs=(lock, counter, queue),
+    )
+    assert results == list(range(10))
+    assert counter.value == 10
+    assert sorted(queue.get() for _ in range(10)) == list(range(10))
+
+
 def test_imap_close_stops_the_work(backend):
     with parmap.Pool(workers=2, backend=backend) as pool:
         results = pool.imap(workfns.square, range(10_000), chunksize=1)

@@ -526,3 +526,21 @@ class SlowToPickle:
 
 def value_or_slow_result(x):
     return SlowToPickle() if x == 1 else getattr(x, "value", x)
+
+
+SHARED: tuple = ()
+
+
+def keep_shared(*objects):
+    """An initializer in multiprocessing.Pool's style: keep what it was given."""
+    global SHARED
+    SHARED = objects
+
+
+def count_under_lock(x):
+    """Uses the lock, value and queue the initializer kept (see keep_shared)."""
+    lock, counter, queue = SHARED
+    with lock:
+        counter.value += 1
+    queue.put(x)
+    return x

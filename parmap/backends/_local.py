@@ -53,7 +53,7 @@ from multiprocessing.connection import wait
 from typing import Any
 
 from .._errors import ParmapError, PoolClosedError, SerializationError
-from .._serialization import PROTOCOL, Pickled, dumps_function
+from .._serialization import PROTOCOL, InitializerPayload, Pickled
 from .._wire import recv_framed, send_framed, send_room
 from .._worker import SLOT_WIDTH, Inherited, running_offset
 from ._base import (
@@ -251,13 +251,11 @@ def _control(message: tuple[Any, ...] | None) -> bytes:
     return pickle.dumps(message, protocol=PROTOCOL)
 
 
-def pickle_initializer(
-    initializer: Callable[..., Any] | None, initargs: tuple[Any, ...], *, local: bool = False
-) -> bytes | None:
-    """The initializer and its arguments, pickled like ``fn`` is (see ``dumps_function``)."""
+def pickle_initializer(initializer: Callable[..., Any] | None, initargs: tuple[Any, ...]) -> InitializerPayload | None:
+    """The initializer and its arguments for local workers (see ``InitializerPayload``)."""
     if initializer is None:
         return None
-    return dumps_function((initializer, initargs), local=local, what="the initializer or its initargs")
+    return InitializerPayload(initializer, initargs)
 
 
 def _reads_source(worker: WorkerProcess, chunk: Chunk) -> bool:
@@ -275,7 +273,7 @@ class LocalWorkers(Backend):
 
     def __init__(self, workers: int, initializer: Callable[..., Any] | None, initargs: tuple[Any, ...]) -> None:
         self.workers = workers
-        self._init_bytes = pickle_initializer(initializer, initargs, local=True)
+        self._init = pickle_initializer(initializer, initargs)
         self._lock = threading.Lock()
         self._pending: deque[_Queued] = deque()
         self._ended_calls: set[int] = set()

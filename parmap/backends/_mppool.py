@@ -33,7 +33,7 @@ from typing import Any
 
 from .. import _worker
 from .._errors import PoolClosedError
-from .._serialization import ErrorInfo, loads, share_globals
+from .._serialization import ErrorInfo, InitializerPayload, loads, share_globals
 from .._worker import (
     SLOT_WIDTH,
     ChunkOutcome,
@@ -85,11 +85,11 @@ _init_error: Any = None
 _functions: OrderedDict[int, Callable[..., Any]] = OrderedDict()
 
 
-def _pool_worker_init(status: Any, init_bytes: bytes | None) -> None:
+def _pool_worker_init(status: Any, init: InitializerPayload | None) -> None:
     global _status, _init_error
     prepare_worker_process(parent_death_signal=False)
     _status = status
-    _init_error = run_initializer(init_bytes)
+    _init_error = run_initializer(init)
 
 
 def _load_function(call_id: int, fn_ref: bytes | str) -> Callable[..., Any]:
@@ -160,7 +160,7 @@ class MPPoolBackend(Backend):
         self.workers = workers
         self.start_method = start_method or default_start_method()
         self._ctx = multiprocessing.get_context(self.start_method)
-        self._init_bytes = pickle_initializer(initializer, initargs, local=True)
+        self._init = pickle_initializer(initializer, initargs)
         self._slots = 4 * workers + 16
         self._status: Any = None
         self._free_slots: deque[int] = deque(range(self._slots))
@@ -445,7 +445,7 @@ class MPPoolBackend(Backend):
 
     def _new_pool(self) -> Any:
         pool = _RecordingPool(
-            self.workers, initializer=_pool_worker_init, initargs=(self._status, self._init_bytes), context=self._ctx
+            self.workers, initializer=_pool_worker_init, initargs=(self._status, self._init), context=self._ctx
         )
         self._start_feeding(pool)
         return pool

@@ -78,9 +78,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._errors import PoolClosedError
+from .._serialization import dumps_function
 from .._worker import ChunkOutcome
 from ._base import Backend, Call, Capabilities, Chunk, ChunkLost, Done, decode_chunk_outcome
-from ._local import pickle_initializer
 from .executor import call_key, run_remote_chunk
 
 __all__ = ["ADDRESS_ENV", "DaskBackend", "import_distributed"]
@@ -226,7 +226,11 @@ class DaskBackend(Backend):
         self._workers: int | None = None
         self._address_given = bool(address)
         self.address: str | None = address or os.environ.get(ADDRESS_ENV) or None
-        self._init_bytes = pickle_initializer(initializer, initargs)
+        self._init_bytes = (
+            None
+            if initializer is None
+            else dumps_function((initializer, tuple(initargs)), what="the initializer or its initargs")
+        )
         self._init_future: Any = None
         self._client: Any = None
         self._cluster: Any = None

@@ -41,7 +41,7 @@ class ForkBackend(LocalWorkers):
             try:
                 os.close(sentinel_r)
                 parent_conn.close()  # the other pools' ends, and this one's, went at the fork
-                worker_main(child_conn, self._status, index, self._init_bytes, inherited)
+                worker_main(child_conn, self._status, index, self._init, inherited)
             except SystemExit as exc:  # the initializer called sys.exit(): report its code, as multiprocessing does
                 code = exc.code if isinstance(exc.code, int) else 1
             except BaseException:

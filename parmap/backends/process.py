@@ -44,7 +44,7 @@ class ProcessBackend(LocalWorkers):
         parent_conn, child_conn = worker_pipe()
         process = self._ctx.Process(
             target=worker_main,
-            args=(child_conn, self._status, index, self._init_bytes, inherited),
+            args=(child_conn, self._status, index, self._init, inherited),
             name=f"parmap-worker-{index}",
             daemon=True,
         )
