@@ -263,6 +263,18 @@ def test_a_timeout_still_bounds_the_loading_of_items_and_pickling_of_results(bac
     assert time.monotonic() - began < 20
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", ["process", "fork"])
+def test_an_item_that_starts_while_the_dispatcher_waits_still_times_out(backend):
+    # Seen loading its chunk, the worker got a deadline of the timeout times
+    # the chunk's length; the item that then hung ran for all of it (12.5 s).
+    began = time.monotonic()
+    with pytest.raises(parmap.TaskTimeoutError):
+        items = (workfns.LoadsInAWhile(x) for x in range(25))  # 1 s of loading; a list, a fork would inherit
+        parmap.map(workfns.sleep_unless_nonzero, items, workers=1, backend=backend, chunksize=25, timeout=0.5)
+    assert time.monotonic() - began < 6
+
+
 @pytest.mark.timeout(30)
 def test_unordered_errors_say_which_item_they_belong_to(process_backend):
     results = list(

@@ -233,6 +233,12 @@ def nested_map_timing_out(x):
     return "not stopped"
 
 
+def sleep_unless_nonzero(x):
+    if not x:
+        time.sleep(60)
+    return x
+
+
 def sleep_unless_zero(x):
     if x:
         time.sleep(60)
@@ -514,6 +520,21 @@ class SlowToLoad:
     def __setstate__(self, state):
         time.sleep(30)
         self.__dict__.update(state)
+
+
+def _load_in_a_while(value):
+    time.sleep(0.04)
+    return value
+
+
+class LoadsInAWhile:
+    """Unpickles to ``value`` after 40 ms: a chunk of them loads for a while."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __reduce__(self):
+        return (_load_in_a_while, (self.value,))
 
 
 class SlowToPickle:

@@ -631,9 +631,11 @@ class LocalWorkers(Backend):
             offset, started = self._status[base + 1], self._status[base + 2]
             if offset < 0:
                 phase = self._between_items(worker)
-                # Not reading this chunk yet (starting, in the initializer,
-                # finishing the last one): look again shortly for its start.
-                due = now + UNMARKED_POLL_SECONDS if phase is None else phase
+                # No item runs: not at this chunk yet (starting, in the
+                # initializer, finishing the last one), or loading its items.
+                # Look again shortly: an item may start at any moment, and
+                # nothing wakes the dispatcher when one does.
+                due = now + UNMARKED_POLL_SECONDS if phase is None else min(phase, now + UNMARKED_POLL_SECONDS)
             else:
                 due = (started if started >= worker.sent_at else worker.sent_at) + worker.chunk.call.timeout
             deadline = due if deadline is None else min(deadline, due)
