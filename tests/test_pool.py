@@ -694,6 +694,20 @@ def test_a_pool_dropped_after_submit_stops_its_workers(process_backend, collecto
     assert len(psutil.Process().children()) <= before
 
 
+def test_calls_give_back_their_file_descriptors_without_the_cycle_collector(process_backend):
+    # A pool/apply_async call's multiprocessing.Pool held itself in a cycle:
+    # its pipes stayed open until a full collection, ~8 descriptors a call.
+    parmap.map(workfns.square, range(4), workers=2, backend=process_backend)
+    before = psutil.Process().num_fds()
+    gc.disable()
+    try:
+        for _ in range(5):
+            parmap.map(workfns.square, range(4), workers=2, backend=process_backend)
+        assert psutil.Process().num_fds() <= before + 2
+    finally:
+        gc.enable()
+
+
 def test_executor_as_backend_is_not_shut_down():
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as executor:
         assert parmap.map(workfns.square, range(10), backend=executor) == [x * x for x in range(10)]

@@ -728,13 +728,17 @@ class _RecordingPool(multiprocessing.pool.Pool):
     (replacements included) in :attr:`started`, before starting it."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.started: deque[Any] = deque()
+        # Not self.started in make: the pool would hold itself in a cycle, and
+        # its pipes would wait for the cycle collector (~8 descriptors a
+        # call, "Too many open files" after some hundreds of calls).
+        started: deque[Any] = deque()
+        self.started = started
 
         def make(ctx: Any, *process_args: Any, **process_kwargs: Any) -> Any:
             process = ctx.Process(*process_args, **process_kwargs)
             if ctx.get_start_method() == "forkserver":
                 process._Popen = _ForkserverPopen  # start() makes its Popen through this
-            self.started.append(process)
+            started.append(process)
             return process
 
         # Pool makes every worker through self.Process(ctx, ...), also on its
