@@ -6,7 +6,9 @@ An explicit ``chunksize`` is used as given. Otherwise the size adapts:
   and the first result, come back quickly;
 * each finished chunk reports how long its items took to compute; the next
   chunk is sized to take about :data:`TARGET_CHUNK_SECONDS`, so a tiny task
-  is batched by the thousand and a slow one travels alone;
+  is batched by the thousand and a slow one travels alone, growing at most
+  :data:`MAX_GROWTH` times past the biggest chunk measured, so a few cheap
+  first items cannot send a huge chunk of expensive ones;
 * near the end of an input of known length no chunk takes more than
   1/(2·workers) of what is left, so the last chunks shrink and no worker is
   left holding a long tail while the others idle (but a last few thousand
@@ -82,6 +84,12 @@ MAX_INITIAL_CHUNK = 64
 # caller unpickles them while the workers compute the next (W5out, 200 x 1 MiB
 # results: 370 -> 253 ms), and imap's window holds a few of them, not hundreds.
 MAX_CHUNK_BYTES = 4 * 1024 * 1024
+# A measured chunk sizes the next ones no bigger than this many times itself:
+# items cheap at first and slow later (the first four instant, the rest 20 ms)
+# made the second chunk 2,048 items, 41 s of work behind one result (now 8
+# items, 0.17 s). W1 reaches its big chunks in a few more round trips: 32 ->
+# 44 chunks, time within noise (benchmarks/bench.py, W1 and W6).
+MAX_GROWTH = 8
 # Weight of the newest measurement in the running per-item cost: one chunk
 # holding a heavy item (40x the others in W3) must shrink the next chunks at
 # once, and one cheap chunk must not blow them up (benchmark W3).
@@ -99,6 +107,7 @@ class ChunkSizer:
         self._item_bytes: float | None = None  # pickled bytes per item
         self._result_bytes: float | None = None  # pickled bytes per result
         self._unmeasured = 0  # chunks sized before the first measurement
+        self._largest_measured = 0  # items in the biggest chunk measured so far
 
     def next_size(self, remaining: int | None, taken: int = 0) -> int:
         """The size of the next chunk, given how many items remain (if known)
@@ -116,6 +125,7 @@ class ChunkSizer:
                 self._unmeasured += 1
         else:
             size = int(TARGET_CHUNK_SECONDS / self._cost) if self._cost > 0 else MAX_UNSIZED_CHUNK * 64
+            size = min(size, MAX_GROWTH * self._largest_measured)
         per_item = max(self._item_bytes or 0.0, self._result_bytes or 0.0)
         if per_item:
             size = min(size, int(MAX_CHUNK_BYTES / per_item))
@@ -134,6 +144,7 @@ class ChunkSizer:
         """A chunk of ``items`` items computed in ``seconds``."""
         if items <= 0:
             return  # measured even with a fixed size: backlog() needs the cost
+        self._largest_measured = max(self._largest_measured, items)
         cost = seconds / items
         self._cost = cost if self._cost is None else SMOOTHING * cost + (1 - SMOOTHING) * self._cost
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from parmap._chunking import (
     MAX_CHUNK_BYTES,
     MAX_GROWN_UNSIZED_CHUNK,
+    MAX_GROWTH,
     MAX_UNSIZED_CHUNK,
     MAX_UNSPLIT_TAIL,
     TARGET_CHUNK_SECONDS,
@@ -22,7 +23,7 @@ def test_explicit_chunksize_is_used_as_given():
 
 def test_chunks_aim_at_the_target_duration():
     sizer = ChunkSizer(None, workers=2, total=None)
-    sizer.observe(10, 10 * 0.001)  # 1 ms per item
+    sizer.observe(20, 20 * 0.001)  # 1 ms per item
     assert sizer.next_size(None) == round(TARGET_CHUNK_SECONDS / 0.001)
 
 
@@ -36,14 +37,14 @@ def test_chunks_shrink_towards_the_end_of_a_sized_input():
 
 def test_many_tiny_items_are_still_shared_out_at_the_end():
     sizer = ChunkSizer(None, workers=2, total=1_000_000)
-    sizer.observe(1000, 1000 * TINY / 100)
+    sizer.observe(100_000, 100_000 * TINY / 100)
     assert sizer.next_size(1_000_000) == 1_000_000 // 4
     assert sizer.next_size(40_000) == 10_000
 
 
 def test_a_cheap_tail_is_not_split_into_round_trips():
-    sizer = ChunkSizer(None, workers=2, total=10)
-    sizer.observe(1, TINY)
+    sizer = ChunkSizer(None, workers=2, total=10_000)
+    sizer.observe(1000, 1000 * TINY)
     assert sizer.next_size(5) == 5
     assert sizer.next_size(3000) == MAX_UNSPLIT_TAIL
 
@@ -51,11 +52,24 @@ def test_a_cheap_tail_is_not_split_into_round_trips():
 def test_unsized_input_starts_small_and_grows_with_what_was_taken():
     sizer = ChunkSizer(None, workers=2, total=None)
     assert sizer.next_size(None) == 1  # nothing measured yet
-    sizer.observe(1000, 1000 * TINY)
+    sizer.observe(10_000, 10_000 * TINY)
     assert sizer.next_size(None, taken=0) == MAX_UNSIZED_CHUNK
     assert sizer.next_size(None, taken=10_000) == MAX_UNSIZED_CHUNK
     assert sizer.next_size(None, taken=160_000) == 20_000
     assert sizer.next_size(None, taken=10**9) == MAX_GROWN_UNSIZED_CHUNK
+
+
+def test_a_measured_chunk_sizes_the_next_no_more_than_a_few_times_bigger():
+    # Four instant items, then 20 ms ones: the second chunk was 2,048 items,
+    # 41 s of work before its first result came back.
+    sizer = ChunkSizer(None, workers=2, total=None)
+    sizer.observe(1, TINY)
+    assert sizer.next_size(None) == MAX_GROWTH
+    sizer.observe(MAX_GROWTH, MAX_GROWTH * 0.02)
+    assert sizer.next_size(None) <= round(TARGET_CHUNK_SECONDS / 0.01)  # the cost is now ~10 ms an item
+    sized = ChunkSizer(None, workers=2, total=1_000_000)
+    sized.observe(64, 64 * TINY)
+    assert sized.next_size(1_000_000) == 64 * MAX_GROWTH
 
 
 def test_slow_items_are_not_batched_up_by_growth():
