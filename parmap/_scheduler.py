@@ -452,6 +452,16 @@ class Scheduler:
             if record.pending == 0:
                 self._record_done(record)
 
+    def _note(self, exc: BaseException, text: str) -> None:
+        """Name the failed item on ``exc``. On the thread and serial backends
+        it is fn's own object, which fn may raise again for another item or
+        call (a stored error, a failed future's): the note put there for the
+        earlier one goes, so that it names one item, the right one."""
+        notes = getattr(exc, "__notes__", None)
+        if isinstance(notes, list):
+            notes[:] = [note for note in notes if not isinstance(note, _ItemNote)]
+        exc.add_note(_ItemNote(text))
+
     def _item_failed(self, record: Record, offset: int, exc: BaseException, *, retryable: bool) -> None:
         attempts = record.attempts.get(offset, 0) + 1
         record.attempts[offset] = attempts
@@ -468,7 +478,8 @@ class Scheduler:
             exc.position = record.start + offset
         if not isinstance(exc, ParmapError) or isinstance(exc, TaskError):
             tries = f" on each of {attempts} attempts" if attempts > 1 else ""
-            exc.add_note(f"parmap: raised by item #{record.start + offset} ({short_repr(record.items[offset])}){tries}")
+            item = f"#{record.start + offset} ({short_repr(record.items[offset])})"
+            self._note(exc, f"parmap: raised by item {item}{tries}")
         elif attempts > 1:  # a crash or a timeout: the message names the item already
             exc.add_note(f"parmap: the same on each of {attempts} attempts")
         policy = "raise" if stops else self._options.on_error
@@ -478,6 +489,16 @@ class Scheduler:
             if self._failure is None or position < self._failure[0]:
                 self._failure = (position, exc)
         self._settle(record, offset, SKIPPED if policy == "skip" else exc)
+
+
+class _ItemNote(str):
+    """The note naming a failed item; pickled, a plain ``str``, so that the
+    caller of a call nested in a worker process keeps both notes."""
+
+    __slots__ = ()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (str, (str(self),))
 
 
 def lost_error(call: Call, what: str, lost: ChunkLost) -> ParmapError:

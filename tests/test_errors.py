@@ -61,6 +61,17 @@ def test_an_exception_that_cannot_travel_keeps_its_notes(process_backend):
     assert info.value.__notes__ == ["parmap: raised by the initializer"]
 
 
+def test_an_exception_raised_again_names_only_its_latest_item(any_backend):
+    # On thread and serial it is fn's own object: each item's note piled up
+    # on it, and a later call's error named the items of the earlier ones.
+    workfns.STORED_ERROR.__notes__ = []
+    for items in (["a", "b", "c"], ["z"]):
+        with pytest.raises(ConnectionError) as info:
+            parmap.map(workfns.raise_the_stored_error, items, workers=2, backend=any_backend)
+        assert len([note for note in info.value.__notes__ if note.startswith("parmap: raised by item")]) == 1
+    assert info.value.__notes__[-1] == "parmap: raised by item #0 ('z')"
+
+
 @pytest.mark.timeout(30)
 def test_unpicklable_item(process_backend):
     items = [1, 2, threading.Lock(), 4]
@@ -76,6 +87,16 @@ def test_a_result_that_will_not_unpickle_fails_its_item_alone(process_backend):
     assert info.value.position == 5
     results = parmap.map(workfns.return_unloadable, ITEMS, workers=2, backend=process_backend, on_error="return")
     assert [type(r) for r in results] == [int] * 5 + [parmap.SerializationError] + [int] * 6
+
+
+@pytest.mark.timeout(30)
+def test_a_result_that_raises_system_exit_as_it_unpickles_fails_its_item_alone(process_backend):
+    # It ended the backend's thread, and the call waited for ever.
+    results = parmap.map(workfns.return_exits_on_load, ITEMS, workers=2, backend=process_backend, on_error="return")
+    assert [type(r) for r in results] == [int] * 5 + [parmap.SerializationError] + [int] * 6
+    assert "SystemExit" in str(results[5])
+    with parmap.Pool(workers=2, backend=process_backend) as pool, pytest.raises(parmap.SerializationError):
+        pool.submit(workfns.return_exits_on_load, 5).result(timeout=20)
 
 
 @pytest.mark.timeout(30)

@@ -153,6 +153,21 @@ def return_unloadable(x):
     return Unloadable() if x == BAD else x
 
 
+class ExitsOnLoad:
+    """Unpickles by raising SystemExit, which is no Exception."""
+
+    def __reduce__(self):
+        return (_exit_on_load, ())
+
+
+def _exit_on_load():
+    raise SystemExit(5)
+
+
+def return_exits_on_load(x):
+    return ExitsOnLoad() if x == BAD else x
+
+
 _CALLER = os.getpid()  # a forked worker inherits the caller's pid here
 
 
@@ -565,3 +580,11 @@ def count_under_lock(x):
         counter.value += 1
     queue.put(x)
     return x
+
+
+STORED_ERROR = ConnectionError("backend down")
+
+
+def raise_the_stored_error(x):
+    """Raises one and the same exception object every time (a failed future's, say)."""
+    raise STORED_ERROR

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import abc
 import itertools
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
@@ -255,6 +256,13 @@ def decode_chunk_outcome(chunk: Chunk, data: bytes | bytearray) -> ChunkOutcome:
     try:
         outcome = decode_outcome(data)
     except Exception as exc:
+        return unreadable_outcome(exc, chunk.positions, results=True)
+    except BaseException as exc:
+        # A result whose unpickling raises SystemExit or KeyboardInterrupt:
+        # on a backend's thread it would end that thread, and the call would
+        # wait for ever for the chunk. The caller's own Ctrl-C stays one.
+        if threading.current_thread() is threading.main_thread():
+            raise
         return unreadable_outcome(exc, chunk.positions, results=True)
     outcome.nbytes = len(data)
     return outcome
