@@ -145,7 +145,9 @@ def _try_drawing(options: dict[str, Any]) -> None:
     file = options.get("file")
     if file is not None and not callable(getattr(file, "write", None)):
         raise TypeError(f"progress: file must have a write() method, as tqdm writes to it, got {file!r}")
-    trial = {**options, "file": io.StringIO(), "disable": False, "delay": 0, "leave": False, "position": None}
+    # With a total, as the bar of a sized input has, for a format naming it.
+    trial = {"total": 1, **options, "file": io.StringIO(), "disable": False, "delay": 0, "leave": False}
+    trial["position"] = None
     try:
         with _TRIAL_LOCK, _trial_bar()(**trial) as bar:
             bar.update(0)
@@ -172,6 +174,16 @@ class _NoLock:
 
 
 _TRIAL_LOCK = threading.Lock()  # one trial bar at a time: they share _trial_bar()'s list of bars
+
+
+def _new_trial_lock() -> None:
+    # A worker forked while another thread held it would wait for ever.
+    global _TRIAL_LOCK
+    _TRIAL_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_trial_lock)
 
 
 @functools.cache

@@ -211,6 +211,12 @@ def test_a_refused_progress_value_leaves_other_bars_working(capsys):
     assert "5/5" in capsys.readouterr().err
 
 
+def test_progress_format_may_name_the_total(capsys):
+    # The off-screen trial of the options drew without a total, and refused this.
+    parmap.map(workfns.square, range(7), workers=2, backend="thread", progress={"bar_format": "{n:d}/{total:d} done"})
+    assert "7/7 done" in capsys.readouterr().err
+
+
 def test_progress_without_length(capsys):
     list(parmap.imap(workfns.square, (x for x in range(9)), workers=2, backend="thread", progress=True))
     assert "9" in capsys.readouterr().err

@@ -40,6 +40,21 @@ def test_initargs_may_hold_multiprocessing_locks_values_and_queues(backend):
     assert sorted(queue.get(timeout=10) for _ in range(6)) == list(range(6))
 
 
+@pytest.mark.parametrize("backend", ["process", "pool"])
+def test_an_initializer_partial_of_a_lambda_travels_by_value(backend):
+    # Set aside with the locks (multiprocessing registers a reducer for
+    # partials too), it went to the spawned worker by the standard pickle.
+    import functools
+
+    import workfns
+
+    init = functools.partial(lambda value: workfns.keep_shared(value), 7)
+    assert (
+        parmap.map(workfns.shared_value, range(3), workers=2, backend=backend, start_method="spawn", initializer=init)
+        == [7] * 3
+    )
+
+
 # An initializer and a function sharing the script's state, for the scripts below.
 READY_PREAMBLE = """
 import sys

@@ -588,3 +588,9 @@ STORED_ERROR = ConnectionError("backend down")
 def raise_the_stored_error(x):
     """Raises one and the same exception object every time (a failed future's, say)."""
     raise STORED_ERROR
+
+
+def shared_value(_):
+    """The one object keep_shared kept."""
+    (value,) = SHARED
+    return value
