@@ -695,14 +695,16 @@ def test_a_pool_dropped_after_submit_stops_its_workers(process_backend, collecto
 
 
 def test_calls_give_back_their_file_descriptors_without_the_cycle_collector(process_backend):
-    # A pool/apply_async call's multiprocessing.Pool held itself in a cycle:
-    # its pipes stayed open until a full collection, ~8 descriptors a call.
+    # A pool/apply_async call's multiprocessing.Pool held itself in a cycle
+    # (and so did one whose worker crashed, through the job it never
+    # finished): its pipes stayed open until a full collection, ~8 a call.
     parmap.map(workfns.square, range(4), workers=2, backend=process_backend)
     before = psutil.Process().num_fds()
     gc.disable()
     try:
-        for _ in range(5):
+        for _ in range(3):
             parmap.map(workfns.square, range(4), workers=2, backend=process_backend)
+            parmap.map(workfns.exit_3, range(8), workers=2, backend=process_backend, chunksize=1, on_error="return")
         assert psutil.Process().num_fds() <= before + 2
     finally:
         gc.enable()

@@ -471,9 +471,7 @@ class MPPoolBackend(Backend):
             self._replacing = True
         lost: list[tuple[_Flight, ChunkLost]] = []
         try:
-            self._stop_feeding()
-            forced = _terminate(self._pool)
-            self._after_shutdown()
+            forced = self._end_pool(self._pool)
             # terminate() sends SIGTERM (a worker it finds idle exits 0);
             # SIGKILL only where it had to force.
             ours = {0, -signal.SIGTERM, -signal.SIGKILL} if forced else {0, -signal.SIGTERM}
@@ -539,9 +537,7 @@ class MPPoolBackend(Backend):
         with self._lock:
             self._dormant = True
             self._replacing = True  # hold tasks back until there is a pool
-        self._stop_feeding()
-        _terminate(self._pool)
-        self._after_shutdown()
+        self._end_pool(self._pool)
         self._pool = None
 
     def _revive(self) -> None:
@@ -672,6 +668,17 @@ class MPPoolBackend(Backend):
                     except ProcessLookupError:
                         pass
 
+    def _end_pool(self, pool: Any) -> bool:
+        """Stop feeding ``pool`` and terminate it (see :func:`_terminate`)."""
+        self._stop_feeding()
+        forced = _terminate(pool)
+        self._after_shutdown()
+        # A job a dead worker took never completes, so it stays in the pool's
+        # cache, and it holds the pool: a cycle, with the pool's pipes open
+        # until the cycle collector runs (~8 descriptors a crashed call).
+        pool._cache.clear()
+        return forced
+
     def _shutdown_pool(self) -> None:
         # Always terminate(), even for a graceful close: the monitor loop only
         # gets here once parmap's own chunks are done (or to be killed), and a
@@ -680,9 +687,7 @@ class MPPoolBackend(Backend):
         pool = self._pool
         try:
             if pool is not None:  # None: dormant, already ended
-                self._stop_feeding()
-                _terminate(pool)
-                self._after_shutdown()
+                self._end_pool(pool)
         finally:
             self._close_wake_pipe()
             if self._tmpdir is not None:

@@ -35,8 +35,10 @@ class PoolBackend(MPPoolBackend):
         try:
             for result in results:
                 self._on_result(result)
-        except Exception:  # noqa: S110 - the pool was terminated under the iterator
-            pass
+        except Exception as ended:  # the pool was terminated under the iterator
+            # Its traceback holds the iterator's frame, which holds the
+            # error: a cycle through the pool, with its pipes left open.
+            ended.__traceback__ = None
 
     def _feed(self, task: tuple[Any, ...]) -> None:
         self._tasks.put(task)
