@@ -526,5 +526,9 @@ def worker_main(
             )
             del items
             send(outcome, positions)
+            # An idle worker must not hold its last chunk's items and results
+            # (500 MB of them, for one big item), as multiprocessing's do not.
+            items_bytes = None
+            del outcome
     except (EOFError, OSError):
         return  # the parent went away: nothing left to do

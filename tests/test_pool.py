@@ -710,6 +710,17 @@ def test_calls_give_back_their_file_descriptors_without_the_cycle_collector(proc
         gc.enable()
 
 
+@pytest.mark.parametrize("backend", ["process", "fork"])
+def test_an_idle_worker_holds_nothing_of_its_last_chunk(backend):
+    # It kept the chunk's items and results until its next chunk came.
+    with parmap.Pool(workers=1, backend=backend) as pool:
+        (worker,) = {psutil.Process(pid) for pid in pool.map(workfns.getpid, [0])}
+        assert len(pool.submit(workfns.mebibytes, 64).result(timeout=30)) == 64 << 20
+        assert pool.submit(len, b"\x01" * (64 << 20)).result(timeout=30) == 64 << 20
+        time.sleep(0.2)
+        assert worker.memory_full_info().uss < 32 << 20
+
+
 def test_executor_as_backend_is_not_shut_down():
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as executor:
         assert parmap.map(workfns.square, range(10), backend=executor) == [x * x for x in range(10)]

@@ -594,3 +594,8 @@ def shared_value(_):
     """The one object keep_shared kept."""
     (value,) = SHARED
     return value
+
+
+def mebibytes(n):
+    """A result of ``n`` MiB."""
+    return b"\x01" * (n << 20)
