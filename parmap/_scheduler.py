@@ -41,9 +41,10 @@ import itertools
 import math
 import operator
 import queue
+import sys
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from ._chunking import MARK_ALWAYS_UP_TO, MARK_MIN_ITEM_SECONDS, MAX_PULL_SECONDS, ChunkSizer
@@ -110,6 +111,9 @@ class Scheduler:
         deliver_in_order: bool,
     ) -> None:
         self._backend = backend
+        # Thread and serial pickle nothing, so the byte caps on chunks (and
+        # so imap's memory) go by the items' size in memory instead.
+        self._in_memory = not backend.capabilities.isolated
         self._call = call
         self._options = options
         self._total = input_length(items)
@@ -303,6 +307,8 @@ class Scheduler:
             self._backend.submit(chunk, self._on_done)
             if chunk.nbytes:
                 self._sizer.observe_bytes(len(items), chunk.nbytes)
+            elif self._in_memory and isinstance(items, list):
+                self._sizer.observe_bytes(len(items), in_memory_bytes(items))
         except SerializationError as exc:
             self._in_flight -= 1
             self._alone = self._alone and not alone
@@ -370,7 +376,8 @@ class Scheduler:
             self._alone = False
         if isinstance(result, ChunkOutcome) and result.fatal is None:
             self._sizer.observe(len(result.results), result.elapsed)
-            self._sizer.observe_result_bytes(len(result.results), result.nbytes)
+            nbytes = in_memory_bytes(result.results) if self._in_memory else result.nbytes
+            self._sizer.observe_result_bytes(len(result.results), nbytes)
             left = None if self._total is None else max(0, self._total - self._settled - len(result.results))
             self._call.backlog = self._sizer.backlog(left)
             if offsets is None and not result.errors and len(result.results) == len(record.items):
@@ -489,6 +496,19 @@ class Scheduler:
             if self._failure is None or position < self._failure[0]:
                 self._failure = (position, exc)
         self._settle(record, offset, SKIPPED if policy == "skip" else exc)
+
+
+def in_memory_bytes(values: Sequence[Any]) -> int:
+    """About how many bytes ``values`` take, from the shallow size of a few
+    (exact for ``bytes`` and strings, the common big items)."""
+    sample = values[:8]
+    if not sample:
+        return 0
+    try:
+        size = sum(sys.getsizeof(value) for value in sample)
+    except Exception:  # a __sizeof__ of the user's that fails: no estimate
+        return 0
+    return size * len(values) // len(sample)
 
 
 class _ItemNote(str):

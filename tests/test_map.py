@@ -231,6 +231,27 @@ def test_imap_pull_ahead_stays_a_fraction_of_what_was_taken():
     assert pulled - taken <= 6 * max(2048, taken // 8)
 
 
+@pytest.mark.parametrize("backend", ["process", "thread", "serial"])
+def test_imap_of_big_items_holds_a_few_megabytes_of_them(backend):
+    # Thread and serial pickle nothing, so chunks had no byte cap there: the
+    # pull-ahead grew with what was taken (4,095 items of 256 KiB, 1 GiB).
+    pulled = 0
+
+    def big():
+        nonlocal pulled
+        for _ in itertools.count():
+            pulled += 1
+            yield b"x" * (256 << 10)
+
+    results = parmap.imap(len, big(), workers=2, backend=backend)
+    most_ahead = 0
+    for taken, size in enumerate(itertools.islice(results, 3000), 1):
+        assert size == 256 << 10
+        most_ahead = max(most_ahead, pulled - taken)
+    results.close()
+    assert most_ahead * (256 << 10) <= 64 << 20, most_ahead  # a few 4 MiB chunks per worker
+
+
 def test_large_buffers_travel_as_items_and_in_closures(any_backend):
     # A large buffer pickled under protocol 5 (a numpy array's data) reaches
     # the pickler's file as a PickleBuffer; the checks that pickle into
