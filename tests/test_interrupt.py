@@ -86,6 +86,42 @@ def test_ctrl_c_stops_everything(tmp_path, backend):
     assert _gone(workers, within=3) == []
 
 
+BIG_RESULTS_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys, threading
+    sys.path[:0] = [{root!r}, {tests!r}]
+    import parmap
+
+    def big(x):
+        return bytes(200_000)
+
+    if __name__ == "__main__":
+        threading.Timer({delay!r}, os.killpg, (os.getpgrp(), signal.SIGINT)).start()
+        parmap.map(big, range(4000), workers=2, backend="pool")
+        print("finished before the Ctrl-C", flush=True)
+    """
+)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("delay", [0.05, 0.15, 0.25])
+def test_ctrl_c_while_big_results_stream_back_ends_the_call(tmp_path, delay):
+    # A worker killed while sending left a message cut short in the result
+    # pipe; draining it waited for its end for ever (1 Ctrl-C in 6 hung).
+    script = tmp_path / "big_results.py"
+    script.write_text(BIG_RESULTS_SCRIPT.format(root=os.path.dirname(TESTS_DIR), tests=TESTS_DIR, delay=delay))
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "finished" not in stdout  # the signal came mid-call
+    assert proc.returncode != 0 and "KeyboardInterrupt" in stderr
+
+
 LEAVING_WITH_SCRIPT = textwrap.dedent(
     """
     import sys, time

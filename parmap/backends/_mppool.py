@@ -821,9 +821,16 @@ def _unwedge(pool: Any) -> None:
     if any(process.exitcode is None for process in workers):
         return  # not dead yet: their locks may still be theirs
     if not pool._result_handler.is_alive():
+        # Drained so that a sender blocked on a full pipe can finish. As raw
+        # bytes: a worker killed while sending left a message cut short, and
+        # recv_bytes() would wait for its end for ever (Ctrl-C hung the call).
         reader = pool._outqueue._reader
-        while reader.poll():  # a sender blocked on a full pipe can finish
-            reader.recv_bytes()
+        while reader.poll():
+            try:
+                if not os.read(reader.fileno(), 1 << 16):
+                    break
+            except OSError:
+                break
     time.sleep(0.1)  # a thread that was sending lets go of its lock by now
     for lock in (pool._inqueue._rlock, pool._outqueue._wlock):
         if lock.acquire(block=False):
