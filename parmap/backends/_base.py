@@ -25,6 +25,7 @@ from __future__ import annotations
 import abc
 import itertools
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
@@ -266,6 +267,20 @@ def decode_chunk_outcome(chunk: Chunk, data: bytes | bytearray) -> ChunkOutcome:
         return unreadable_outcome(exc, chunk.positions, results=True)
     outcome.nbytes = len(data)
     return outcome
+
+
+def join_thread(thread: threading.Thread, timeout: float | None = None) -> None:
+    """``thread.join(timeout)``, for a thread whose ``start()`` a Ctrl-C may
+    have cut short: it runs, but ``join()`` raises until it says it started."""
+    deadline = time.monotonic() + 1.0
+    while True:
+        try:
+            thread.join(timeout)
+            return
+        except RuntimeError:
+            if time.monotonic() > deadline:
+                return  # never started after all: nothing to wait for
+            time.sleep(0.005)
 
 
 def dropped_outcome() -> ChunkOutcome:

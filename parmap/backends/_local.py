@@ -66,6 +66,7 @@ from ._base import (
     Done,
     decode_chunk_outcome,
     dropped_outcome,
+    join_thread,
     startup_failed_outcome,
     terminated_outcome,
 )
@@ -388,7 +389,7 @@ class LocalWorkers(Backend):
                 thread = self._thread
         self._wake()
         if thread is not None and thread is not threading.current_thread():
-            thread.join()
+            join_thread(thread)
         if thread is None:
             self._close_wake_pipe()
 

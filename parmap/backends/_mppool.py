@@ -55,6 +55,7 @@ from ._base import (
     Done,
     decode_chunk_outcome,
     dropped_outcome,
+    join_thread,
     startup_failed_outcome,
     terminated_outcome,
 )
@@ -248,7 +249,7 @@ class MPPoolBackend(Backend):
             self._kill_on_close = kill
             self._wake()
         if monitor is not threading.current_thread():
-            monitor.join()
+            join_thread(monitor)
 
     # -- internals ---------------------------------------------------------
     def _fn_ref(self, call: Call, fn_bytes: bytes) -> bytes | str:

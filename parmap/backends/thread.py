@@ -22,7 +22,7 @@ from typing import Any
 from .. import _context
 from .._errors import PoolClosedError
 from .._worker import ChunkOutcome, run_chunk
-from ._base import Backend, Call, Capabilities, Chunk, Done, dropped_outcome, terminated_outcome
+from ._base import Backend, Call, Capabilities, Chunk, Done, dropped_outcome, join_thread, terminated_outcome
 
 #: terminate() waits at most this long for the threads to end. One running
 #: an item stops before its next; the item itself cannot be stopped, and
@@ -162,4 +162,4 @@ class ThreadBackend(Backend):
         for thread in threads:
             if thread is threading.current_thread():
                 continue  # a task that closed its own pool
-            thread.join(timeout=max(0.0, deadline - time.monotonic()) if kill else None)
+            join_thread(thread, max(0.0, deadline - time.monotonic()) if kill else None)
