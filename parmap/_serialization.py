@@ -98,38 +98,44 @@ def check_function(fn: object, *, local: bool = False, what: str = "the function
         raise _function_error(fn, what, exc) from exc
 
 
-def _inherited_only_types() -> set[type]:
+@functools.cache
+def _inherited_only_kinds() -> tuple[type, ...]:
     """The classes whose objects multiprocessing lets cross only to a process
-    it is starting (a ``Lock``, ``Value``, ``Queue``...): pickled at any
-    other time they raise "should only be shared between processes through
-    inheritance", or (shared ctypes) silently become private copies."""
+    it is starting (a ``Lock``, ``Value``, ``Queue``..., and subclasses):
+    pickled at any other time they raise "should only be shared between
+    processes through inheritance". Shared ctypes values are told by their
+    ``_wrapper`` (see :func:`_inherited_only`)."""
+    import multiprocessing.connection
     import multiprocessing.heap
     import multiprocessing.queues
-    import multiprocessing.reduction
     import multiprocessing.sharedctypes
     import multiprocessing.synchronize
 
-    kinds: set[type] = {
-        multiprocessing.synchronize.Lock,
-        multiprocessing.synchronize.RLock,
-        multiprocessing.synchronize.Semaphore,
-        multiprocessing.synchronize.BoundedSemaphore,
+    return (
+        multiprocessing.synchronize.SemLock,
         multiprocessing.synchronize.Condition,
         multiprocessing.queues.Queue,
-        multiprocessing.queues.JoinableQueue,
         multiprocessing.queues.SimpleQueue,
-        multiprocessing.sharedctypes.Synchronized,
-        multiprocessing.sharedctypes.SynchronizedArray,
-        multiprocessing.sharedctypes.SynchronizedString,
+        multiprocessing.sharedctypes.SynchronizedBase,
         multiprocessing.heap.BufferWrapper,
-    }
-    # Shared ctypes, heap arenas and connections register their reducers with
-    # multiprocessing's pickler as they are made; its other entries (methods,
-    # partials) pickle anywhere and stay with the initializer.
-    registered = getattr(multiprocessing.reduction.ForkingPickler, "_extra_reducers", {})
-    owners = ("multiprocessing.sharedctypes", "multiprocessing.heap", "multiprocessing.connection")
-    kinds.update(kind for kind, reducer in registered.items() if getattr(reducer, "__module__", "") in owners)
-    return kinds
+        multiprocessing.heap.Arena,
+        multiprocessing.connection.Connection,
+    )
+
+
+@functools.cache
+def _ctypes_kinds() -> tuple[type, ...]:
+    import ctypes
+
+    return (ctypes._SimpleCData, ctypes.Array, ctypes.Structure, ctypes.Union)
+
+
+def _inherited_only(obj: object) -> bool:
+    if isinstance(obj, _inherited_only_kinds()):
+        return True
+    # A RawValue or RawArray: ctypes over multiprocessing's shared heap (a
+    # ctypes value of the user's own pickles as a copy, as it always did).
+    return isinstance(obj, _ctypes_kinds()) and hasattr(obj, "_wrapper")
 
 
 _loading = threading.local()  # the set-aside objects of the payload being loaded
@@ -137,6 +143,33 @@ _loading = threading.local()  # the set-aside objects of the payload being loade
 
 def _set_aside_object(index: int) -> Any:
     return _loading.shared[index]
+
+
+class _SettingAside:
+    """A pickler mixin: objects only a starting process may receive go to
+    ``shared`` and are pickled as their index there. ``reducer_override``
+    sees every object but those of the builtin types with a fast path of
+    their own (ints, strings, lists...), so plain data pickles at full speed."""
+
+    shared: list[Any]
+
+    def _set_aside(self, obj: object) -> tuple[Any, ...] | None:
+        if not _inherited_only(obj):
+            return None
+        self.shared.append(obj)
+        return (_set_aside_object, (len(self.shared) - 1,))
+
+
+class _SettingAsidePickler(_SettingAside, pickle.Pickler):
+    def reducer_override(self, obj: object) -> Any:
+        reduced = self._set_aside(obj)
+        return NotImplemented if reduced is None else reduced
+
+
+class _SettingAsideCloudPickler(_SettingAside, cloudpickle.CloudPickler):  # type: ignore[misc]
+    def reducer_override(self, obj: object) -> Any:
+        reduced = self._set_aside(obj)
+        return super().reducer_override(obj) if reduced is None else reduced
 
 
 class InitializerPayload:
@@ -147,8 +180,7 @@ class InitializerPayload:
     ``multiprocessing.Pool`` users share them) is set aside, not pickled: a
     forked worker inherits it, and a spawned one receives it from
     multiprocessing itself as it starts the worker, the one time those
-    objects may be pickled. Set aside by exact class, through the pickler's
-    dispatch table: plain data pickles at full speed, with no call per object.
+    objects may be pickled.
     """
 
     __slots__ = ("data", "shared")
@@ -156,15 +188,13 @@ class InitializerPayload:
     def __init__(self, initializer: object, initargs: tuple[Any, ...]) -> None:
         self.shared: list[Any] = []
         payload = (initializer, tuple(initargs))
-        ours: dict[type, Any] = dict.fromkeys(_inherited_only_types(), self._set_aside)
-        picklers: list[type[pickle.Pickler]] = [cloudpickle.CloudPickler]
+        picklers: list[type[pickle.Pickler]] = [_SettingAsideCloudPickler]
         if _main_is_importable():  # as dumps_function(local=True): __main__ by name
-            picklers.insert(0, pickle.Pickler)
+            picklers.insert(0, _SettingAsidePickler)
         for pickler_class in picklers:
-            self.shared = []
             buffer = io.BytesIO()
             pickler = pickler_class(buffer, protocol=PROTOCOL)
-            pickler.dispatch_table = ChainMap(ours, getattr(pickler, "dispatch_table", copyreg.dispatch_table))  # type: ignore[misc]
+            pickler.shared = []  # type: ignore[attr-defined]
             try:
                 pickler.dump(payload)
             except Exception as exc:
@@ -172,13 +202,8 @@ class InitializerPayload:
                     raise _function_error(payload, "the initializer or its initargs", exc) from exc
                 continue
             self.data = buffer.getvalue()
+            self.shared = pickler.shared  # type: ignore[attr-defined]
             return
-
-    def _set_aside(self, obj: Any) -> str | tuple[Any, ...]:
-        if isinstance(obj, ctypes_base()) and not hasattr(obj, "_wrapper"):
-            return obj.__reduce_ex__(PROTOCOL)  # a ctypes value of the user's own, not in shared memory
-        self.shared.append(obj)
-        return (_set_aside_object, (len(self.shared) - 1,))
 
     def load(self) -> tuple[Any, tuple[Any, ...]]:
         """``(initializer, initargs)``, in the worker."""
@@ -194,14 +219,6 @@ class InitializerPayload:
 
     def __setstate__(self, state: tuple[bytes, list[Any]]) -> None:
         self.data, self.shared = state
-
-
-@functools.cache
-def ctypes_base() -> tuple[type, ...]:
-    """The ctypes classes multiprocessing's shared values are made of."""
-    import ctypes
-
-    return (ctypes._SimpleCData, ctypes.Array, ctypes.Structure, ctypes.Union)
 
 
 def travels_by_name(fn: object, *, local: bool = False) -> bool:

@@ -24,7 +24,8 @@ def test_lambda_and_closure(backend, start_method):
 
 
 @pytest.mark.parametrize("backend", MP_BACKENDS)
-def test_initargs_may_hold_multiprocessing_locks_values_and_queues(backend):
+@pytest.mark.parametrize("initializer", ["function", "lambda"])  # by the standard pickle, by cloudpickle
+def test_initargs_may_hold_multiprocessing_locks_values_and_queues(backend, initializer):
     # A spawned worker receives them from multiprocessing as it starts, the
     # one time they may be pickled.
     import multiprocessing
@@ -34,7 +35,8 @@ def test_initargs_may_hold_multiprocessing_locks_values_and_queues(backend):
     context = multiprocessing.get_context("spawn")
     lock, counter, queue = context.Lock(), context.Value("i", 0), context.Queue()
     options = {"workers": 2, "backend": backend, "start_method": "spawn"}
-    shared = {"initializer": workfns.keep_shared, "initargs": (lock, counter, queue)}
+    init = workfns.keep_shared if initializer == "function" else lambda *shared: workfns.keep_shared(*shared)
+    shared = {"initializer": init, "initargs": (lock, counter, queue)}
     assert parmap.map(workfns.count_under_lock, range(6), **options, **shared) == list(range(6))
     assert counter.value == 6
     assert sorted(queue.get(timeout=10) for _ in range(6)) == list(range(6))
