@@ -146,8 +146,15 @@ def _try_drawing(options: dict[str, Any]) -> None:
     if file is not None and not callable(getattr(file, "write", None)):
         raise TypeError(f"progress: file must have a write() method, as tqdm writes to it, got {file!r}")
     # With a total, as the bar of a sized input has, for a format naming it.
-    trial = {"total": 1, **options, "file": io.StringIO(), "disable": False, "delay": 0, "leave": False}
-    trial["position"] = None
+    trial = {
+        "total": 1,
+        **options,
+        "file": io.StringIO(),
+        "disable": False,
+        "delay": 0,
+        "leave": False,
+        "position": None,
+    }
     try:
         with _TRIAL_LOCK, _trial_bar()(**trial) as bar:
             bar.update(0)

@@ -185,8 +185,10 @@ class InitializerPayload:
 
     __slots__ = ("data", "shared")
 
+    data: bytes
+    shared: list[Any]
+
     def __init__(self, initializer: object, initargs: tuple[Any, ...]) -> None:
-        self.shared: list[Any] = []
         payload = (initializer, tuple(initargs))
         picklers: list[type[pickle.Pickler]] = [_SettingAsideCloudPickler]
         if _main_is_importable():  # as dumps_function(local=True): __main__ by name

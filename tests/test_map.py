@@ -150,16 +150,25 @@ def test_imap_ordered_and_unordered(any_backend):
     assert sorted(unordered) == [x * x for x in range(40)]
 
 
+class Counted:
+    """An input of unknown length that counts the items pulled from it."""
+
+    def __init__(self, items):
+        self._items = iter(items)
+        self.pulled = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = next(self._items)
+        self.pulled += 1
+        return item
+
+
 def test_imap_endless_generator_is_lazy(any_backend):
-    pulled = 0
-
-    def counting():
-        nonlocal pulled
-        for i in itertools.count():
-            pulled += 1
-            yield i
-
-    results = parmap.imap(square, counting(), workers=2, backend=any_backend)
+    source = Counted(itertools.count())
+    results = parmap.imap(square, source, workers=2, backend=any_backend)
     taken = []
     for value in results:
         taken.append(value)
@@ -168,7 +177,7 @@ def test_imap_endless_generator_is_lazy(any_backend):
     results.close()
     assert taken == [x * x for x in range(100)]
     # A few chunks per worker in flight at most (chunks of unknown-length input <= 2048).
-    assert pulled <= 100 + 5 * 2048
+    assert source.pulled <= 100 + 5 * 2048
 
 
 class SayWhen(ValueError):
@@ -235,19 +244,12 @@ def test_imap_pull_ahead_stays_a_fraction_of_what_was_taken():
 def test_imap_of_big_items_holds_a_few_megabytes_of_them(backend):
     # Thread and serial pickle nothing, so chunks had no byte cap there: the
     # pull-ahead grew with what was taken (4,095 items of 256 KiB, 1 GiB).
-    pulled = 0
-
-    def big():
-        nonlocal pulled
-        for _ in itertools.count():
-            pulled += 1
-            yield b"x" * (256 << 10)
-
-    results = parmap.imap(len, big(), workers=2, backend=backend)
+    source = Counted(b"x" * (256 << 10) for _ in itertools.count())
+    results = parmap.imap(len, source, workers=2, backend=backend)
     most_ahead = 0
     for taken, size in enumerate(itertools.islice(results, 3000), 1):
         assert size == 256 << 10
-        most_ahead = max(most_ahead, pulled - taken)
+        most_ahead = max(most_ahead, source.pulled - taken)
     results.close()
     assert most_ahead * (256 << 10) <= 64 << 20, most_ahead  # a few 4 MiB chunks per worker
 
