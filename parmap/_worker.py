@@ -29,6 +29,7 @@ other is writing too (the pipe deadlock of a pipelined design).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import itertools
@@ -371,6 +372,8 @@ def prepare_worker_process(*, parent_death_signal: bool = True) -> None:
     _empty_stdin()
     _let_go_of_the_forkserver()
     signal.signal(signal.SIGINT, _no_interrupt)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # held back by ctrl_c_held
     _context.mark_worker_process()
     if parent_death_signal and sys.platform.startswith("linux"):
         try:
@@ -381,6 +384,40 @@ def prepare_worker_process(*, parent_death_signal: bool = True) -> None:
             _watch_parent()
     else:
         _watch_parent()
+
+
+@contextlib.contextmanager
+def ctrl_c_held(start_method: str | None) -> Iterator[None]:
+    """Hold Ctrl-C back from the worker processes this thread starts inside.
+
+    Until :func:`prepare_worker_process` puts its handler in place, a new
+    worker has Python's own, and Ctrl-C reaches the whole process group: a
+    Ctrl-C just then printed a ``KeyboardInterrupt`` traceback from each
+    starting worker, or under ``spawn`` a page of "Fatal Python error:
+    init_import_site" from its interpreter's start-up. A child starts with
+    the signal mask of the thread that started it, across ``exec`` too, so a
+    SIGINT blocked here waits in the worker until prepare_worker_process lets
+    it through to its handler (CPython's resource tracker guards its own
+    start the same way). This process gets its Ctrl-C as ever: the kernel
+    hands it to a thread that does not block it, and Python runs the handler
+    on the main thread; so the main thread must not be the one that holds it.
+
+    ``start_method`` is ``None`` for a bare ``os.fork``. For ``spawn`` and
+    ``forkserver`` the resource tracker is started first: its start unblocks
+    SIGINT on the thread that starts it, which would be this one, mid-way.
+    """
+    if not hasattr(signal, "pthread_sigmask"):  # pragma: no cover - Windows
+        yield
+        return
+    if start_method not in (None, "fork"):
+        from multiprocessing import resource_tracker
+
+        resource_tracker.ensure_running()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _let_go_of_the_forkserver() -> None:

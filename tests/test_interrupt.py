@@ -86,6 +86,68 @@ def test_ctrl_c_stops_everything(tmp_path, backend):
     assert _gone(workers, within=3) == []
 
 
+STARTUP_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    sys.path[:0] = [{root!r}, {tests!r}]
+    import parmap
+
+    def ctrl_c_once():
+        try:
+            os.close(os.open({flag!r}, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+        os.killpg(os.getpgrp(), signal.SIGINT)  # the terminal's Ctrl-C, to the whole group
+
+    # A worker starting up, before parmap's set-up of it: one forked from here
+    # (os.fork runs this hook in the child), or one re-importing this script
+    # (spawn, or the forkserver that forks the workers).
+    if __name__ == "__mp_main__":
+        ctrl_c_once()
+    else:
+        os.register_at_fork(after_in_child=ctrl_c_once)
+
+    def slow(x):
+        time.sleep(0.05)
+        return x
+
+    if __name__ == "__main__":
+        try:
+            parmap.map(slow, range(40), workers=2, backend={backend!r}, chunksize=1, **{options!r})
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+        else:
+            print("finished", flush=True)
+    """
+)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("backend", "options"),
+    [
+        *((b, {}) for b in PROCESS_BACKENDS),
+        ("process", {"start_method": "spawn"}),
+        ("pool", {"start_method": "spawn"}),
+    ],
+)
+def test_ctrl_c_while_workers_start_reaches_the_caller_alone(tmp_path, backend, options):
+    """A starting worker holds the Ctrl-C back until it can ignore it: before,
+    each printed a KeyboardInterrupt traceback (under spawn a page of "Fatal
+    Python error"), over the caller's own handling of it."""
+    script = tmp_path / "ctrl_c_at_start.py"
+    root = os.path.dirname(TESTS_DIR)
+    flag = str(tmp_path / "sent")
+    script.write_text(STARTUP_SCRIPT.format(root=root, tests=TESTS_DIR, flag=flag, backend=backend, options=options))
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=40, start_new_session=True
+    )
+    assert os.path.exists(flag)  # a worker did start, and sent the Ctrl-C
+    assert result.stdout == "interrupted\n"
+    assert result.returncode == 0
+    assert "Traceback" not in result.stderr and "KeyboardInterrupt" not in result.stderr, result.stderr
+
+
 BIG_RESULTS_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys, threading

@@ -55,7 +55,7 @@ from typing import Any
 from .._errors import ParmapError, PoolClosedError, SerializationError
 from .._serialization import PROTOCOL, InitializerPayload, Pickled
 from .._wire import recv_framed, send_framed, send_room
-from .._worker import SLOT_WIDTH, Inherited, running_offset
+from .._worker import SLOT_WIDTH, Inherited, ctrl_c_held, running_offset
 from ._base import (
     Backend,
     Call,
@@ -270,6 +270,8 @@ class LocalWorkers(Backend):
     capabilities = Capabilities(isolated=True, can_timeout=True)
     #: Workers are started by ``fork``: they inherit what the parent holds.
     forks_workers = True
+    #: ``multiprocessing``'s start method; ``None``: a bare ``os.fork``.
+    start_method: str | None = None
     queues_chunks = True
 
     def __init__(self, workers: int, initializer: Callable[..., Any] | None, initargs: tuple[Any, ...]) -> None:
@@ -816,7 +818,8 @@ class LocalWorkers(Backend):
         self._status[index * SLOT_WIDTH + 3] = 0.0  # the new worker has read nothing yet
         self._status[index * SLOT_WIDTH + 1] = -1.0  # nor runs an item (the last one's mark may linger)
         began = time.monotonic()
-        with _STARTING:
+        # On the dispatcher thread, never the main one (see ctrl_c_held).
+        with _STARTING, ctrl_c_held(self.start_method):
             worker = self._start_worker(index, inherited)
         worker.started_at = time.monotonic()
         self._start_cost = worker.started_at - began

@@ -38,6 +38,7 @@ from .._worker import (
     SLOT_WIDTH,
     ChunkOutcome,
     StatusSlot,
+    ctrl_c_held,
     encode_outcome,
     fatal_outcome,
     prepare_worker_process,
@@ -445,9 +446,12 @@ class MPPoolBackend(Backend):
                     pidfds.watch(process)
 
     def _new_pool(self) -> Any:
-        pool = _RecordingPool(
-            self.workers, initializer=_pool_worker_init, initargs=(self._status, self._init), context=self._ctx
-        )
+        # On the monitor thread (see ctrl_c_held). The pool's own threads,
+        # which start its replacement workers, are made here and keep the mask.
+        with ctrl_c_held(self.start_method):
+            pool = _RecordingPool(
+                self.workers, initializer=_pool_worker_init, initargs=(self._status, self._init), context=self._ctx
+            )
         self._start_feeding(pool)
         return pool
 
