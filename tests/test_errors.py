@@ -296,6 +296,37 @@ def test_an_item_that_starts_while_the_dispatcher_waits_still_times_out(backend)
     assert time.monotonic() - began < 6
 
 
+def _command_ends(marker_dir):
+    """Whether the command run_command_or_fail started is gone within a second
+    (a zombie counts as gone: its new parent, the init process, may not reap)."""
+    pid = int((marker_dir / "command.pid").read_text())
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.02)
+    psutil.Process(pid).kill()
+    return False
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", PROCESS_BACKENDS)
+@pytest.mark.parametrize("items", [["cmd"], ["fail", "cmd"]], ids=["timeout", "raise"])
+def test_a_stopped_worker_takes_the_commands_it_ran_along(tmp_path, backend, items):
+    # Killed mid-item (its item timed out, or another item's error ended the
+    # call), a worker left the command its item ran to the init process,
+    # running for as long as it liked: an orphan of the call. ("fail" comes
+    # first: map raises the first error in input order, once what precedes
+    # it is done.)
+    fn = functools.partial(workfns.run_command_or_fail, str(tmp_path))
+    with pytest.raises((parmap.TaskTimeoutError, ValueError)):
+        parmap.map(fn, items, workers=2, backend=backend, chunksize=1, timeout=0.5 if len(items) == 1 else None)
+    assert _command_ends(tmp_path)
+
+
 @pytest.mark.timeout(30)
 def test_unordered_errors_say_which_item_they_belong_to(process_backend):
     results = list(

@@ -7,6 +7,7 @@ import ctypes
 import os
 import pickle
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -226,6 +227,22 @@ def record_pid_then_sleep(marker_dir, x):
     with open(os.path.join(marker_dir, f"{os.getpid()}.pid"), "w"):
         pass
     time.sleep(0.2)
+    return x
+
+
+def run_command_or_fail(marker_dir, x):
+    """Item "cmd" runs a long command (its pid noted in marker_dir/command.pid);
+    item "fail" raises once that command runs."""
+    path = os.path.join(marker_dir, "command.pid")
+    if x == "fail":
+        while not os.path.exists(path):
+            time.sleep(0.01)
+        raise ValueError("failed while the command ran")
+    proc = subprocess.Popen(["sleep", "60"])
+    with open(path + ".tmp", "w") as f:
+        f.write(str(proc.pid))
+    os.rename(path + ".tmp", path)
+    proc.wait()
     return x
 
 

@@ -42,7 +42,6 @@ import multiprocessing.process
 import os
 import pickle
 import select
-import signal
 import threading
 import time
 import weakref
@@ -70,6 +69,7 @@ from ._base import (
     startup_failed_outcome,
     terminated_outcome,
 )
+from ._process_tree import kill_trees
 
 # A worker that dies before running anything this many times in a row means
 # workers cannot start at all (say, __main__ cannot be imported under spawn):
@@ -873,20 +873,17 @@ class LocalWorkers(Backend):
         return since + worker.chunk.call.timeout * max(1, len(worker.chunk.positions))
 
     def _kill_worker(self, worker: WorkerProcess) -> None:
-        try:
-            os.kill(worker.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        kill_trees([worker.pid])  # and the commands its item was running
 
     def _stop_all(self) -> None:
         """Stop every worker: politely unless killing, always reaped."""
         with self._lock:
             kill = self._kill
         workers = [w for w in self._procs if w is not None]
-        for worker in workers:
-            if kill:
-                self._kill_worker(worker)
-            else:
+        if kill:
+            kill_trees(w.pid for w in workers)
+        else:
+            for worker in workers:
                 try:
                     worker.conn.send_bytes(_control(None))
                 except OSError:

@@ -61,6 +61,7 @@ from ._base import (
     terminated_outcome,
 )
 from ._local import MAX_STARTUP_FAILURES, MAX_WAIT_SECONDS, exit_sentinel, pickle_initializer
+from ._process_tree import kill_trees
 from .process import default_start_method
 
 # Functions bigger than this go through a file rather than inside every task
@@ -476,7 +477,7 @@ class MPPoolBackend(Backend):
             self._replacing = True
         lost: list[tuple[_Flight, ChunkLost]] = []
         try:
-            forced = self._end_pool(self._pool)
+            forced = self._end_pool(self._pool, mid_work=True)
             # terminate() sends SIGTERM (a worker it finds idle exits 0);
             # SIGKILL only where it had to force.
             ours = {0, -signal.SIGTERM, -signal.SIGKILL} if forced else {0, -signal.SIGTERM}
@@ -542,7 +543,7 @@ class MPPoolBackend(Backend):
         with self._lock:
             self._dormant = True
             self._replacing = True  # hold tasks back until there is a pool
-        self._end_pool(self._pool)
+        self._end_pool(self._pool, mid_work=False)  # every worker idle
         self._pool = None
 
     def _revive(self) -> None:
@@ -668,14 +669,17 @@ class MPPoolBackend(Backend):
                     continue  # not started yet: a queued task is not running late
                 if now - started >= timeout:
                     flight.timed_out_offset = offset
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+                    kill_trees([pid])
 
-    def _end_pool(self, pool: Any) -> bool:
-        """Stop feeding ``pool`` and terminate it (see :func:`_terminate`)."""
+    def _end_pool(self, pool: Any, *, mid_work: bool) -> bool:
+        """Stop feeding ``pool`` and terminate it (see :func:`_terminate`).
+
+        ``mid_work``: its workers may be running items, whose commands go
+        with them (terminate()'s SIGTERM would leave them running).
+        """
         self._stop_feeding()
+        if mid_work:
+            kill_trees((p.pid for p in list(pool._pool) if p.exitcode is None), signal.SIGTERM)
         forced = _terminate(pool)
         self._after_shutdown()
         # A job a dead worker took never completes, so it stays in the pool's
@@ -692,7 +696,7 @@ class MPPoolBackend(Backend):
         pool = self._pool
         try:
             if pool is not None:  # None: dormant, already ended
-                self._end_pool(pool)
+                self._end_pool(pool, mid_work=self._kill_on_close)
         finally:
             self._close_wake_pipe()
             if self._tmpdir is not None:

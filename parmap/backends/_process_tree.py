@@ -1,0 +1,84 @@
+"""Stopping a worker together with every process it started.
+
+A worker killed mid-item (a ``timeout``, a call that raised or was
+interrupted, ``terminate()``) leaves the commands its ``fn`` was running
+(``subprocess.run(["ffmpeg", ...])``) to the init process, still running:
+orphans of the call, which the SPEC says never outlive it. So the whole
+tree goes: first frozen (SIGSTOP) from the worker down, so that nothing in
+it can start more while the rest is found, then killed.
+
+Linux only, where ``/proc`` names each process's parent; elsewhere just the
+worker is signalled, as before. A process that left the tree before the
+kill (a daemon that double-forked to the init process) is not found.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterable
+
+# A tree that forks faster than it can be frozen gets this many looks.
+FREEZE_ROUNDS = 8
+
+
+def kill_trees(roots: Iterable[int], sig: int = signal.SIGKILL) -> None:
+    """Send ``sig`` to each worker in ``roots`` and SIGKILL to every process
+    it started that is still its descendant.
+
+    ``roots`` must be children of this process not yet reaped, so that their
+    pids are still theirs. A worker sent a signal other than SIGKILL is
+    woken (SIGCONT) after it, so the signal lands as it would have.
+    """
+    roots = [pid for pid in dict.fromkeys(roots) if pid > 1 and pid != os.getpid()]
+    if not roots:
+        return
+    frozen: list[int] = []
+    seen: set[int] = set()
+    frontier = roots
+    for _ in range(FREEZE_ROUNDS):
+        for pid in frontier:
+            _send(pid, signal.SIGSTOP)
+        frozen += frontier
+        seen.update(frontier)
+        children = _children_by_parent()
+        if children is None:
+            break
+        frontier = [child for pid in frozen for child in children.get(pid, ()) if child not in seen]
+        if not frontier:
+            break
+    for pid in frozen[len(roots) :]:
+        _send(pid, signal.SIGKILL)
+    for pid in roots:
+        _send(pid, sig)
+        if sig != signal.SIGKILL:
+            _send(pid, signal.SIGCONT)
+
+
+def _send(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _children_by_parent() -> dict[int, list[int]] | None:
+    """Every process's children, from one pass over ``/proc``; None without it."""
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return None
+    children: dict[int, list[int]] = {}
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue  # exited meanwhile
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) > 1:
+            children.setdefault(int(fields[1]), []).append(int(name))
+    return children
