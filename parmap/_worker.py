@@ -350,6 +350,10 @@ def prepare_worker_process(*, parent_death_signal: bool = True) -> None:
       parent alone decides how workers stop (no traceback spew, no orphan).
       It is caught, not ignored: an ignored signal stays ignored across
       ``exec``, and a command ``fn`` runs would then outlive Ctrl-C.
+    * SIGTERM ends the worker, whatever handler a forked one inherited from
+      the caller (a server's, which may exit its loop politely or not at
+      all): ``multiprocessing.Pool.terminate()`` stops workers with it, and
+      a worker that survived it hung the pool's clean-up.
     * The worker exits if its parent dies, so a ``kill -9`` of the parent
       never leaves workers running. With ``parent_death_signal`` (Linux) the
       kernel SIGKILLs it; that signal is tied to the *thread* that started
@@ -372,8 +376,9 @@ def prepare_worker_process(*, parent_death_signal: bool = True) -> None:
     _empty_stdin()
     _let_go_of_the_forkserver()
     signal.signal(signal.SIGINT, _no_interrupt)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # held back by ctrl_c_held
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD_SIGNALS)  # held back by ctrl_c_held
     _context.mark_worker_process()
     if parent_death_signal and sys.platform.startswith("linux"):
         try:
@@ -384,6 +389,11 @@ def prepare_worker_process(*, parent_death_signal: bool = True) -> None:
             _watch_parent()
     else:
         _watch_parent()
+
+
+# SIGTERM too: one that a forked worker got before it dropped the caller's
+# handler would run that handler (see prepare_worker_process).
+_HELD_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 @contextlib.contextmanager
@@ -405,6 +415,7 @@ def ctrl_c_held(start_method: str | None) -> Iterator[None]:
     ``start_method`` is ``None`` for a bare ``os.fork``. For ``spawn`` and
     ``forkserver`` the resource tracker is started first: its start unblocks
     SIGINT on the thread that starts it, which would be this one, mid-way.
+    SIGTERM is held back too (see prepare_worker_process).
     """
     if not hasattr(signal, "pthread_sigmask"):  # pragma: no cover - Windows
         yield
@@ -413,7 +424,7 @@ def ctrl_c_held(start_method: str | None) -> Iterator[None]:
         from multiprocessing import resource_tracker
 
         resource_tracker.ensure_running()
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
     try:
         yield
     finally:

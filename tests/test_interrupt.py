@@ -15,7 +15,10 @@ import time
 
 import psutil
 import pytest
+import workfns
 from conftest import PROCESS_BACKENDS
+
+import parmap
 
 TESTS_DIR = os.path.dirname(__file__)
 
@@ -146,6 +149,19 @@ def test_ctrl_c_while_workers_start_reaches_the_caller_alone(tmp_path, backend, 
     assert result.stdout == "interrupted\n"
     assert result.returncode == 0
     assert "Traceback" not in result.stderr and "KeyboardInterrupt" not in result.stderr, result.stderr
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("backend", PROCESS_BACKENDS)
+def test_workers_die_of_sigterm_whatever_handler_the_caller_has(backend):
+    # A forked worker kept the caller's handler (a server's, say): one that
+    # did not end the worker hung multiprocessing.Pool's clean-up, which
+    # stops workers with SIGTERM.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        assert parmap.map(workfns.sigterm_is_default, range(4), workers=2, backend=backend, chunksize=1) == [True] * 4
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 BIG_RESULTS_SCRIPT = textwrap.dedent(

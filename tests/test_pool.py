@@ -694,6 +694,27 @@ def test_a_pool_dropped_after_submit_stops_its_workers(process_backend, collecto
     assert len(psutil.Process().children()) <= before
 
 
+@pytest.mark.parametrize("backend", ["process", "pool", "apply_async"])
+def test_a_pool_that_cannot_start_gives_back_its_file_descriptors(backend, tmp_path, monkeypatch):
+    # pool/apply_async kept their wake-up pipe of each failed start: under
+    # "Too many open files" every failure made the next more likely.
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()  # spawn's workers cannot start where the caller has no directory
+    counts = []
+    for _ in range(4):  # the first may start what lives on (the resource tracker)
+        try:
+            parmap.map(workfns.square, range(4), workers=2, backend=backend, start_method="spawn")
+        except (OSError, parmap.ParmapError):
+            pass  # not kept: its traceback would hold what it failed in
+        else:
+            pytest.fail("the workers started")
+        gc.collect()
+        counts.append(psutil.Process().num_fds())
+    assert counts[1] == counts[-1], counts
+
+
 def test_calls_give_back_their_file_descriptors_without_the_cycle_collector(process_backend):
     # A pool/apply_async call's multiprocessing.Pool held itself in a cycle
     # (and so did one whose worker crashed, through the job it never

@@ -246,6 +246,10 @@ def run_command_or_fail(marker_dir, x):
     return x
 
 
+def sigterm_is_default(_=None):
+    return signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
 def nested_map(x):
     """A parmap call made inside a worker: must run serially, right here, and draw no bar."""
     return parmap.map(getpid, range(3), workers=2, progress=True)

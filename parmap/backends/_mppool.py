@@ -362,6 +362,7 @@ class MPPoolBackend(Backend):
             self._pool = self._new_pool()
         except BaseException as exc:
             self._start_error = exc
+            self._close_wake_pipe()  # nothing else will, and each failed start leaked two descriptors
             self._started.set()
             return
         self._started.set()
