@@ -44,6 +44,7 @@ from ._records import (
 from ._serialization import short_repr
 from ._target import Target, TargetError, TargetFunction, parse_target, resolve
 from .backends import BACKEND_NAMES
+from .backends._base import take_standard_descriptors
 
 __all__ = ["main"]
 
@@ -107,11 +108,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except UsageError as exc:
         return _usage(f"{exc} (see parmap --help)")
+    _give_stderr_somewhere()
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return _run(args)
     except (UsageError, TargetError, OutputError, InputError) as exc:
         return _usage(str(exc))
+    except (ParmapError, OSError) as exc:
+        # No item's failure (_loop reports those): the run itself could not
+        # go on, say workers that cannot start for lack of file descriptors.
+        _say(f"parmap: error: the run cannot go on: {' '.join(str(exc).split())}")
+        return EXIT_TASK_FAILED
     except KeyboardInterrupt as exc:
         if not getattr(exc, "parmap_said", False):
             _say("parmap: interrupted")
@@ -453,6 +460,16 @@ def _positive_float(text: str) -> float:
 def _usage(message: str) -> int:
     _say(f"parmap: error: {message}")
     return EXIT_USAGE
+
+
+def _give_stderr_somewhere() -> None:
+    """With descriptor 2 closed (``2>&-``) Python has no ``sys.stderr``: the
+    null device stands in, so that messages, progress and what the function
+    prints (which goes to standard error, see StdoutWriter) vanish there
+    rather than fail or land between the results on standard output."""
+    take_standard_descriptors()
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", encoding="utf-8", errors="backslashreplace", closefd=False)  # noqa: SIM115
 
 
 def _say(message: str) -> None:

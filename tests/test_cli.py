@@ -11,6 +11,7 @@ import io
 import json
 import os
 import pty
+import resource
 import signal
 import subprocess
 import sys
@@ -315,6 +316,48 @@ def test_what_the_function_prints_goes_to_stderr_when_results_go_to_stdout(targe
     # Workers printing at once may interleave their pieces there, as on any terminal.
     assert result.err.count("working on") == 3
     assert sorted(c for c in result.err.replace("working on", "") if c.isalpha()) == ["a", "b", "c"]
+
+
+def _run_cli_with(preexec: Any, *args: str, cwd: Path, stderr: int | None = None) -> Result:
+    """The CLI with ``preexec`` run in its process first (a descriptor closed, a limit lowered)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "parmap", *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=stderr is None,
+        stdout=None if stderr is None else subprocess.PIPE,
+        cwd=cwd,
+        env=_env(),
+        timeout=30,
+        preexec_fn=preexec,
+        start_new_session=True,
+    )
+    return Result(proc.returncode, proc.stdout.decode(), (proc.stderr or b"").decode())
+
+
+@pytest.mark.parametrize("backend", ["process", "pool"])
+def test_with_standard_error_closed_standard_output_still_holds_the_results_alone(targets: Path, backend: str) -> None:
+    # `2>&-`: sys.stderr is None. The run failed at once (an AttributeError),
+    # or what the function printed, and the failure report, came out among
+    # the results.
+    write(targets / "chatty.py", "def shout(x):\n    print('working on', x)\n    return x.upper()\n")
+    write(targets / "in.txt", "a\nb\nc\n")
+    result = _run_cli_with(lambda: os.close(2), "chatty:shout", "in.txt", "-b", backend, cwd=targets, stderr=-1)
+    assert (result.code, result.out) == (0, '"A"\n"B"\n"C"\n')
+    write(targets / "in.txt", "1\n2\n3\n4\n")
+    result = _run_cli_with(lambda: os.close(2), "tgt:fail_on_3", "in.txt", "-b", backend, cwd=targets, stderr=-1)
+    assert (result.code, result.out) == (1, "1\n2\n")
+
+
+@pytest.mark.parametrize("backend", ["process", "pool"])
+def test_workers_that_cannot_start_make_a_one_line_error(targets: Path, backend: str) -> None:
+    # Too few file descriptors: a Python traceback, exit 1, before.
+    def few_descriptors() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (12, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+    write(targets / "in.txt", "1\n2\n3\n4\n")
+    result = _run_cli_with(few_descriptors, "tgt:square", "in.txt", "-b", backend, "-w", "2", cwd=targets)
+    assert result.code == 1
+    assert result.err.startswith("parmap: error: the run cannot go on: ") and result.err.count("\n") == 1, result.err
 
 
 def test_dash_output_is_standard_output(targets: Path) -> None:

@@ -8,6 +8,8 @@ import gc
 import multiprocessing.util
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import weakref
@@ -692,6 +694,39 @@ def test_a_pool_dropped_after_submit_stops_its_workers(process_backend, collecto
     while len(psutil.Process().children()) > before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert len(psutil.Process().children()) <= before
+
+
+CLOSED_STANDARD_FDS_SCRIPT = """
+import logging, os, sys
+sys.path[:0] = [{root!r}, {tests!r}]
+import parmap
+
+def chatty(x):
+    sys.stdout.write("y" * 100_000)  # more than a pipe holds
+    sys.stdout.flush()
+    logging.warning("item %d", x)
+    return x
+
+if __name__ == "__main__":
+    report = os.fdopen(os.dup(2), "w")
+    for fd in (0, 1, 2):  # as a daemon may, without reopening the null device
+        os.close(fd)
+    for backend in {backends!r}:
+        ok = parmap.map(chatty, range(8), workers=2, backend=backend, chunksize=1) == list(range(8))
+        report.write(f"{{backend}} {{ok}}\\n")
+"""
+
+
+@pytest.mark.timeout(60)
+def test_workers_of_a_caller_without_standard_descriptors_write_nowhere(tmp_path):
+    # pool/apply_async pipes took descriptors 0-2, and what workers printed
+    # went into them: a wake-up pipe filled (a deadlock), garbage pids.
+    script = tmp_path / "daemon.py"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tests = os.path.dirname(os.path.abspath(__file__))
+    script.write_text(CLOSED_STANDARD_FDS_SCRIPT.format(root=root, tests=tests, backends=PROCESS_BACKENDS))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=50)
+    assert result.stderr.splitlines() == [f"{b} True" for b in PROCESS_BACKENDS], result.stderr
 
 
 @pytest.mark.parametrize("backend", ["process", "pool", "apply_async"])

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import abc
 import itertools
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -320,3 +321,28 @@ def describe_exit(exitcode: int | None) -> str:
         except ValueError:
             return f"signal {-exitcode}"
     return f"exit code {exitcode}"
+
+
+def take_standard_descriptors() -> None:
+    """Open the null device on each of descriptors 0, 1 and 2 that is closed.
+
+    A daemon-style caller may have closed them. The next pipe parmap made
+    then took their place, and workers, which inherit them, wrote their
+    standard output and error into parmap's own plumbing: garbage in the
+    status array, or a wake-up pipe filled until it blocked (a deadlock).
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+            continue
+        except OSError:
+            pass
+        try:
+            opened = os.open(os.devnull, os.O_RDWR)
+        except OSError:
+            return
+        if opened != fd:  # another thread took it meanwhile, or a lower one came free
+            os.dup2(opened, fd)
+            os.close(opened)
+        else:
+            os.set_inheritable(fd, True)

@@ -67,6 +67,7 @@ from ._base import (
     dropped_outcome,
     join_thread,
     startup_failed_outcome,
+    take_standard_descriptors,
     terminated_outcome,
 )
 from ._process_tree import kill_trees
@@ -275,6 +276,7 @@ class LocalWorkers(Backend):
     queues_chunks = True
 
     def __init__(self, workers: int, initializer: Callable[..., Any] | None, initargs: tuple[Any, ...]) -> None:
+        take_standard_descriptors()  # before any pipe of ours can land on them
         self.workers = workers
         self._init = pickle_initializer(initializer, initargs)
         self._lock = threading.Lock()
@@ -285,6 +287,7 @@ class LocalWorkers(Backend):
         self._thread: threading.Thread | None = None
         self._closing = False
         self._kill = False
+        self._broken: ParmapError | None = None  # why the dispatcher gave up, if it did
         self._startup_failures = 0
         self._status: Any = None
         self._start_cost = INITIAL_START_COST  # seconds the last start took the parent
@@ -349,6 +352,8 @@ class LocalWorkers(Backend):
         )
         queued = _Queued(chunk, done, None if holds_source else chunk.pickled_items())
         with self._lock:
+            if self._broken is not None:
+                raise self._broken
             if self._closing:
                 raise PoolClosedError("this pool is closed")
             self._pending.append(queued)
@@ -436,6 +441,8 @@ class LocalWorkers(Backend):
         """Fail every queued and running chunk with ``exc``; take no more work."""
         error = ParmapError(f"parmap's dispatcher thread failed, so this pool can run nothing more: {exc!r}")
         error.__cause__ = exc
+        with self._lock:
+            self._broken = error  # for chunks submitted from now on, which it never sees
         self._fail_all(ChunkOutcome.failed(error))
 
     def _fail_all(self, outcome: ChunkOutcome) -> None:

@@ -58,6 +58,7 @@ from ._base import (
     dropped_outcome,
     join_thread,
     startup_failed_outcome,
+    take_standard_descriptors,
     terminated_outcome,
 )
 from ._local import MAX_STARTUP_FAILURES, MAX_WAIT_SECONDS, exit_sentinel, pickle_initializer
@@ -160,6 +161,7 @@ class MPPoolBackend(Backend):
         initargs: tuple[Any, ...] = (),
         start_method: str | None = None,
     ) -> None:
+        take_standard_descriptors()  # before any pipe of ours can land on them
         self.workers = workers
         self.start_method = start_method or default_start_method()
         self._ctx = multiprocessing.get_context(self.start_method)
