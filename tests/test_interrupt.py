@@ -353,3 +353,34 @@ def test_a_pool_never_closed_lets_the_program_exit_cleanly(tmp_path, backend):
     assert (result.returncode, result.stderr) == (0, "")
     workers = [int(pid) for pid in result.stdout.strip().strip("[]").split(",") if pid.strip()]
     assert not [pid for pid in workers if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+
+
+@pytest.mark.timeout(60)
+def test_a_call_from_the_final_clean_up_says_it_cannot_start():
+    # A __del__ that the interpreter's last collection runs: Thread.start()
+    # never returns then, and the call hung for ever.
+    script = textwrap.dedent(
+        f"""
+        import os, sys
+        sys.path[:0] = [{os.path.dirname(TESTS_DIR)!r}, {TESTS_DIR!r}]
+        import parmap, workfns
+
+        class Cleanup:
+            def __del__(self):
+                for backend in {[*PROCESS_BACKENDS, "thread", "serial"]!r}:
+                    try:
+                        result = parmap.map(workfns.square, range(4), workers=2, backend=backend)
+                    except parmap.ParmapError as exc:
+                        result = str(exc)
+                    os.write(1, f"{{backend}}: {{result}}\\n".encode())
+
+        cleanup = Cleanup()
+        cleanup.cycle = cleanup  # left to the collection at exit
+        del cleanup
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    lines = result.stdout.splitlines()
+    assert lines[-1] == "serial: [0, 1, 4, 9]", result.stdout
+    for backend, line in zip([*PROCESS_BACKENDS, "thread"], lines[:-1], strict=True):
+        assert line.startswith(f"{backend}: backend={backend!r} cannot start while the interpreter shuts down")

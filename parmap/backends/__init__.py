@@ -14,6 +14,7 @@ from concurrent.futures import Executor
 from typing import Any
 
 from .. import _context
+from .._errors import ParmapError
 from .._options import PoolOptions
 from ._base import Backend, Call, Capabilities, Chunk, ChunkLost, ChunkOutcome
 
@@ -98,6 +99,13 @@ def create_backend(options: PoolOptions) -> tuple[Backend, bool]:
             f"backend={name!r} cannot start workers here: this is a daemonic multiprocessing process "
             "(a multiprocessing.Pool worker, say), and multiprocessing forbids those children; "
             "backend='fork' (or 'auto', which picks it here) or 'thread' can"
+        )
+    if name != "serial" and sys.is_finalizing():
+        # Python starts no thread now (Thread.start() waits for ever), and
+        # every backend but serial needs one.
+        raise ParmapError(
+            f"backend={name!r} cannot start while the interpreter shuts down (a __del__ run by its "
+            "final clean-up, say): call parmap before the program ends, or use backend='serial' there"
         )
     if name == "fork" and sys.platform == "win32":  # pragma: no cover
         raise ValueError("backend='fork' needs os.fork(), which Windows lacks")
