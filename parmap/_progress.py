@@ -33,6 +33,8 @@ class Progress:
             if "ncols" in option:
                 settings["dynamic_ncols"] = False  # tqdm drops a width given with it
             settings.update(option)
+        if settings["file"] is None:
+            return  # no standard error (descriptor 2 closed): nowhere to draw
         if _terminal_size(settings["file"]) == (0, 0):
             # A terminal that reports no size (a pseudo-terminal nobody
             # sized): tqdm would fit its bar into zero columns and hide it
@@ -42,13 +44,28 @@ class Progress:
         # (~40 ms) and makes every forked worker's parent bigger (benchmark W4).
         from tqdm import tqdm
 
-        self._bar = tqdm(**settings)
+        try:
+            self._bar = tqdm(**settings)
+        except _STREAM_ERRORS:
+            self._bar = None
 
     def update(self, items: int) -> None:
         if self._bar is not None and items:
-            self._bar.update(items)
+            try:
+                self._bar.update(items)
+            except _STREAM_ERRORS:
+                self.close()
 
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+        bar, self._bar = self._bar, None
+        if bar is not None:
+            try:
+                bar.close()
+            except _STREAM_ERRORS:
+                pass
+
+
+# What a stream that cannot be written raises in tqdm (it also flushes
+# sys.stdout, closed perhaps): the bar goes, never the work it shows. A
+# bad option fails at the call instead (see _options._try_drawing).
+_STREAM_ERRORS = (OSError, ValueError, AttributeError)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import multiprocessing
+import os
+import sys
 import threading
 
 import psutil
@@ -215,6 +217,21 @@ def test_progress_format_may_name_the_total(capsys):
     # The off-screen trial of the options drew without a total, and refused this.
     parmap.map(workfns.square, range(7), workers=2, backend="thread", progress={"bar_format": "{n:d}/{total:d} done"})
     assert "7/7 done" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stream", ["stderr is None", "stdout closed"])
+def test_a_bar_that_cannot_be_drawn_never_stops_the_work(monkeypatch, stream):
+    # tqdm fails when sys.stdout is closed (it flushes it before drawing on
+    # stderr), or finds no sys.stderr (descriptor 2 closed): the whole call
+    # failed at its start.
+    if stream == "stderr is None":
+        monkeypatch.setattr(sys, "stderr", None)
+    else:
+        closed = open(os.devnull, "w")  # noqa: SIM115 - closed at once
+        closed.close()
+        monkeypatch.setattr(sys, "stdout", closed)
+    result = parmap.map(workfns.slow_square, range(6), workers=2, backend="thread", chunksize=1, progress=True)
+    assert result == [x * x for x in range(6)]
 
 
 def test_progress_without_length(capsys):

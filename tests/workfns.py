@@ -250,6 +250,11 @@ def sigterm_is_default(_=None):
     return signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
+def slow_square(x):
+    time.sleep(0.02)
+    return x * x
+
+
 def nested_map(x):
     """A parmap call made inside a worker: must run serially, right here, and draw no bar."""
     return parmap.map(getpid, range(3), workers=2, progress=True)
