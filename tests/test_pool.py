@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import weakref
@@ -694,6 +695,16 @@ def test_a_pool_dropped_after_submit_stops_its_workers(process_backend, collecto
     while len(psutil.Process().children()) > before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert len(psutil.Process().children()) <= before
+
+
+@pytest.mark.parametrize("backend", ["pool", "apply_async"])
+def test_a_big_function_travels_without_a_temporary_directory(backend, tmp_path, monkeypatch):
+    # Those backends hand a big function over in a file: with no temporary
+    # directory to be had, the call failed (FileNotFoundError).
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+    blob = bytes(range(256)) * 1000  # well past what travels inline
+    result = parmap.map(lambda i: blob[i], range(8), workers=2, backend=backend, chunksize=1)
+    assert result == list(range(8))
 
 
 CLOSED_STANDARD_FDS_SCRIPT = """

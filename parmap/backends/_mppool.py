@@ -179,6 +179,7 @@ class MPPoolBackend(Backend):
         self._started = threading.Event()
         self._start_error: BaseException | None = None
         self._monitor: threading.Thread | None = None
+        self._no_tmpdir = False  # none could be made: big functions go inline (see _fn_ref)
         self._wake_r, self._wake_w = os.pipe()
         self._closing = False
         self._replacing = False  # the pool is being swapped: hold tasks back
@@ -260,14 +261,20 @@ class MPPoolBackend(Backend):
         if len(fn_bytes) <= INLINE_FUNCTION_BYTES:
             return fn_bytes
         path = self._fn_files.get(call.id)
-        if path is None:
-            if self._tmpdir is None:
-                self._tmpdir = tempfile.TemporaryDirectory(prefix="parmap-")
-            path = os.path.join(self._tmpdir.name, f"fn-{call.id}.pkl")
-            with open(path, "wb") as f:
-                f.write(fn_bytes)
+        if path is None and not self._no_tmpdir:
+            try:
+                if self._tmpdir is None:
+                    self._tmpdir = tempfile.TemporaryDirectory(prefix="parmap-")
+                path = os.path.join(self._tmpdir.name, f"fn-{call.id}.pkl")
+                with open(path, "wb") as f:
+                    f.write(fn_bytes)
+            except OSError:
+                # No writable temporary directory (a read-only system, TMPDIR
+                # gone): inline then, slower but the same results.
+                self._no_tmpdir = True
+                return fn_bytes
             self._fn_files[call.id] = path
-        return path
+        return fn_bytes if path is None else path
 
     def _launch_waiting(self) -> None:
         while self._waiting and self._free_slots and not self._replacing:
