@@ -196,6 +196,27 @@ def test_workers_that_cannot_start_fail_the_call_whatever_on_error_says(tmp_path
     assert "raised: worker processes fail to start" in result.stdout, result.stderr[-2000:]
 
 
+def test_a_script_read_from_standard_input_is_named_when_spawn_cannot_start_it():
+    # `python - < script.py`: spawned workers look for a file "<stdin>"; the
+    # error said to look for a missing `if __name__ == "__main__":`.
+    code = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {ROOT!r})
+        import parmap
+        def square(x):
+            return x * x
+        if __name__ == "__main__":
+            try:
+                parmap.map(square, range(4), workers=2, start_method="spawn")
+            except parmap.WorkerCrashedError as exc:
+                print(exc)
+        """
+    )
+    result = subprocess.run([sys.executable, "-"], input=code, capture_output=True, text=True, timeout=60)
+    assert "this program's script (<stdin>) is no file that workers could import again" in result.stdout, result
+
+
 def test_python_dash_c_lambda_under_spawn():
     code = (
         f"import sys; sys.path.insert(0, {ROOT!r}); import parmap;"

@@ -25,6 +25,7 @@ from __future__ import annotations
 import abc
 import itertools
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -300,10 +301,20 @@ def startup_failed_outcome(exitcode: int | None) -> ChunkOutcome:
     """What the waiting chunks come to when no worker can start: an error
     of the call as a whole, whatever ``on_error`` and ``retries`` say, since
     no item is to blame (skipping them all would return ``[]`` as if done)."""
-    error = WorkerCrashedError(
-        f"worker processes fail to start: each died before running anything ({describe_exit(exitcode)}); "
+    hint = (
         "what they printed on standard error says why (under spawn: a script without "
-        "`if __name__ == '__main__':`, say; or an initializer that ends its process)",
+        "`if __name__ == '__main__':`, say; or an initializer that ends its process)"
+    )
+    script = getattr(sys.modules.get("__main__"), "__file__", None)
+    if isinstance(script, str) and not os.path.exists(script):
+        # `python - < script.py`: spawn and forkserver workers run the main
+        # script again, by its path, and there is none.
+        hint = (
+            f"this program's script ({script}) is no file that workers could import again, as spawn and "
+            "forkserver workers do: use start_method='fork', or run the script from a file"
+        )
+    error = WorkerCrashedError(
+        f"worker processes fail to start: each died before running anything ({describe_exit(exitcode)}); {hint}",
         exitcode,
     )
     return ChunkOutcome.failed(error)
