@@ -446,7 +446,8 @@ def test_a_failing_dispatcher_fails_the_call_instead_of_hanging():
         with pytest.raises(parmap.ParmapError, match="dispatcher thread failed") as info:
             parmap.map(workfns.square, ITEMS, backend=backend)
         assert "in _watch" in info.value.__cause__.text  # the bug's own traceback
-        with pytest.raises(parmap.PoolClosedError):
+        # Later calls are told why (not just "this pool is closed").
+        with pytest.raises(parmap.PoolClosedError, match="closed: parmap's dispatcher thread failed"):
             parmap.map(workfns.square, ITEMS, backend=backend)
     finally:
         backend.close()

@@ -353,7 +353,7 @@ class LocalWorkers(Backend):
         queued = _Queued(chunk, done, None if holds_source else chunk.pickled_items())
         with self._lock:
             if self._broken is not None:
-                raise self._broken
+                raise PoolClosedError(f"this pool is closed: {self._broken}") from self._broken
             if self._closing:
                 raise PoolClosedError("this pool is closed")
             self._pending.append(queued)
