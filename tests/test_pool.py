@@ -749,7 +749,7 @@ def test_a_pool_that_cannot_start_gives_back_its_file_descriptors(backend, tmp_p
     monkeypatch.chdir(gone)
     gone.rmdir()  # spawn's workers cannot start where the caller has no directory
     counts = []
-    for _ in range(4):  # the first may start what lives on (the resource tracker)
+    for _ in range(6):  # the first may start what lives on (the resource tracker)
         try:
             parmap.map(workfns.square, range(4), workers=2, backend=backend, start_method="spawn")
         except (OSError, parmap.ParmapError):
@@ -758,7 +758,8 @@ def test_a_pool_that_cannot_start_gives_back_its_file_descriptors(backend, tmp_p
             pytest.fail("the workers started")
         gc.collect()
         counts.append(psutil.Process().num_fds())
-    assert counts[1] == counts[-1], counts
+    # Two a failure leaked; one may be another test's, closing meanwhile.
+    assert counts[-1] <= counts[1] + 1, counts
 
 
 def test_calls_give_back_their_file_descriptors_without_the_cycle_collector(process_backend):
