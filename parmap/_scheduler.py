@@ -40,6 +40,7 @@ from __future__ import annotations
 import itertools
 import math
 import operator
+import os
 import queue
 import sys
 import time
@@ -48,7 +49,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from ._chunking import MARK_ALWAYS_UP_TO, MARK_MIN_ITEM_SECONDS, MAX_PULL_SECONDS, ChunkSizer
-from ._errors import ParmapError, SerializationError, TaskError, TaskTimeoutError, WorkerCrashedError
+from ._errors import ParmapError, PoolClosedError, SerializationError, TaskError, TaskTimeoutError, WorkerCrashedError
 from ._options import CallOptions
 from ._progress import Progress
 from ._serialization import short_repr
@@ -111,6 +112,7 @@ class Scheduler:
         deliver_in_order: bool,
     ) -> None:
         self._backend = backend
+        self._pid = os.getpid()
         # Thread and serial pickle nothing, so the byte caps on chunks (and
         # so imap's memory) go by the items' size in memory instead.
         self._in_memory = not backend.capabilities.isolated
@@ -154,6 +156,14 @@ class Scheduler:
         progress = Progress(self._options.progress, self._total)
         try:
             while True:
+                if os.getpid() != self._pid:
+                    # An imap carried on in a child that os.fork() made: the
+                    # workers answer the parent, and a lock a parent thread
+                    # held at the fork is held for ever here.
+                    raise PoolClosedError(
+                        f"this call was started in process {self._pid}, and this is a child forked from it, "
+                        "which cannot reach its workers: start the call in this process"
+                    )
                 self._fill()
                 delivered = False
                 for record in self._deliverable():
@@ -174,7 +184,8 @@ class Scheduler:
                 progress.update(self._take_progress())
         finally:
             progress.close()
-            self._backend.release(self._call)
+            if os.getpid() == self._pid:  # a forked child's copy ends with nothing to release
+                self._backend.release(self._call)
 
     def _take_progress(self) -> int:
         done, self._progress_done = self._progress_done, 0

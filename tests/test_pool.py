@@ -178,6 +178,35 @@ def test_a_forked_child_is_refused_the_parents_pool_and_leaves_it_working(backen
 
 
 @pytest.mark.timeout(30)
+def test_an_imap_carried_on_in_a_forked_child_is_refused_there(backend):
+    # Checked only when the imap began: next() in the child waited for ever
+    # for results the parent's workers send the parent, and the child's exit,
+    # ending its copy of the imap, could wait for a lock held at the fork.
+    results = parmap.imap(workfns.slow_square, range(60), workers=2, backend=backend, chunksize=1)
+    assert next(results) == 0
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        try:
+            said = b"ran"
+            try:
+                for _ in results:
+                    pass
+            except parmap.PoolClosedError as exc:
+                said = b"refused" if "forked" in str(exc) else b"other"
+            results.close()
+            os.write(write_end, said)
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    said = os.read(read_end, 16)
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    assert said == b"refused"
+    assert list(results) == [x * x for x in range(1, 60)]
+
+
+@pytest.mark.timeout(30)
 def test_submit_retries_a_crash(process_backend, tmp_marker_dir):
     with parmap.Pool(workers=2, backend=process_backend, retries=1) as pool:
         assert pool.submit(workfns.crash_first_time, tmp_marker_dir, workfns.BAD).result(timeout=20) == workfns.BAD
