@@ -26,7 +26,7 @@ from ._options import CallOptions, CallOverrides, ImapOverrides, OnError, PoolOp
 from ._scheduler import SKIPPED, Record, Scheduler, lost_error
 from ._serialization import find_unpicklable, short_repr, track_classes, travels_by_name
 from .backends import create_backend, create_timed_stand_in
-from .backends._base import Backend, Call, Chunk, ChunkLost, ChunkOutcome
+from .backends._base import Backend, Call, Chunk, ChunkLost, ChunkOutcome, may_wait_for_another_backend
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -395,8 +395,9 @@ class Pool:
                 self._killed = kill
         if underway:
             # Another thread closes it (shutdown(wait=False), say): wait for
-            # that, unless this is a done-callback, which that close waits for.
-            if not self._settlers.on_one():
+            # that, unless this is a done-callback, which that close waits
+            # for, or a backend's own thread (see may_wait_for_another_backend).
+            if not self._settlers.on_one() and may_wait_for_another_backend():
                 self._finished.wait()
             return
         try:

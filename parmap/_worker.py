@@ -415,7 +415,9 @@ def ctrl_c_held(start_method: str | None) -> Iterator[None]:
     ``start_method`` is ``None`` for a bare ``os.fork``. For ``spawn`` and
     ``forkserver`` the resource tracker is started first: its start unblocks
     SIGINT on the thread that starts it, which would be this one, mid-way.
-    SIGTERM is held back too (see prepare_worker_process).
+    SIGTERM is held back too (see prepare_worker_process). Hold it around
+    the start alone: a thread started inside keeps the mask for good, and
+    so does every command it runs.
     """
     if not hasattr(signal, "pthread_sigmask"):  # pragma: no cover - Windows
         yield
@@ -424,6 +426,12 @@ def ctrl_c_held(start_method: str | None) -> Iterator[None]:
         from multiprocessing import resource_tracker
 
         resource_tracker.ensure_running()
+    if start_method == "forkserver":
+        # Started here, the forkserver would keep the mask, and so would
+        # every process the program itself starts through it.
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
     try:
         yield

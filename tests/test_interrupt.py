@@ -384,3 +384,36 @@ def test_a_call_from_the_final_clean_up_says_it_cannot_start():
     assert lines[-1] == "serial: [0, 1, 4, 9]", result.stdout
     for backend, line in zip([*PROCESS_BACKENDS, "thread"], lines[:-1], strict=True):
         assert line.startswith(f"{backend}: backend={backend!r} cannot start while the interpreter shuts down")
+
+
+GC_ABANDONED_IMAP_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    sys.path[:0] = [{root!r}]
+    import parmap
+
+    class Holder:
+        pass
+
+    for _ in range(40):
+        holder = Holder()
+        holder.me = holder  # a cycle: only the cycle collector frees it, on whatever thread it runs
+        holder.results = parmap.imap(abs, iter(range(10**6)), workers=2, backend={backend!r}, chunksize=50)
+        next(holder.results)
+        del holder
+        assert parmap.map(abs, range(3000), workers=2, backend={backend!r}) == list(range(3000))
+    print("done", flush=True)
+    """
+)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("backend", ["process", "fork"])
+def test_an_abandoned_imap_freed_by_the_cycle_collector_never_deadlocks(tmp_path, backend):
+    # The collector ran on another pool's dispatcher thread while it held the
+    # lock around forking a worker; the freed imap's close waited for its own
+    # dispatcher, which needed that lock (a hang in most runs of this script).
+    script = tmp_path / "abandoned.py"
+    script.write_text(GC_ABANDONED_IMAP_SCRIPT.format(root=os.path.dirname(TESTS_DIR), backend=backend))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout) == (0, "done\n"), result.stderr[-2000:]

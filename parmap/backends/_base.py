@@ -23,11 +23,13 @@ what a backend cannot do (``timeout`` on threads, for example).
 from __future__ import annotations
 
 import abc
+import atexit
 import itertools
 import os
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
@@ -269,6 +271,52 @@ def decode_chunk_outcome(chunk: Chunk, data: bytes | bytearray) -> ChunkOutcome:
         return unreadable_outcome(exc, chunk.positions, results=True)
     outcome.nbytes = len(data)
     return outcome
+
+
+# The threads that drive a backend's workers (a process backend's
+# dispatcher, a multiprocessing.Pool's monitor).
+_DRIVERS: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+
+
+def drives_workers() -> None:
+    """Mark the calling thread as one that drives a backend's workers."""
+    _DRIVERS.add(threading.current_thread())
+
+
+def may_wait_for_another_backend() -> bool:
+    """Whether this thread may wait for another backend's thread to end.
+
+    Not a thread that drives workers: the cycle collector may run there,
+    and finalize an abandoned ``imap`` of another pool, whose close would
+    wait for that pool's thread while this one holds what it needs (the
+    lock around forking a worker, say): a deadlock. Such a close only tells
+    the other thread to stop, which it does by itself.
+    """
+    return threading.current_thread() not in _DRIVERS
+
+
+# Backend threads told to stop but not waited for (see above), waited for at
+# exit: multiprocessing's exit handler, which runs after this one (registered
+# once workers have started), would race their reaping of the workers.
+_LEFT_TO_FINISH: set[threading.Thread] = set()
+
+
+_waits_at_exit = False
+
+
+def leave_to_finish(thread: threading.Thread) -> None:
+    """Let ``thread`` end by itself, and wait for it at exit."""
+    global _waits_at_exit
+    if not _waits_at_exit:
+        _waits_at_exit = True
+        atexit.register(_wait_for_the_left)
+    _LEFT_TO_FINISH.difference_update([t for t in _LEFT_TO_FINISH if not t.is_alive()])
+    _LEFT_TO_FINISH.add(thread)
+
+
+def _wait_for_the_left() -> None:
+    for thread in list(_LEFT_TO_FINISH):
+        join_thread(thread, timeout=5.0)
 
 
 def join_thread(thread: threading.Thread, timeout: float | None = None) -> None:

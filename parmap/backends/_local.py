@@ -64,8 +64,11 @@ from ._base import (
     ChunkOutcome,
     Done,
     decode_chunk_outcome,
+    drives_workers,
     dropped_outcome,
     join_thread,
+    leave_to_finish,
+    may_wait_for_another_backend,
     startup_failed_outcome,
     take_standard_descriptors,
     terminated_outcome,
@@ -396,7 +399,10 @@ class LocalWorkers(Backend):
                 thread = self._thread
         self._wake()
         if thread is not None and thread is not threading.current_thread():
-            join_thread(thread)
+            if may_wait_for_another_backend():
+                join_thread(thread)
+            else:
+                leave_to_finish(thread)
         if thread is None:
             self._close_wake_pipe()
 
@@ -415,6 +421,7 @@ class LocalWorkers(Backend):
                 pass
 
     def _dispatch_loop(self) -> None:
+        drives_workers()
         try:
             while True:
                 with self._lock:

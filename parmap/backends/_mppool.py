@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 from typing import Any
@@ -55,14 +55,17 @@ from ._base import (
     ChunkLost,
     Done,
     decode_chunk_outcome,
+    drives_workers,
     dropped_outcome,
     join_thread,
+    leave_to_finish,
+    may_wait_for_another_backend,
     startup_failed_outcome,
     take_standard_descriptors,
     terminated_outcome,
 )
 from ._local import MAX_STARTUP_FAILURES, MAX_WAIT_SECONDS, exit_sentinel, pickle_initializer
-from ._process_tree import kill_trees
+from ._process_tree import freeze_descendants, kill_frozen, kill_trees
 from .process import default_start_method
 
 # Functions bigger than this go through a file rather than inside every task
@@ -180,6 +183,7 @@ class MPPoolBackend(Backend):
         self._start_error: BaseException | None = None
         self._monitor: threading.Thread | None = None
         self._no_tmpdir = False  # none could be made: big functions go inline (see _fn_ref)
+        self._busy_at_kill: list[int] = []  # the workers running chunks when close(kill=True) came
         self._wake_r, self._wake_w = os.pipe()
         self._closing = False
         self._replacing = False  # the pool is being swapped: hold tasks back
@@ -254,7 +258,10 @@ class MPPoolBackend(Backend):
             self._kill_on_close = kill
             self._wake()
         if monitor is not threading.current_thread():
-            join_thread(monitor)
+            if may_wait_for_another_backend():
+                join_thread(monitor)
+            else:
+                leave_to_finish(monitor)
 
     # -- internals ---------------------------------------------------------
     def _fn_ref(self, call: Call, fn_bytes: bytes) -> bytes | str:
@@ -367,6 +374,7 @@ class MPPoolBackend(Backend):
     def _monitor_loop(self) -> None:
         # The pool is created on this long-lived thread: on Linux a worker's
         # parent-death signal is tied to the thread that started it.
+        drives_workers()
         try:
             self._pool = self._new_pool()
         except BaseException as exc:
@@ -386,6 +394,7 @@ class MPPoolBackend(Backend):
                     done(chunk, dropped_outcome())
                 with self._lock:
                     if self._closing and self._kill_on_close:
+                        self._busy_at_kill = self._busy_workers()
                         self._fail_all()
                         break
                     if self._closing and not self._flights and not self._waiting and not self._dropped:
@@ -457,12 +466,9 @@ class MPPoolBackend(Backend):
                     pidfds.watch(process)
 
     def _new_pool(self) -> Any:
-        # On the monitor thread (see ctrl_c_held). The pool's own threads,
-        # which start its replacement workers, are made here and keep the mask.
-        with ctrl_c_held(self.start_method):
-            pool = _RecordingPool(
-                self.workers, initializer=_pool_worker_init, initargs=(self._status, self._init), context=self._ctx
-            )
+        pool = _RecordingPool(
+            self.workers, initializer=_pool_worker_init, initargs=(self._status, self._init), context=self._ctx
+        )
         self._start_feeding(pool)
         return pool
 
@@ -482,12 +488,13 @@ class MPPoolBackend(Backend):
         """
         with self._lock:
             orphans = [flight for _, flight in sorted(self._flights.items())]
+            busy = self._busy_workers()
             self._flights.clear()
             self._free_slots = deque(range(self._slots))
             self._replacing = True
         lost: list[tuple[_Flight, ChunkLost]] = []
         try:
-            forced = self._end_pool(self._pool, mid_work=True)
+            forced = self._end_pool(self._pool, busy)
             # terminate() sends SIGTERM (a worker it finds idle exits 0);
             # SIGKILL only where it had to force.
             ours = {0, -signal.SIGTERM, -signal.SIGKILL} if forced else {0, -signal.SIGTERM}
@@ -553,7 +560,7 @@ class MPPoolBackend(Backend):
         with self._lock:
             self._dormant = True
             self._replacing = True  # hold tasks back until there is a pool
-        self._end_pool(self._pool, mid_work=False)  # every worker idle
+        self._end_pool(self._pool, [])  # every worker idle
         self._pool = None
 
     def _revive(self) -> None:
@@ -681,22 +688,33 @@ class MPPoolBackend(Backend):
                     flight.timed_out_offset = offset
                     kill_trees([pid])
 
-    def _end_pool(self, pool: Any, *, mid_work: bool) -> bool:
+    def _end_pool(self, pool: Any, busy: Sequence[int]) -> bool:
         """Stop feeding ``pool`` and terminate it (see :func:`_terminate`).
 
-        ``mid_work``: its workers may be running items, whose commands go
-        with them (terminate()'s SIGTERM would leave them running).
+        ``busy``: the workers running items, whose commands go with them;
+        terminate()'s SIGTERM would leave those to the init process. They
+        are frozen first and killed once the workers are gone: a worker
+        killed before terminate() wedges the pool's queues if it was
+        sending a result, and the pool starts replacements that take more
+        work. (The commands of idle workers, started in the background by
+        earlier items, are left alone.)
         """
         self._stop_feeding()
-        if mid_work:
-            kill_trees((p.pid for p in list(pool._pool) if p.exitcode is None), signal.SIGTERM)
+        commands = freeze_descendants(busy)
         forced = _terminate(pool)
         self._after_shutdown()
         # A job a dead worker took never completes, so it stays in the pool's
         # cache, and it holds the pool: a cycle, with the pool's pipes open
         # until the cycle collector runs (~8 descriptors a crashed call).
         pool._cache.clear()
+        kill_frozen(commands)
         return forced
+
+    def _busy_workers(self) -> list[int]:
+        """The live workers running chunks (under the lock)."""
+        claimed = {int(self._status[f.slot * SLOT_WIDTH]) for f in self._flights.values()}
+        pool = self._pool
+        return [] if pool is None else [p.pid for p in list(pool._pool) if p.pid in claimed and p.exitcode is None]
 
     def _shutdown_pool(self) -> None:
         # Always terminate(), even for a graceful close: the monitor loop only
@@ -706,7 +724,7 @@ class MPPoolBackend(Backend):
         pool = self._pool
         try:
             if pool is not None:  # None: dormant, already ended
-                self._end_pool(pool, mid_work=self._kill_on_close)
+                self._end_pool(pool, self._busy_at_kill)
         finally:
             self._close_wake_pipe()
             if self._tmpdir is not None:
@@ -760,8 +778,11 @@ class _RecordingPool(multiprocessing.pool.Pool):
 
         def make(ctx: Any, *process_args: Any, **process_kwargs: Any) -> Any:
             process = ctx.Process(*process_args, **process_kwargs)
-            if ctx.get_start_method() == "forkserver":
-                process._Popen = _ForkserverPopen  # start() makes its Popen through this
+            method = ctx.get_start_method()
+            # start() makes its Popen through this: the start itself, with
+            # Ctrl-C held back (see ctrl_c_held), on whichever thread of the pool.
+            popen = _ForkserverPopen if method == "forkserver" else type(process)._Popen
+            process._Popen = _StartHeld(popen, method)
             started.append(process)
             return process
 
@@ -769,6 +790,20 @@ class _RecordingPool(multiprocessing.pool.Pool):
         # maintenance thread: an attribute here comes before the staticmethod.
         self.Process = make  # type: ignore[method-assign]
         super().__init__(*args, **kwargs)
+
+
+class _StartHeld:
+    """A Process's ``_Popen``: the start, inside :func:`ctrl_c_held`. (An
+    object, not a closure over the process: no cycle through it.)"""
+
+    __slots__ = ("method", "popen")
+
+    def __init__(self, popen: Any, method: str) -> None:
+        self.popen, self.method = popen, method
+
+    def __call__(self, process: Any) -> Any:
+        with ctrl_c_held(self.method):
+            return self.popen(process)
 
 
 _POLL_LOCK = threading.Lock()

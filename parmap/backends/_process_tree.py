@@ -18,8 +18,9 @@ import os
 import signal
 from collections.abc import Iterable
 
-# A tree that forks faster than it can be frozen gets this many looks.
-FREEZE_ROUNDS = 8
+# A tree that keeps forking while it is frozen gets this many looks (each a
+# pass over /proc, ~1 ms); depth costs none: one look walks the whole tree.
+FREEZE_ROUNDS = 50
 
 
 def kill_trees(roots: Iterable[int], sig: int = signal.SIGKILL) -> None:
@@ -30,29 +31,52 @@ def kill_trees(roots: Iterable[int], sig: int = signal.SIGKILL) -> None:
     pids are still theirs. A worker sent a signal other than SIGKILL is
     woken (SIGCONT) after it, so the signal lands as it would have.
     """
-    roots = [pid for pid in dict.fromkeys(roots) if pid > 1 and pid != os.getpid()]
-    if not roots:
-        return
-    frozen: list[int] = []
-    seen: set[int] = set()
-    frontier = roots
-    for _ in range(FREEZE_ROUNDS):
-        for pid in frontier:
-            _send(pid, signal.SIGSTOP)
-        frozen += frontier
-        seen.update(frontier)
-        children = _children_by_parent()
-        if children is None:
-            break
-        frontier = [child for pid in frozen for child in children.get(pid, ()) if child not in seen]
-        if not frontier:
-            break
-    for pid in frozen[len(roots) :]:
-        _send(pid, signal.SIGKILL)
+    roots = _own_children(roots)
+    for pid in roots:
+        _send(pid, signal.SIGSTOP)  # first: a frozen worker starts nothing more
+    kill_frozen(freeze_descendants(roots))
     for pid in roots:
         _send(pid, sig)
         if sig != signal.SIGKILL:
             _send(pid, signal.SIGCONT)
+
+
+def freeze_descendants(roots: Iterable[int]) -> list[int]:
+    """SIGSTOP every process that the workers in ``roots`` started (and those
+    started), and return them, for :func:`kill_frozen` once the workers are
+    gone. The workers themselves run on: a worker waiting for a frozen
+    command waits on, and starts nothing more. A frozen process keeps its
+    pid, even when its parent dies, so the kill reaches the same ones."""
+    seen = set(_own_children(roots))
+    frozen: list[int] = []
+    for _ in range(FREEZE_ROUNDS):
+        children = _children_by_parent()
+        if children is None:
+            break
+        found: list[int] = []
+        stack = list(seen)
+        while stack:
+            for child in children.get(stack.pop(), ()):
+                if child not in seen:
+                    seen.add(child)
+                    found.append(child)
+                    stack.append(child)
+        if not found:
+            break  # a look after the last freeze found no newcomer
+        for pid in found:
+            _send(pid, signal.SIGSTOP)
+        frozen += found
+    return frozen
+
+
+def kill_frozen(pids: Iterable[int]) -> None:
+    """SIGKILL what :func:`freeze_descendants` froze."""
+    for pid in pids:
+        _send(pid, signal.SIGKILL)
+
+
+def _own_children(pids: Iterable[int]) -> list[int]:
+    return [pid for pid in dict.fromkeys(pids) if pid > 1 and pid != os.getpid()]
 
 
 def _send(pid: int, sig: int) -> None:
