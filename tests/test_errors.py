@@ -327,6 +327,34 @@ def test_a_stopped_worker_takes_the_commands_it_ran_along(tmp_path, backend, ite
     assert _command_ends(tmp_path)
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", ["process", "pool"])
+def test_a_timed_out_worker_takes_a_deep_tree_of_commands_along(tmp_path, backend):
+    # Each look over /proc went one level deeper, eight looks at most: a
+    # command under eight shells was left running.
+    script = tmp_path / "chain.sh"
+    script.write_text(workfns.CHAIN_SCRIPT)
+    seconds = f"60.{os.getpid()}{len(backend)}"  # a command line no other test runs
+    fn = functools.partial(workfns.run_command_chain, str(script), 10)
+    with pytest.raises(parmap.TaskTimeoutError):
+        parmap.map(fn, [seconds], backend=backend, timeout=1)
+
+    def left() -> list[psutil.Process]:
+        return [
+            p
+            for p in psutil.process_iter(["cmdline", "status"])
+            if p.info["cmdline"] == ["sleep", seconds] and p.info["status"] != psutil.STATUS_ZOMBIE
+        ]
+
+    deadline = time.monotonic() + 2
+    while left() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stray = left()
+    for p in stray:
+        p.kill()
+    assert not stray
+
+
 @pytest.mark.timeout(30)
 def test_unordered_errors_say_which_item_they_belong_to(process_backend):
     results = list(

@@ -6,6 +6,7 @@ with psutil."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -149,6 +150,22 @@ def test_ctrl_c_while_workers_start_reaches_the_caller_alone(tmp_path, backend, 
     assert result.stdout == "interrupted\n"
     assert result.returncode == 0
     assert "Traceback" not in result.stderr and "KeyboardInterrupt" not in result.stderr, result.stderr
+
+
+@pytest.mark.timeout(60)
+def test_the_programs_own_forkserver_children_take_signals():
+    # The forkserver, started while a worker start held Ctrl-C back, kept that
+    # mask, and so did every process the program itself started through it:
+    # Process.terminate() did nothing to them.
+    assert parmap.map(workfns.square, range(2), workers=1, start_method="forkserver") == [0, 1]
+    ctx = multiprocessing.get_context("forkserver")
+    queue = ctx.SimpleQueue()
+    process = ctx.Process(target=workfns.report_blocked_signals, args=(queue,))
+    process.start()
+    try:
+        assert int(queue.get(), 16) & ((1 << (signal.SIGINT - 1)) | (1 << (signal.SIGTERM - 1))) == 0
+    finally:
+        process.join(10)
 
 
 @pytest.mark.timeout(30)

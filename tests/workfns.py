@@ -255,6 +255,24 @@ def slow_square(x):
     return x * x
 
 
+CHAIN_SCRIPT = """if [ "$1" -gt 0 ]; then sh "$0" $(($1 - 1)) "$2"; true; else sleep "$2"; fi"""
+
+
+def run_command_chain(script, depth, seconds):
+    """Run ``sleep seconds`` under ``depth`` shells, each waiting for the next."""
+    subprocess.run(["sh", script, str(depth), seconds])
+
+
+def blocked_signals(_=None):
+    """This process's blocked-signal mask, as /proc shows it."""
+    with open("/proc/self/status") as f:
+        return next(line.split()[1] for line in f if line.startswith("SigBlk"))
+
+
+def report_blocked_signals(queue):
+    queue.put(blocked_signals())
+
+
 def nested_map(x):
     """A parmap call made inside a worker: must run serially, right here, and draw no bar."""
     return parmap.map(getpid, range(3), workers=2, progress=True)
