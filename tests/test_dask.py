@@ -191,6 +191,33 @@ def test_retries(dask_pool, tmp_marker_dir):
         dask_pool.map(fn, range(12, 15), retries=0)
 
 
+def slow_square(x):
+    time.sleep(0.02)
+    return x * x
+
+
+def test_terminate_ends_the_maps_other_threads_run(dask_address):
+    # Their chunks were cancelled but never reported: those maps waited for ever.
+    pool = parmap.Pool(workers=2, backend="dask", address=dask_address)
+    outcome: list[BaseException | list[int]] = []
+
+    def run() -> None:
+        try:
+            outcome.append(pool.map(slow_square, range(400), chunksize=2))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    threads = [threading.Thread(target=run, daemon=True) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)
+    pool.terminate()
+    for thread in threads:
+        thread.join(10)
+    assert not any(thread.is_alive() for thread in threads)
+    assert len(outcome) == 3 and all(isinstance(o, parmap.PoolClosedError) for o in outcome), outcome
+
+
 def test_timeout_is_refused_up_front(dask_address):
     with pytest.raises(ValueError, match="timeout"):
         parmap.map(square, range(3), backend="dask", timeout=1)

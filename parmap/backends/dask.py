@@ -80,7 +80,7 @@ from typing import Any
 from .._errors import PoolClosedError
 from .._serialization import dumps_function
 from .._worker import ChunkOutcome
-from ._base import Backend, Call, Capabilities, Chunk, ChunkLost, Done, decode_chunk_outcome
+from ._base import Backend, Call, Capabilities, Chunk, ChunkLost, Done, decode_chunk_outcome, terminated_outcome
 from .executor import call_key, run_remote_chunk
 
 __all__ = ["ADDRESS_ENV", "DaskBackend", "import_distributed"]
@@ -322,11 +322,21 @@ class DaskBackend(Backend):
                 while self._tasks:
                     self._idle.wait()
             pending = [task.future for task in self._tasks.values()]
+            # Killed: what was running or queued ends now, reported as such
+            # (a map waiting in another thread must hear of it).
+            ended = []
+            if self._killed:
+                for task in self._tasks.values():
+                    if not task.reporting and not task.state.released:
+                        task.reporting = True
+                        ended.append((task.chunk, task.done))
             self._calls.clear()
             client, cluster = self._client, self._cluster
             self._client = self._cluster = self._init_future = None
         self._stop_watching.set()
         self._cancel(pending)
+        for chunk, done in ended:
+            done(chunk, terminated_outcome())
         try:
             client.close()
         finally:
@@ -427,8 +437,10 @@ class DaskBackend(Backend):
     def _deliver(self, task: _Task) -> None:
         try:
             with self._lock:
-                ignore = task.state.released or self._killed
-            if not ignore:
+                released, killed = task.state.released, self._killed
+            if killed and not released:
+                task.done(task.chunk, terminated_outcome())
+            elif not released:
                 task.done(task.chunk, self._outcome(task.chunk, task.future))
         finally:
             with self._lock:
