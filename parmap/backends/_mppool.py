@@ -852,6 +852,8 @@ def _terminate(pool: Any) -> bool:
         try:
             pool.terminate()
             pool.join()
+        except OSError:
+            pass  # its sentinel met the result pipe that _unwedge closed: nothing left to stop
         finally:
             finished.set()
 
@@ -894,6 +896,15 @@ def _unwedge(pool: Any) -> None:
                 lock.release()
             except ValueError:  # let go of in the meantime
                 pass
+    if pool._result_handler.is_alive():
+        # It may be reading a message that a worker killed mid-send cut
+        # short (terminate() itself kills them so), waiting for its end for
+        # ever, and terminate() for it: once the write end is closed here too
+        # (every worker is dead), it reads end-of-file and ends.
+        try:
+            pool._outqueue._writer.close()
+        except OSError:
+            pass
 
 
 def _exitcode(process: Any) -> int | None:
