@@ -103,12 +103,12 @@ class Step:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
+    _give_stderr_somewhere()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except UsageError as exc:
         return _usage(f"{exc} (see parmap --help)")
-    _give_stderr_somewhere()
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return _run(args)

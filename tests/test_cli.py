@@ -348,6 +348,12 @@ def test_with_standard_error_closed_standard_output_still_holds_the_results_alon
     assert (result.code, result.out) == (1, "1\n2\n")
 
 
+def test_with_standard_error_closed_a_usage_error_stays_off_standard_output(targets: Path) -> None:
+    write(targets / "in.txt", "1\n")
+    result = _run_cli_with(lambda: os.close(2), "tgt:square", "in.txt", "-w", "0", cwd=targets, stderr=-1)
+    assert (result.code, result.out) == (2, "")
+
+
 @pytest.mark.parametrize("backend", ["process", "pool"])
 def test_workers_that_cannot_start_make_a_one_line_error(targets: Path, backend: str) -> None:
     # Too few file descriptors: a Python traceback, exit 1, before.

@@ -328,6 +328,29 @@ def test_a_stopped_worker_takes_the_commands_it_ran_along(tmp_path, backend, ite
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", PROCESS_BACKENDS)
+def test_leaving_an_imap_of_a_warm_pool_takes_its_commands_along(tmp_path, backend):
+    # pool/apply_async forgot the early-ended call's chunks before the pool
+    # swap looked for busy workers: their commands were left running.
+    fn = functools.partial(workfns.run_command_or_fail, str(tmp_path))
+    with parmap.Pool(workers=2, backend=backend, chunksize=1, on_error="return") as pool:
+        results = pool.imap(fn, ["fail", "cmd"])
+        assert isinstance(next(results), ValueError)  # raised once the command ran
+        results.close()
+        assert _command_ends(tmp_path)
+        assert pool.map(workfns.square, range(3)) == [0, 1, 4]
+
+
+def test_a_forked_worker_is_no_thread_of_parmaps_own():
+    # Forked on the dispatcher thread, a worker runs on as that Thread
+    # object: it counted as one, and a nested call there no longer waited
+    # for its own workers when it closed.
+    from parmap.backends._base import may_wait_for_another_backend
+
+    assert parmap.map(lambda _: may_wait_for_another_backend(), range(2), workers=2, backend="fork") == [True, True]
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("backend", ["process", "pool"])
 def test_a_timed_out_worker_takes_a_deep_tree_of_commands_along(tmp_path, backend):
     # Each look over /proc went one level deeper, eight looks at most: a

@@ -283,6 +283,11 @@ def drives_workers() -> None:
     _DRIVERS.add(threading.current_thread())
 
 
+# A worker forked by such a thread runs on as that Thread object, and drives nothing.
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_DRIVERS.clear)
+
+
 def may_wait_for_another_backend() -> bool:
     """Whether this thread may wait for another backend's thread to end.
 

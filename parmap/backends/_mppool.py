@@ -184,6 +184,7 @@ class MPPoolBackend(Backend):
         self._monitor: threading.Thread | None = None
         self._no_tmpdir = False  # none could be made: big functions go inline (see _fn_ref)
         self._busy_at_kill: list[int] = []  # the workers running chunks when close(kill=True) came
+        self._abandoned_busy: list[int] = []  # workers running chunks of calls released early
         self._wake_r, self._wake_w = os.pipe()
         self._closing = False
         self._replacing = False  # the pool is being swapped: hold tasks back
@@ -231,6 +232,8 @@ class MPPoolBackend(Backend):
                 # raised) still run or wait in the pool's queue, ahead of the
                 # next call's: a fresh pool drops them (see _replace_pool).
                 left = [key for key, flight in self._flights.items() if flight.chunk.call is call]
+                # Their workers' commands go with the pool (see _end_pool).
+                self._abandoned_busy += self._busy_workers(left)
                 for key in left:
                     self._free_slots.append(self._flights.pop(key).slot)
                 if left:
@@ -394,7 +397,7 @@ class MPPoolBackend(Backend):
                     done(chunk, dropped_outcome())
                 with self._lock:
                     if self._closing and self._kill_on_close:
-                        self._busy_at_kill = self._busy_workers()
+                        self._busy_at_kill = self._busy_workers() + self._abandoned_busy
                         self._fail_all()
                         break
                     if self._closing and not self._flights and not self._waiting and not self._dropped:
@@ -488,7 +491,8 @@ class MPPoolBackend(Backend):
         """
         with self._lock:
             orphans = [flight for _, flight in sorted(self._flights.items())]
-            busy = self._busy_workers()
+            busy = self._busy_workers() + self._abandoned_busy
+            self._abandoned_busy = []
             self._flights.clear()
             self._free_slots = deque(range(self._slots))
             self._replacing = True
@@ -710,9 +714,10 @@ class MPPoolBackend(Backend):
         kill_frozen(commands)
         return forced
 
-    def _busy_workers(self) -> list[int]:
-        """The live workers running chunks (under the lock)."""
-        claimed = {int(self._status[f.slot * SLOT_WIDTH]) for f in self._flights.values()}
+    def _busy_workers(self, keys: Sequence[int] | None = None) -> list[int]:
+        """The live workers running chunks, all or those of flights ``keys`` (under the lock)."""
+        flights = self._flights.values() if keys is None else [self._flights[key] for key in keys]
+        claimed = {int(self._status[f.slot * SLOT_WIDTH]) for f in flights}
         pool = self._pool
         return [] if pool is None else [p.pid for p in list(pool._pool) if p.pid in claimed and p.exitcode is None]
 
