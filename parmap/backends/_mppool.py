@@ -705,13 +705,15 @@ class MPPoolBackend(Backend):
         """
         self._stop_feeding()
         commands = freeze_descendants(busy)
-        forced = _terminate(pool)
-        self._after_shutdown()
+        try:
+            forced = _terminate(pool)
+            self._after_shutdown()
+        finally:
+            kill_frozen(commands)  # never left stopped
         # A job a dead worker took never completes, so it stays in the pool's
         # cache, and it holds the pool: a cycle, with the pool's pipes open
         # until the cycle collector runs (~8 descriptors a crashed call).
         pool._cache.clear()
-        kill_frozen(commands)
         return forced
 
     def _busy_workers(self, keys: Sequence[int] | None = None) -> list[int]:
