@@ -14,6 +14,7 @@ import tempfile
 import threading
 import time
 import weakref
+from collections.abc import Callable
 
 import psutil
 import pytest
@@ -143,6 +144,28 @@ def test_a_backend_that_hands_work_on_at_once_starts_the_future_at_once(backend,
         assert future.result(timeout=30) == 9
 
 
+def _told_in_a_forked_child(act: Callable[[], object]) -> bytes:
+    """Run ``act`` in a child made by os.fork(): b"refused" if it raised
+    PoolClosedError for being a forked child, b"ran" if it returned."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        try:
+            said = b"ran"
+            try:
+                act()
+            except parmap.PoolClosedError as exc:
+                said = b"refused" if "forked" in str(exc) else b"other"
+            os.write(write_end, said)
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    said = os.read(read_end, 16)
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    return said
+
+
 @pytest.mark.timeout(30)
 def test_a_forked_child_is_refused_the_parents_pool_and_leaves_it_working(backend):
     # The child inherits the object, not the workers, threads and pipes
@@ -151,27 +174,17 @@ def test_a_forked_child_is_refused_the_parents_pool_and_leaves_it_working(backen
     with parmap.Pool(workers=2, backend=backend) as pool:
         assert pool.map(workfns.square, range(4)) == [0, 1, 4, 9]
         running = pool.submit(time.sleep, 0.5)
-        read_end, write_end = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: never return into pytest
+
+        def in_the_child() -> None:
             try:
-                try:
-                    pool.map(workfns.square, range(4))
-                    said = b"ran"
-                except parmap.PoolClosedError as exc:
-                    said = b"refused" if "forked" in str(exc) else b"other"
+                pool.map(workfns.square, range(4))
+            finally:
                 # What its exit would run: parmap's hook, then multiprocessing's,
                 # which took the parent's workers for the child's own.
                 _pool._terminate_open_pools()
                 multiprocessing.util._exit_function()
-                os.write(write_end, said)
-            finally:
-                os._exit(0)
-        os.close(write_end)
-        said = os.read(read_end, 16)
-        os.close(read_end)
-        os.waitpid(pid, 0)
-        assert said == b"refused"
+
+        assert _told_in_a_forked_child(in_the_child) == b"refused"
         assert running.result(timeout=10) is None
         assert pool.map(workfns.square, range(4)) == [0, 1, 4, 9]
         assert pool.submit(workfns.square, 5).result(timeout=10) == 25
@@ -184,25 +197,15 @@ def test_an_imap_carried_on_in_a_forked_child_is_refused_there(backend):
     # ending its copy of the imap, could wait for a lock held at the fork.
     results = parmap.imap(workfns.slow_square, range(60), workers=2, backend=backend, chunksize=1)
     assert next(results) == 0
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never return into pytest
+
+    def in_the_child() -> None:
         try:
-            said = b"ran"
-            try:
-                for _ in results:
-                    pass
-            except parmap.PoolClosedError as exc:
-                said = b"refused" if "forked" in str(exc) else b"other"
-            results.close()
-            os.write(write_end, said)
+            for _ in results:
+                pass
         finally:
-            os._exit(0)
-    os.close(write_end)
-    said = os.read(read_end, 16)
-    os.close(read_end)
-    os.waitpid(pid, 0)
-    assert said == b"refused"
+            results.close()
+
+    assert _told_in_a_forked_child(in_the_child) == b"refused"
     assert list(results) == [x * x for x in range(1, 60)]
 
 
