@@ -859,8 +859,13 @@ def _terminate(pool: Any) -> bool:
         try:
             pool.terminate()
             pool.join()
-        except OSError:
-            pass  # its sentinel met the result pipe that _unwedge closed: nothing left to stop
+        except (OSError, AssertionError):
+            # The pool's result thread had ended (_unwedge closes the result
+            # pipe under it once every worker is dead): terminate() then
+            # stops short, on the jobs left in its cache (AssertionError) or
+            # on the closed pipe (OSError). What it had left to do is to stop
+            # the workers, which should all be gone; any that is not goes now.
+            _kill_workers(list(pool._pool))
         finally:
             finished.set()
 
@@ -874,13 +879,17 @@ def _terminate(pool: Any) -> bool:
     return forced
 
 
-def _unwedge(pool: Any) -> None:
-    workers = list(pool._pool)
+def _kill_workers(workers: Sequence[Any]) -> None:
     for process in workers:
         if process.exitcode is None:
             process.kill()
     for process in workers:
         process.join(timeout=1.0)
+
+
+def _unwedge(pool: Any) -> None:
+    workers = list(pool._pool)
+    _kill_workers(workers)
     if any(process.exitcode is None for process in workers):
         return  # not dead yet: their locks may still be theirs
     if not pool._result_handler.is_alive():
