@@ -829,15 +829,17 @@ class _ForkserverPopen(multiprocessing.popen_forkserver.Popen):  # type: ignore[
 
     def poll(self, flag: int = os.WNOHANG) -> int | None:
         if self.returncode is None:
-            if not wait([self.sentinel], 0 if flag == os.WNOHANG else None):
-                return None
+            ready = wait([self.sentinel], 0 if flag == os.WNOHANG else None)
+            # Not ready may also mean that another thread is reading the
+            # status this moment (the forkserver closes the pipe only after
+            # writing it): the lock waits for that read to be recorded.
             with _POLL_LOCK:
-                if self.returncode is None:
+                if self.returncode is None and ready:
                     try:
                         self.returncode = multiprocessing.forkserver.read_signed(self.sentinel)
                     except (OSError, EOFError):  # the forkserver itself died
                         self.returncode = 255
-        return int(self.returncode)
+        return None if self.returncode is None else int(self.returncode)
 
 
 def _terminate(pool: Any) -> bool:
