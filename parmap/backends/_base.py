@@ -274,13 +274,14 @@ def decode_chunk_outcome(chunk: Chunk, data: bytes | bytearray) -> ChunkOutcome:
 
 
 # The threads that drive a backend's workers (a process backend's
-# dispatcher, a multiprocessing.Pool's monitor).
+# dispatcher; a multiprocessing.Pool's monitor, its own three threads and
+# the pool backend's result reader).
 _DRIVERS: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
 
 
-def drives_workers() -> None:
-    """Mark the calling thread as one that drives a backend's workers."""
-    _DRIVERS.add(threading.current_thread())
+def drives_workers(*threads: threading.Thread) -> None:
+    """Mark ``threads`` (by default the calling thread) as ones that drive a backend's workers."""
+    _DRIVERS.update(threads or [threading.current_thread()])
 
 
 # A worker forked by such a thread runs on as that Thread object, and drives nothing.

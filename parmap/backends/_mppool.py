@@ -469,9 +469,13 @@ class MPPoolBackend(Backend):
                     pidfds.watch(process)
 
     def _new_pool(self) -> Any:
-        pool = _RecordingPool(
+        pool: Any = _RecordingPool(
             self.workers, initializer=_pool_worker_init, initargs=(self._status, self._init), context=self._ctx
         )
+        # The cycle collector may run on these too: an imap of this pool
+        # that it ends there must not wait for terminate(), which waits for
+        # them (a deadlock that stopped all collection in the program).
+        drives_workers(pool._worker_handler, pool._task_handler, pool._result_handler)
         self._start_feeding(pool)
         return pool
 

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+from ._base import drives_workers
 from ._mppool import MPPoolBackend, run_pool_task
 
 _END = None
@@ -25,6 +26,7 @@ class PoolBackend(MPPoolBackend):
         results = pool.imap_unordered(run_pool_task, self._task_stream(), chunksize=1)
         self._results = results
         self._reader = threading.Thread(target=self._read, args=(results,), name="parmap-pool-results", daemon=True)
+        drives_workers(self._reader)  # see _new_pool
         self._reader.start()
 
     def _task_stream(self) -> Iterator[tuple[Any, ...]]:
