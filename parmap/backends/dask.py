@@ -80,7 +80,19 @@ from typing import Any
 from .._errors import PoolClosedError
 from .._serialization import dumps_function
 from .._worker import ChunkOutcome
-from ._base import Backend, Call, Capabilities, Chunk, ChunkLost, Done, decode_chunk_outcome, terminated_outcome
+from ._base import (
+    Backend,
+    Call,
+    Capabilities,
+    Chunk,
+    ChunkLost,
+    Done,
+    decode_chunk_outcome,
+    drives_workers,
+    leave_to_finish,
+    may_wait_for_another_backend,
+    terminated_outcome,
+)
 from .executor import call_key, run_remote_chunk
 
 __all__ = ["ADDRESS_ENV", "DaskBackend", "import_distributed"]
@@ -311,6 +323,13 @@ class DaskBackend(Backend):
         self._cancel(pending)
 
     def close(self, kill: bool = False) -> None:
+        if not may_wait_for_another_backend():
+            # The client's own event loop thread (the cycle collector ended an
+            # imap there): the close waits for that loop, so it runs elsewhere.
+            closer = threading.Thread(target=self.close, args=(kill,), name="parmap-dask-close", daemon=True)
+            closer.start()
+            leave_to_finish(closer)
+            return
         with self._lock:
             if self._client is None and self._cluster is None:
                 self._closed = True
@@ -386,6 +405,9 @@ class DaskBackend(Backend):
                 if cluster is not None:
                     cluster.close()
                 raise
+            # What runs on the client's event loop thread must never wait for
+            # that loop: the cycle collector may end an imap there.
+            client.loop.add_callback(drives_workers)
             with self._lock:
                 self._client, self._cluster, self._init_future = client, cluster, init
             self._fetcher = concurrent.futures.ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="parmap-dask-fetch")
