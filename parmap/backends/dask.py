@@ -324,8 +324,9 @@ class DaskBackend(Backend):
 
     def close(self, kill: bool = False) -> None:
         if not may_wait_for_another_backend():
-            # The client's own event loop thread (the cycle collector ended an
-            # imap there): the close waits for that loop, so it runs elsewhere.
+            # An event loop thread of the client or the cluster (the cycle
+            # collector ended an imap there): the close waits for those loops,
+            # so it runs elsewhere.
             closer = threading.Thread(target=self.close, args=(kill,), name="parmap-dask-close", daemon=True)
             closer.start()
             leave_to_finish(closer)
@@ -405,9 +406,11 @@ class DaskBackend(Backend):
                 if cluster is not None:
                     cluster.close()
                 raise
-            # What runs on the client's event loop thread must never wait for
-            # that loop: the cycle collector may end an imap there.
-            client.loop.add_callback(drives_workers)
+            # What runs on the event loop threads of the client and of the
+            # cluster (they may be two) must never wait for those loops: the
+            # cycle collector may end an imap there.
+            for loop in {id(x.loop): x.loop for x in (client, cluster) if x is not None}.values():
+                loop.add_callback(drives_workers)
             with self._lock:
                 self._client, self._cluster, self._init_future = client, cluster, init
             self._fetcher = concurrent.futures.ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="parmap-dask-fetch")
