@@ -438,17 +438,20 @@ def test_an_abandoned_imap_freed_by_the_cycle_collector_never_deadlocks(tmp_path
 
 GC_ON_THE_POOLS_OWN_THREADS_SCRIPT = textwrap.dedent(
     """
-    import gc, sys, threading, time
+    import gc, os, sys, threading, time
     sys.path[:0] = [{root!r}]
     import parmap
 
     freed = []
+    crashing = {crashing!r}
 
     class Holder:
         def __del__(self):
             freed.append(threading.current_thread().name)
 
     def slow_abs(x):
+        if crashing and x % 3 == 2:
+            os._exit(1)  # the pool is replaced: terminate() runs on a thread of its own
         time.sleep(0.02)
         return abs(x)
 
@@ -457,10 +460,12 @@ GC_ON_THE_POOLS_OWN_THREADS_SCRIPT = textwrap.dedent(
             gc.disable()
             holder = Holder()
             holder.me = holder
-            holder.results = parmap.imap(slow_abs, range(10**4), workers=2, backend={backend!r}, chunksize=1)
+            holder.results = parmap.imap(
+                slow_abs, range(10**4), workers=2, backend={backend!r}, chunksize=1, on_error="skip"
+            )
             next(holder.results)
             del holder
-            gc.set_threshold(2)
+            gc.set_threshold(1)
             gc.enable()
             time.sleep(1.0)  # allocates nothing: the collection runs on a thread of the imap's pool
         gc.disable()
@@ -474,19 +479,23 @@ GC_ON_THE_POOLS_OWN_THREADS_SCRIPT = textwrap.dedent(
 
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize(
-    "backend",
+    ("backend", "crashing"),
     [
-        "pool",
-        "apply_async",
-        pytest.param("dask", marks=pytest.mark.skipif(not DASK_AVAILABLE, reason="needs parmap[dask]")),
+        ("pool", False),
+        ("apply_async", False),
+        ("pool", True),
+        ("apply_async", True),
+        pytest.param("dask", False, marks=pytest.mark.skipif(not DASK_AVAILABLE, reason="needs parmap[dask]")),
     ],
 )
-def test_an_abandoned_imap_freed_on_its_own_pools_thread_ends_its_pool(tmp_path, backend):
+def test_an_abandoned_imap_freed_on_its_own_pools_thread_ends_its_pool(tmp_path, backend, crashing):
     # There the imap's end waited for a close that waited for that very
-    # thread (multiprocessing.Pool's result thread, Dask's event loop): for
-    # ever, or 11 s (apply_async); and while it waited no collection could
-    # run anywhere in the program.
+    # thread (multiprocessing.Pool's result thread, Dask's event loop, the
+    # thread that terminates a pool as it starts): for ever, or 11 s
+    # (apply_async); and while it waited no collection could run anywhere.
     script = tmp_path / "own_thread.py"
-    script.write_text(GC_ON_THE_POOLS_OWN_THREADS_SCRIPT.format(root=os.path.dirname(TESTS_DIR), backend=backend))
+    script.write_text(
+        GC_ON_THE_POOLS_OWN_THREADS_SCRIPT.format(root=os.path.dirname(TESTS_DIR), backend=backend, crashing=crashing)
+    )
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert (result.returncode, result.stdout) == (0, "3 []\n"), result.stderr[-2000:]

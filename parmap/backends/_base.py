@@ -298,7 +298,14 @@ def may_wait_for_another_backend() -> bool:
     lock around forking a worker, say): a deadlock. Such a close only tells
     the other thread to stop, which it does by itself.
     """
-    return threading.current_thread() not in _DRIVERS
+    # By ident, not current_thread(): a thread that has yet to say it started
+    # (the collector may run in its start-up too) is no current_thread(), which
+    # answers with a stand-in. An ended driver's ident may be reused.
+    me = threading.get_ident()
+    return not any(
+        thread.ident == me and (thread.is_alive() or not thread._started.is_set())  # type: ignore[attr-defined]
+        for thread in list(_DRIVERS)
+    )
 
 
 # Backend threads told to stop but not waited for (see above), waited for at

@@ -369,6 +369,7 @@ class LocalWorkers(Backend):
             if self._thread is None:
                 self._status = self._make_status_array(self.workers * SLOT_WIDTH)
                 self._thread = threading.Thread(target=self._dispatch_loop, name="parmap-dispatcher", daemon=True)
+                drives_workers(self._thread)  # before it starts: a collection may run as it does
                 self._thread.start()
         if wake:
             self._wake()
@@ -421,7 +422,6 @@ class LocalWorkers(Backend):
                 pass
 
     def _dispatch_loop(self) -> None:
-        drives_workers()
         try:
             while True:
                 with self._lock:

@@ -321,6 +321,7 @@ class MPPoolBackend(Backend):
                 self._status = self._ctx.RawArray("d", self._slots * SLOT_WIDTH)
                 self._kill_on_close = False
                 self._monitor = threading.Thread(target=self._monitor_loop, name="parmap-pool-monitor", daemon=True)
+                drives_workers(self._monitor)  # before it starts: a collection may run as it does
                 self._monitor.start()
         self._started.wait()
         if self._start_error is not None:
@@ -377,7 +378,6 @@ class MPPoolBackend(Backend):
     def _monitor_loop(self) -> None:
         # The pool is created on this long-lived thread: on Linux a worker's
         # parent-death signal is tied to the thread that started it.
-        drives_workers()
         try:
             self._pool = self._new_pool()
         except BaseException as exc:
@@ -875,7 +875,11 @@ def _terminate(pool: Any) -> bool:
         finally:
             finished.set()
 
-    threading.Thread(target=run, name="parmap-pool-terminate", daemon=True).start()
+    terminating = threading.Thread(target=run, name="parmap-pool-terminate", daemon=True)
+    # The monitor waits for it to start; a collection that ends an imap of
+    # this pool as it starts must not wait for the monitor.
+    drives_workers(terminating)
+    terminating.start()
     forced = False
     for _ in range(TERMINATE_ROUNDS):
         if finished.wait(TERMINATE_GRACE_SECONDS):
