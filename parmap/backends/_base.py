@@ -275,18 +275,29 @@ def decode_chunk_outcome(chunk: Chunk, data: bytes | bytearray) -> ChunkOutcome:
 
 # The threads that drive a backend's workers (a process backend's
 # dispatcher; a multiprocessing.Pool's monitor, its own three threads and
-# the pool backend's result reader).
-_DRIVERS: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+# the pool backend's result reader; Dask's event loops). A tuple replaced
+# whole on each change, read without a lock: the reader may be a finalizer
+# that the collector runs in the middle of a change, on the same thread.
+_drivers: tuple[weakref.ref[threading.Thread], ...] = ()
+_drivers_lock = threading.RLock()
 
 
 def drives_workers(*threads: threading.Thread) -> None:
     """Mark ``threads`` (by default the calling thread) as ones that drive a backend's workers."""
-    _DRIVERS.update(threads or [threading.current_thread()])
+    global _drivers
+    with _drivers_lock:
+        kept = [ref for ref in _drivers if ref() is not None]
+        _drivers = (*kept, *(weakref.ref(thread) for thread in threads or [threading.current_thread()]))
 
 
-# A worker forked by such a thread runs on as that Thread object, and drives nothing.
+def _forget_drivers() -> None:
+    # A worker forked by such a thread runs on as that Thread object, and drives nothing.
+    global _drivers, _drivers_lock
+    _drivers, _drivers_lock = (), threading.RLock()
+
+
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_DRIVERS.clear)
+    os.register_at_fork(after_in_child=_forget_drivers)
 
 
 def may_wait_for_another_backend() -> bool:
@@ -302,9 +313,10 @@ def may_wait_for_another_backend() -> bool:
     # (the collector may run in its start-up too) is no current_thread(), which
     # answers with a stand-in. An ended driver's ident may be reused.
     me = threading.get_ident()
+    threads = (ref() for ref in _drivers)
     return not any(
-        thread.ident == me and (thread.is_alive() or not thread._started.is_set())  # type: ignore[attr-defined]
-        for thread in list(_DRIVERS)
+        thread is not None and thread.ident == me and (thread.is_alive() or not thread._started.is_set())  # type: ignore[attr-defined]
+        for thread in threads
     )
 
 
