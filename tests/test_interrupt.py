@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import psutil
@@ -499,3 +500,34 @@ def test_an_abandoned_imap_freed_on_its_own_pools_thread_ends_its_pool(tmp_path,
     )
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert (result.returncode, result.stdout) == (0, "3 []\n"), result.stderr[-2000:]
+
+
+def test_asking_whether_a_thread_may_wait_races_no_thread_starting_a_pool():
+    # The question walked a set of threads that a pool starting elsewhere
+    # could grow meanwhile ("Set changed size during iteration" out of a
+    # close, which then neither waited for its workers nor left them to exit).
+    from parmap.backends._base import drives_workers, may_wait_for_another_backend
+
+    errors = []
+    stop = threading.Event()
+
+    def mark():
+        while not stop.is_set():
+            drives_workers(threading.Thread(target=print))  # never started, dropped at once
+
+    marker = threading.Thread(target=mark)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    marker.start()
+    try:
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            try:
+                assert may_wait_for_another_backend()
+            except RuntimeError as exc:
+                errors.append(exc)
+    finally:
+        stop.set()
+        marker.join()
+        sys.setswitchinterval(interval)
+    assert errors == []
