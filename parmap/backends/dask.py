@@ -354,16 +354,18 @@ class DaskBackend(Backend):
             client, cluster = self._client, self._cluster
             self._client = self._cluster = self._init_future = None
         self._stop_watching.set()
-        self._cancel(pending)
-        for chunk, done in ended:
-            done(chunk, terminated_outcome())
         try:
-            client.close()
-        finally:
-            if self._fetcher is not None:
-                self._fetcher.shutdown(wait=False)
-            if cluster is not None:
-                _close_cluster(cluster, kill=self._killed)
+            self._cancel(pending)
+            for chunk, done in ended:
+                done(chunk, terminated_outcome())
+        finally:  # the cluster goes, whatever a report raised
+            try:
+                client.close()
+            finally:
+                if self._fetcher is not None:
+                    self._fetcher.shutdown(wait=False)
+                if cluster is not None:
+                    _close_cluster(cluster, kill=self._killed)
 
     # -- internals --------------------------------------------------------------
     def _check_open(self) -> None:
