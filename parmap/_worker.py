@@ -371,10 +371,18 @@ def prepare_worker_process(*, parent_death_signal: bool = True) -> None:
     * Standard input is empty, as in ``multiprocessing``'s workers: a worker
       forked by ``fork`` would otherwise read what was meant for the caller
       (or wait on its terminal).
+    * Signals are not written to the caller's signal wake-up descriptor
+      (``signal.set_wakeup_fd``, which asyncio's ``add_signal_handler``
+      sets): a forked worker shares it, and each worker's Ctrl-C reached
+      the caller's event loop as one more Ctrl-C of its own.
     """
     gc.freeze()
     _empty_stdin()
     _let_go_of_the_forkserver()
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:  # pragma: no cover - not the main thread: nothing was inherited there
+        pass
     signal.signal(signal.SIGINT, _no_interrupt)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if hasattr(signal, "pthread_sigmask"):

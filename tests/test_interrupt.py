@@ -531,3 +531,39 @@ def test_asking_whether_a_thread_may_wait_races_no_thread_starting_a_pool():
         marker.join()
         sys.setswitchinterval(interval)
     assert errors == []
+
+
+ASYNCIO_CTRL_C_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, os, signal, sys
+    sys.path[:0] = [{root!r}]
+    import parmap
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        heard = []
+        loop.add_signal_handler(signal.SIGINT, heard.append, "ctrl-c")
+        with parmap.Pool(workers=2, backend={backend!r}) as pool:
+            assert pool.map(abs, range(-4, 0), chunksize=1) == [4, 3, 2, 1]  # the workers are up
+            os.killpg(0, signal.SIGINT)  # one Ctrl-C, to the whole group, as a terminal sends it
+            await asyncio.sleep(0.5)
+        print(len(heard), flush=True)
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", PROCESS_BACKENDS)
+def test_one_ctrl_c_reaches_an_asyncio_signal_handler_once(tmp_path, backend):
+    # A forked worker shared the caller's signal wake-up descriptor, which
+    # asyncio's add_signal_handler sets: each worker's Ctrl-C was heard by
+    # the caller's loop as one more (3 for 2 workers), and a program that
+    # takes a second Ctrl-C as "quit now" quit on the first.
+    script = tmp_path / "asyncio_ctrl_c.py"
+    script.write_text(ASYNCIO_CTRL_C_SCRIPT.format(root=os.path.dirname(TESTS_DIR), backend=backend))
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=30, start_new_session=True
+    )
+    assert (result.returncode, result.stdout) == (0, "1\n"), result.stderr[-2000:]
