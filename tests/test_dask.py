@@ -407,6 +407,26 @@ def test_the_command_line_says_in_one_line_that_the_scheduler_cannot_be_reached(
     assert "PARMAP_DASK_ADDRESS" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_pools_started_at_once_from_threads_each_get_a_quiet_cluster():
+    # distributed imports its dashboard as a cluster starts: a second start
+    # in another thread met it half-imported ("module 'distributed.dashboard'
+    # has no attribute 'scheduler'", one of three pools in most runs); and
+    # the first cluster to close let the others' INFO lines reach stderr.
+    code = (
+        "import threading, parmap\n"
+        "from concurrent.futures import ThreadPoolExecutor\n"
+        "def job(_):\n"
+        "    with parmap.Pool(workers=2, backend='dask') as pool:\n"
+        "        return pool.map(abs, range(-20, 0)) == list(range(20, 0, -1))\n"
+        "if __name__ == '__main__':\n"
+        "    with ThreadPoolExecutor(3) as threads:\n"
+        "        print(list(threads.map(job, range(3))))\n"
+    )
+    done = _run_python(code)
+    assert (done.returncode, done.stdout) == (0, "[True, True, True]\n"), done.stderr[-3000:]
+    assert " - INFO - " not in done.stderr, done.stderr[-3000:]
+
+
 # -- installation -------------------------------------------------------------------
 
 

@@ -97,6 +97,14 @@ from .executor import call_key, run_remote_chunk
 
 __all__ = ["ADDRESS_ENV", "DaskBackend", "import_distributed"]
 
+# One own cluster starts at a time. distributed imports its dashboard as a
+# cluster starts, and a second thread starting one meanwhile could find it
+# half-imported ("Cluster failed to start: module 'distributed.dashboard'
+# has no attribute 'scheduler'", 1 of 3 pools started at once from threads,
+# distributed 2026.8); and dask.config.set changes the process's config,
+# which another start would restore under this one.
+_CLUSTER_STARTS = threading.Lock()
+
 #: The environment variable naming the scheduler when ``address=`` is not given.
 ADDRESS_ENV = "PARMAP_DASK_ADDRESS"
 
@@ -365,7 +373,10 @@ class DaskBackend(Backend):
                 if self._fetcher is not None:
                     self._fetcher.shutdown(wait=False)
                 if cluster is not None:
-                    _close_cluster(cluster, kill=self._killed)
+                    try:
+                        _close_cluster(cluster, kill=self._killed)
+                    finally:
+                        _hush_distributed(False)
 
     # -- internals --------------------------------------------------------------
     def _check_open(self) -> None:
@@ -383,18 +394,23 @@ class DaskBackend(Backend):
             if self.address is None:
                 import dask
 
-                with dask.config.set(OWN_CLUSTER_CONFIG):
-                    cluster = distributed.LocalCluster(
-                        n_workers=self._requested_workers,
-                        threads_per_worker=1,
-                        processes=True,
-                        dashboard_address=":0",
-                        # Its warnings and errors (a task cancelled, a worker
-                        # lost, "marked as failed because 1 workers died") are
-                        # about events parmap handles and reports itself; on
-                        # Ctrl-C or a crash they were a screenful of noise.
-                        silence_logs=logging.CRITICAL,
-                    )
+                _hush_distributed(True)
+                try:
+                    with _CLUSTER_STARTS, dask.config.set(OWN_CLUSTER_CONFIG):
+                        cluster = distributed.LocalCluster(
+                            n_workers=self._requested_workers,
+                            threads_per_worker=1,
+                            processes=True,
+                            dashboard_address=":0",
+                            # Its warnings and errors (a task cancelled, a worker
+                            # lost, "marked as failed because 1 workers died") are
+                            # about events parmap handles and reports itself; on
+                            # Ctrl-C or a crash they were a screenful of noise.
+                            silence_logs=logging.CRITICAL,
+                        )
+                except BaseException:
+                    _hush_distributed(False)
+                    raise
                 address = cluster.scheduler_address
             else:
                 address = self.address
@@ -406,7 +422,10 @@ class DaskBackend(Backend):
                     init = client.submit(_pass_through, self._init_bytes, key=key, pure=False)
             except BaseException:
                 if cluster is not None:
-                    cluster.close()
+                    try:
+                        cluster.close()
+                    finally:
+                        _hush_distributed(False)
                 raise
             # What runs on the event loop threads of the client and of the
             # cluster (they may be two) must never wait for those loops: the
@@ -562,6 +581,35 @@ class DaskBackend(Backend):
 #: Seconds a nanny gives its worker to stop on ``close(kill=True)`` before
 #: killing it; Dask's own default (5 s) would break the Ctrl-C promise (2 s).
 KILL_GRACE = 0.5
+
+# How many clusters of ours live, and the console handlers' levels from
+# before the first (see _hush_distributed).
+_hush_lock = threading.Lock()
+_hushed_clusters = 0
+_hushed_levels: list[tuple[logging.Handler, int]] = []
+
+
+def _hush_distributed(on: bool) -> None:
+    """Hold distributed's console logging at CRITICAL while any cluster of ours lives.
+
+    Each LocalCluster's ``silence_logs`` sets the handlers' level as it
+    starts and sets back what it found as it closes: with two alive, the
+    first to close put the level back under the other, whose INFO lines
+    ("Register worker", "Closing scheduler") then reached the console.
+    """
+    global _hushed_clusters
+    with _hush_lock:
+        _hushed_clusters += 1 if on else -1
+        if on and _hushed_clusters == 1:
+            for root in ("distributed", "bokeh"):
+                for handler in logging.getLogger(root).handlers:
+                    if isinstance(handler, logging.StreamHandler) and handler.level != logging.CRITICAL:
+                        _hushed_levels.append((handler, handler.level))
+                        handler.setLevel(logging.CRITICAL)
+        elif not on and _hushed_clusters == 0:
+            for handler, level in _hushed_levels:
+                handler.setLevel(level)
+            _hushed_levels.clear()
 
 
 def _close_cluster(cluster: Any, *, kill: bool) -> None:
