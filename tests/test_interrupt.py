@@ -567,3 +567,54 @@ def test_one_ctrl_c_reaches_an_asyncio_signal_handler_once(tmp_path, backend):
         [sys.executable, str(script)], capture_output=True, text=True, timeout=30, start_new_session=True
     )
     assert (result.returncode, result.stdout) == (0, "1\n"), result.stderr[-2000:]
+
+
+def test_the_collector_never_runs_while_the_driver_threads_are_swapped():
+    # It ran while the swap's lock was held (the new tuple was built under
+    # it), and a finalizer it ran closed a pool whose monitor was marking
+    # a thread of its own, waiting for that lock: a deadlock, and every
+    # later close of a pool backend's pool waited on it too.
+    import gc
+
+    from parmap.backends import _base
+
+    held = []
+
+    def look(phase, info):
+        if phase == "start":
+            held.append(_base._drivers_swap.locked())
+
+    threshold = gc.get_threshold()
+    gc.callbacks.append(look)
+    gc.set_threshold(1)
+    try:
+        for _ in range(2000):
+            _base.drives_workers(threading.Thread(target=print))
+    finally:
+        gc.set_threshold(*threshold)
+        gc.callbacks.remove(look)
+    assert held and not any(held)
+
+
+@pytest.mark.parametrize("backend", PROCESS_BACKENDS)
+def test_an_imap_ended_after_its_pool_closed_writes_into_no_one_elses_descriptor(backend):
+    # The backend's wake-up pipe was closed with its thread, and the imap's
+    # end then woke it by number: the numbers were the next pipe's, whose
+    # reader got a stray byte (another pool's worker connection: a stray
+    # byte read as a message length, a MemoryError or a map for ever).
+    pool = parmap.Pool(2, backend=backend)
+    results = pool.imap(workfns.square, range(1000), chunksize=1)
+    assert next(results) == 0
+    pool.close()
+    time.sleep(0.5)  # the backend's thread ends and closes its pipe
+    pipes = [os.pipe() for _ in range(4)]  # the process's next descriptors
+    try:
+        results.close()
+        for r, _ in pipes:
+            os.set_blocking(r, False)
+            with pytest.raises(BlockingIOError):
+                os.read(r, 100)
+    finally:
+        for pipe in pipes:
+            for fd in pipe:
+                os.close(fd)

@@ -276,24 +276,33 @@ def decode_chunk_outcome(chunk: Chunk, data: bytes | bytearray) -> ChunkOutcome:
 # The threads that drive a backend's workers (a process backend's
 # dispatcher; a multiprocessing.Pool's monitor, its own three threads and
 # the pool backend's result reader; Dask's event loops). A tuple replaced
-# whole on each change, read without a lock: the reader may be a finalizer
-# that the collector runs in the middle of a change, on the same thread.
+# whole, read without a lock: the reader may be a finalizer that the
+# collector runs in the middle of a change, on the same thread.
 _drivers: tuple[weakref.ref[threading.Thread], ...] = ()
-_drivers_lock = threading.RLock()
+_drivers_swap = threading.Lock()
 
 
 def drives_workers(*threads: threading.Thread) -> None:
     """Mark ``threads`` (by default the calling thread) as ones that drive a backend's workers."""
     global _drivers
-    with _drivers_lock:
-        kept = [ref for ref in _drivers if ref() is not None]
-        _drivers = (*kept, *(weakref.ref(thread) for thread in threads or [threading.current_thread()]))
+    refs = [weakref.ref(thread) for thread in threads or [threading.current_thread()]]
+    while True:
+        # Built outside the lock: building allocates, so the collector may run
+        # here, and a finalizer it runs may close a pool whose thread is
+        # marking itself, which would then wait for this lock for ever. Under
+        # the lock only a compare and a store, which allocate nothing.
+        seen = _drivers
+        replacement = (*(ref for ref in seen if ref() is not None), *refs)
+        with _drivers_swap:
+            if _drivers is seen:
+                _drivers = replacement
+                return
 
 
 def _forget_drivers() -> None:
     # A worker forked by such a thread runs on as that Thread object, and drives nothing.
-    global _drivers, _drivers_lock
-    _drivers, _drivers_lock = (), threading.RLock()
+    global _drivers, _drivers_swap
+    _drivers, _drivers_swap = (), threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
@@ -356,6 +365,48 @@ def join_thread(thread: threading.Thread, timeout: float | None = None) -> None:
             if time.monotonic() > deadline:
                 return  # never started after all: nothing to wait for
             time.sleep(0.005)
+
+
+class WakePipe:
+    """A pipe whose write end wakes the backend thread that waits on its read end.
+
+    Once closed it stays closed: the numbers of its descriptors go to the
+    next pipe or socket the process opens, and a late ``wake()`` (a release
+    or close after the thread ended) wrote into that: another pool's worker
+    read the stray byte as a message length (a ``MemoryError``, or a map
+    that waited for ever).
+    """
+
+    def __init__(self) -> None:
+        self.r, self._w = os.pipe()
+        os.set_blocking(self._w, False)  # full: a wake is pending already
+        # Reentrant: a finalizer that the collector runs while this thread
+        # holds it (raising an error allocates) may wake or close it too.
+        self._lock = threading.RLock()
+        self._closed = False
+
+    def wake(self) -> None:
+        with self._lock:
+            if not self._closed:
+                try:
+                    os.write(self._w, b"x")
+                except OSError:
+                    pass
+
+    def drain(self) -> None:
+        """Take the wakes (on the waiting thread, once ``r`` is readable)."""
+        os.read(self.r, 65536)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for fd in (self.r, self._w):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
 
 def dropped_outcome() -> ChunkOutcome:

@@ -63,6 +63,7 @@ from ._base import (
     ChunkLost,
     ChunkOutcome,
     Done,
+    WakePipe,
     decode_chunk_outcome,
     drives_workers,
     dropped_outcome,
@@ -286,7 +287,7 @@ class LocalWorkers(Backend):
         self._pending: deque[_Queued] = deque()
         self._ended_calls: set[int] = set()
         self._procs: list[WorkerProcess | None] = [None] * workers
-        self._wake_r, self._wake_w = os.pipe()
+        self._wake_pipe = WakePipe()
         self._thread: threading.Thread | None = None
         self._closing = False
         self._kill = False
@@ -405,21 +406,11 @@ class LocalWorkers(Backend):
             else:
                 leave_to_finish(thread)
         if thread is None:
-            self._close_wake_pipe()
+            self._wake_pipe.close()
 
     # -- the dispatcher thread -----------------------------------------
     def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass  # closed: the dispatcher is gone already
-
-    def _close_wake_pipe(self) -> None:
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        self._wake_pipe.wake()
 
     def _dispatch_loop(self) -> None:
         try:
@@ -442,7 +433,7 @@ class LocalWorkers(Backend):
             self._abandon(exc)
         finally:
             self._stop_all()
-            self._close_wake_pipe()
+            self._wake_pipe.close()
 
     def _abandon(self, exc: BaseException) -> None:
         """Fail every queued and running chunk with ``exc``; take no more work."""
@@ -667,7 +658,7 @@ class LocalWorkers(Backend):
         where the workers changed: building a selector per round, as
         ``multiprocessing.connection.wait`` does, was a tenth of the
         dispatcher's time on small chunks (``chunksize=1`` over 10,000 items)."""
-        roles: dict[int, tuple[bool, WorkerProcess | None]] = {self._wake_r: (False, None)}
+        roles: dict[int, tuple[bool, WorkerProcess | None]] = {self._wake_pipe.r: (False, None)}
         for worker in self._procs:
             if worker is not None:
                 roles[worker.conn.fileno()] = (False, worker)
@@ -696,7 +687,7 @@ class LocalWorkers(Backend):
     def _watch(self, timeout: float | None) -> None:
         woken, readable, died = self._ready(timeout)
         if woken:
-            os.read(self._wake_r, 65536)
+            self._wake_pipe.drain()
         received: list[tuple[WorkerProcess, int, Chunk | None, Done | None, bytes | bytearray]] = []
         for worker in readable:
             try:

@@ -54,6 +54,7 @@ from ._base import (
     Chunk,
     ChunkLost,
     Done,
+    WakePipe,
     decode_chunk_outcome,
     drives_workers,
     dropped_outcome,
@@ -185,7 +186,7 @@ class MPPoolBackend(Backend):
         self._no_tmpdir = False  # none could be made: big functions go inline (see _fn_ref)
         self._busy_at_kill: list[int] = []  # the workers running chunks when close(kill=True) came
         self._abandoned_busy: list[int] = []  # workers running chunks of calls released early
-        self._wake_r, self._wake_w = os.pipe()
+        self._wake_pipe = WakePipe()
         self._closing = False
         self._replacing = False  # the pool is being swapped: hold tasks back
         self._dormant = False  # no pool until work comes (see _go_dormant)
@@ -255,7 +256,7 @@ class MPPoolBackend(Backend):
             self._closing = True  # a polite close still runs what was submitted
         monitor = self._monitor
         if monitor is None:
-            self._close_wake_pipe()
+            self._wake_pipe.close()
             return
         if not already or kill:
             self._kill_on_close = kill
@@ -363,17 +364,7 @@ class MPPoolBackend(Backend):
         """Called once the pool is gone."""
 
     def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
-
-    def _close_wake_pipe(self) -> None:
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        self._wake_pipe.wake()
 
     def _monitor_loop(self) -> None:
         # The pool is created on this long-lived thread: on Linux a worker's
@@ -382,7 +373,7 @@ class MPPoolBackend(Backend):
             self._pool = self._new_pool()
         except BaseException as exc:
             self._start_error = exc
-            self._close_wake_pipe()  # nothing else will, and each failed start leaked two descriptors
+            self._wake_pipe.close()  # nothing else will, and each failed start leaked two descriptors
             self._started.set()
             return
         self._started.set()
@@ -407,8 +398,8 @@ class MPPoolBackend(Backend):
                 if revive:
                     self._revive()
                 if self._dormant:
-                    if self._wake_r in wait([self._wake_r]):
-                        os.read(self._wake_r, 65536)
+                    if self._wake_pipe.r in wait([self._wake_pipe.r]):
+                        self._wake_pipe.drain()
                     continue
                 current = list(self._pool._pool)
                 self._note_started(known, pidfds)
@@ -416,12 +407,12 @@ class MPPoolBackend(Backend):
                 timeout = self._next_deadline()
                 if busy:
                     timeout = RESCAN_SECONDS if timeout is None else min(timeout, RESCAN_SECONDS)
-                ready = wait([self._wake_r, *sentinels], timeout)
-                if self._wake_r in ready:
-                    os.read(self._wake_r, 65536)
+                ready = wait([self._wake_pipe.r, *sentinels], timeout)
+                if self._wake_pipe.r in ready:
+                    self._wake_pipe.drain()
                 deaths = len(handled)
                 for obj in ready:
-                    if obj != self._wake_r:
+                    if obj != self._wake_pipe.r:
                         process = sentinels[obj]
                         handled.add(process.pid)
                         pidfds.forget(process.pid)
@@ -737,7 +728,7 @@ class MPPoolBackend(Backend):
             if pool is not None:  # None: dormant, already ended
                 self._end_pool(pool, self._busy_at_kill)
         finally:
-            self._close_wake_pipe()
+            self._wake_pipe.close()
             if self._tmpdir is not None:
                 self._tmpdir.cleanup()
 
