@@ -407,6 +407,53 @@ def test_the_command_line_says_in_one_line_that_the_scheduler_cannot_be_reached(
     assert "PARMAP_DASK_ADDRESS" in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.timeout(90)
+def test_terminate_while_another_thread_starts_the_own_cluster_stops_it_too(monkeypatch):
+    # terminate() found no cluster yet and had nothing to close; the start
+    # then finished and kept its cluster, whose workers ran on after the
+    # pool (and distributed's console logging stayed hushed for good).
+    monkeypatch.delenv("PARMAP_DASK_ADDRESS", raising=False)
+    pool = parmap.Pool(workers=1, backend="dask")
+    outcome = []
+
+    def run():
+        try:
+            outcome.append(pool.map(abs, range(-3, 0)))
+        except parmap.PoolClosedError as exc:
+            outcome.append(exc)
+
+    starter = threading.Thread(target=run)
+    starter.start()
+    time.sleep(0.2)  # the cluster takes a second or two to start
+    pool.terminate()
+    starter.join(60)
+    assert outcome and (isinstance(outcome[0], parmap.PoolClosedError) or outcome[0] == [3, 2, 1])
+    from parmap.backends import dask as dask_backend
+
+    assert dask_backend._hushed_clusters == 0
+    # and no_orphans: the cluster's processes are gone
+
+
+@pytest.mark.timeout(60)
+def test_a_kill_ends_a_polite_close_that_waits_for_running_chunks(dask_address):
+    # The polite close waited for the running chunk to be reported; the kill
+    # reported it itself and never said so: the polite close waited for ever.
+    from parmap.backends import dask as dask_backend
+    from parmap.backends._base import Call, Chunk
+
+    backend = dask_backend.DaskBackend(workers=1, address=dask_address)
+    outcomes = []
+    call = Call(fn=time.sleep, star=False, stop_on_error=False, timeout=None)
+    backend.submit(Chunk(call=call, positions=range(1), items=[3]), lambda chunk, outcome: outcomes.append(outcome))
+    polite = threading.Thread(target=backend.close)
+    polite.start()
+    time.sleep(0.5)
+    backend.close(kill=True)
+    polite.join(10)
+    assert not polite.is_alive()
+    assert len(outcomes) == 1 and outcomes[0].fatal is not None
+
+
 def test_pools_started_at_once_from_threads_each_get_a_quiet_cluster():
     # distributed imports its dashboard as a cluster starts: a second start
     # in another thread met it half-imported ("module 'distributed.dashboard'

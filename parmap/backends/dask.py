@@ -345,19 +345,23 @@ class DaskBackend(Backend):
                 return
             self._closed = True
             self._killed = self._killed or kill
-            if not self._killed:
-                # Let the running chunks finish and be reported first.
-                while self._tasks:
-                    self._idle.wait()
+            if self._killed:
+                self._idle.notify_all()  # a polite close waiting below stops waiting
+            # Let the running chunks finish and be reported first.
+            while self._tasks and not self._killed:
+                self._idle.wait()
+            if self._client is None:
+                return  # a close(kill=True) came meanwhile and closed it all
             pending = [task.future for task in self._tasks.values()]
             # Killed: what was running or queued ends now, reported as such
             # (a map waiting in another thread must hear of it).
             ended = []
             if self._killed:
-                for task in self._tasks.values():
+                for key, task in list(self._tasks.items()):
                     if not task.reporting and not task.state.released:
                         task.reporting = True
                         ended.append((task.chunk, task.done))
+                        del self._tasks[key]  # reported here: nobody else will
             self._calls.clear()
             client, cluster = self._client, self._cluster
             self._client = self._cluster = self._init_future = None
@@ -411,29 +415,35 @@ class DaskBackend(Backend):
                 except BaseException:
                     _hush_distributed(False)
                     raise
-                address = cluster.scheduler_address
-            else:
-                address = self.address
+            client = None
             try:
+                address = str(self.address) if cluster is None else cluster.scheduler_address
                 client = self._connect(distributed, address)
                 init = None
                 if self._init_bytes is not None:
                     key = f"parmap-initializer-{uuid.uuid4().hex}"
                     init = client.submit(_pass_through, self._init_bytes, key=key, pure=False)
+                # What runs on the event loop threads of the client and of the
+                # cluster (they may be two) must never wait for those loops:
+                # the cycle collector may end an imap there.
+                for loop in {id(x.loop): x.loop for x in (client, cluster) if x is not None}.values():
+                    loop.add_callback(drives_workers)
+                with self._lock:
+                    # A terminate() meanwhile found nothing to close: what
+                    # started is closed here, or it ran on after the pool.
+                    self._check_open()
+                    self._client, self._cluster, self._init_future = client, cluster, init
             except BaseException:
-                if cluster is not None:
-                    try:
-                        cluster.close()
-                    finally:
-                        _hush_distributed(False)
+                try:
+                    if client is not None:
+                        client.close()
+                finally:
+                    if cluster is not None:
+                        try:
+                            _close_cluster(cluster, kill=True)
+                        finally:
+                            _hush_distributed(False)
                 raise
-            # What runs on the event loop threads of the client and of the
-            # cluster (they may be two) must never wait for those loops: the
-            # cycle collector may end an imap there.
-            for loop in {id(x.loop): x.loop for x in (client, cluster) if x is not None}.values():
-                loop.add_callback(drives_workers)
-            with self._lock:
-                self._client, self._cluster, self._init_future = client, cluster, init
             self._fetcher = concurrent.futures.ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="parmap-dask-fetch")
             self._watchdog = threading.Thread(target=self._watch, name="parmap-dask-watchdog", daemon=True)
             self._watchdog.start()
