@@ -258,13 +258,6 @@ class DaskBackend(Backend):
         self._start_lock = threading.Lock()
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
-        # Clear while a client (and a cluster of ours) is starting or alive;
-        # set once the close that took them has closed them. A close that
-        # finds another one (or a start) under way waits for it: close() and
-        # join() return once the workers are gone.
-        self._settled = threading.Event()
-        self._settled.set()
-        self._settler: int | None = None  # the thread starting or closing them: it never waits for itself
         self._calls: dict[int, _CallState] = {}
         self._tasks: dict[str, _Task] = {}  # unreported, by key
         self._watchdog: threading.Thread | None = None
@@ -347,25 +340,31 @@ class DaskBackend(Backend):
             leave_to_finish(closer)
             return
         with self._lock:
+            if self._client is None and self._cluster is None:
+                self._closed = True
+                return
             self._closed = True
             self._killed = self._killed or kill
             if self._killed:
                 self._idle.notify_all()  # a polite close waiting below stops waiting
             # Let the running chunks finish and be reported first.
-            while self._tasks and not self._killed and self._client is not None:
+            while self._tasks and not self._killed:
                 self._idle.wait()
-            # Nothing started, or a start or another close (a terminate()
-            # that came while this one waited, say) is ending it: waited for.
-            others = self._client is None and self._cluster is None
-            if not others:
-                pending, ended = self._take_for_close()
-                client, cluster = self._client, self._cluster
-                self._client = self._cluster = self._init_future = None
-                self._settler = threading.get_ident()
-        if others:
-            if self._settler != threading.get_ident():
-                self._settled.wait()
-            return
+            if self._client is None:
+                return  # a close(kill=True) came meanwhile and closed it all
+            pending = [task.future for task in self._tasks.values()]
+            # Killed: what was running or queued ends now, reported as such
+            # (a map waiting in another thread must hear of it).
+            ended = []
+            if self._killed:
+                for key, task in list(self._tasks.items()):
+                    if not task.reporting and not task.state.released:
+                        task.reporting = True
+                        ended.append((task.chunk, task.done))
+                        del self._tasks[key]  # reported here: nobody else will
+            self._calls.clear()
+            client, cluster = self._client, self._cluster
+            self._client = self._cluster = self._init_future = None
         self._stop_watching.set()
         try:
             self._cancel(pending)
@@ -377,32 +376,13 @@ class DaskBackend(Backend):
             finally:
                 if self._fetcher is not None:
                     self._fetcher.shutdown(wait=False)
-                try:
-                    if cluster is not None:
-                        try:
-                            _close_cluster(cluster, kill=self._killed)
-                        finally:
-                            _hush_distributed(False)
-                finally:
-                    self._settler = None
-                    self._settled.set()
+                if cluster is not None:
+                    try:
+                        _close_cluster(cluster, kill=self._killed)
+                    finally:
+                        _hush_distributed(False)
 
     # -- internals --------------------------------------------------------------
-    def _take_for_close(self) -> tuple[list[Any], list[tuple[Chunk, Done]]]:
-        """The futures to cancel and, killed, the chunks to report as
-        terminated: what was running or queued ends now, and a map waiting
-        in another thread must hear of it (under the lock)."""
-        pending = [task.future for task in self._tasks.values()]
-        ended = []
-        if self._killed:
-            for key, task in list(self._tasks.items()):
-                if not task.reporting and not task.state.released:
-                    task.reporting = True
-                    ended.append((task.chunk, task.done))
-                    del self._tasks[key]  # reported here: nobody else will
-        self._calls.clear()
-        return pending, ended
-
     def _check_open(self) -> None:
         if self._closed:
             raise PoolClosedError("this dask backend is closed")
@@ -413,76 +393,61 @@ class DaskBackend(Backend):
                 self._check_open()
                 if self._client is not None:
                     return self._client
-                self._settled.clear()
-                self._settler = threading.get_ident()
-            try:
-                return self._start_client()
-            except BaseException:
-                self._settled.set()  # nothing of this start is left
-                raise
-            finally:
-                self._settler = None
+            distributed = self._distributed
+            cluster = None
+            if self.address is None:
+                import dask
 
-    def _start_client(self) -> Any:
-        """Connect (starting a cluster of our own first, without an address)."""
-        distributed = self._distributed
-        cluster = None
-        if self.address is None:
-            import dask
-
-            _hush_distributed(True)
+                _hush_distributed(True)
+                try:
+                    with _CLUSTER_STARTS, dask.config.set(OWN_CLUSTER_CONFIG):
+                        cluster = distributed.LocalCluster(
+                            n_workers=self._requested_workers,
+                            threads_per_worker=1,
+                            processes=True,
+                            dashboard_address=":0",
+                            # Its warnings and errors (a task cancelled, a worker
+                            # lost, "marked as failed because 1 workers died") are
+                            # about events parmap handles and reports itself; on
+                            # Ctrl-C or a crash they were a screenful of noise.
+                            silence_logs=logging.CRITICAL,
+                        )
+                except BaseException:
+                    _hush_distributed(False)
+                    raise
+            client = None
             try:
-                with _CLUSTER_STARTS, dask.config.set(OWN_CLUSTER_CONFIG):
-                    cluster = distributed.LocalCluster(
-                        n_workers=self._requested_workers,
-                        threads_per_worker=1,
-                        processes=True,
-                        dashboard_address=":0",
-                        # Its warnings and errors (a task cancelled, a worker
-                        # lost, "marked as failed because 1 workers died") are
-                        # about events parmap handles and reports itself; on
-                        # Ctrl-C or a crash they were a screenful of noise.
-                        silence_logs=logging.CRITICAL,
-                    )
+                address = str(self.address) if cluster is None else cluster.scheduler_address
+                client = self._connect(distributed, address)
+                init = None
+                if self._init_bytes is not None:
+                    key = f"parmap-initializer-{uuid.uuid4().hex}"
+                    init = client.submit(_pass_through, self._init_bytes, key=key, pure=False)
+                # What runs on the event loop threads of the client and of the
+                # cluster (they may be two) must never wait for those loops:
+                # the cycle collector may end an imap there.
+                for loop in {id(x.loop): x.loop for x in (client, cluster) if x is not None}.values():
+                    loop.add_callback(drives_workers)
+                with self._lock:
+                    # A terminate() meanwhile found nothing to close: what
+                    # started is closed here, or it ran on after the pool.
+                    self._check_open()
+                    self._client, self._cluster, self._init_future = client, cluster, init
             except BaseException:
-                _hush_distributed(False)
+                try:
+                    if client is not None:
+                        client.close()
+                finally:
+                    if cluster is not None:
+                        try:
+                            _close_cluster(cluster, kill=True)
+                        finally:
+                            _hush_distributed(False)
                 raise
-        client = fetcher = None
-        try:
-            address = str(self.address) if cluster is None else cluster.scheduler_address
-            client = self._connect(distributed, address)
-            init = None
-            if self._init_bytes is not None:
-                key = f"parmap-initializer-{uuid.uuid4().hex}"
-                init = client.submit(_pass_through, self._init_bytes, key=key, pure=False)
-            # What runs on the event loop threads of the client and of the
-            # cluster (they may be two) must never wait for those loops:
-            # the cycle collector may end an imap there.
-            for loop in {id(x.loop): x.loop for x in (client, cluster) if x is not None}.values():
-                loop.add_callback(drives_workers)
-            fetcher = concurrent.futures.ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="parmap-dask-fetch")
-            with self._lock:
-                # A terminate() meanwhile found nothing to close: what
-                # started is closed here, or it ran on after the pool.
-                self._check_open()
-                self._client, self._cluster, self._init_future = client, cluster, init
-                self._fetcher = fetcher
-        except BaseException:
-            try:
-                if fetcher is not None:
-                    fetcher.shutdown(wait=False)
-                if client is not None:
-                    client.close()
-            finally:
-                if cluster is not None:
-                    try:
-                        _close_cluster(cluster, kill=True)
-                    finally:
-                        _hush_distributed(False)
-            raise
-        self._watchdog = threading.Thread(target=self._watch, name="parmap-dask-watchdog", daemon=True)
-        self._watchdog.start()
-        return client
+            self._fetcher = concurrent.futures.ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="parmap-dask-fetch")
+            self._watchdog = threading.Thread(target=self._watch, name="parmap-dask-watchdog", daemon=True)
+            self._watchdog.start()
+            return client
 
     def _connect(self, distributed: Any, address: str) -> Any:
         """A client of the scheduler at ``address``, or an ``OSError`` naming it."""
