@@ -422,7 +422,16 @@ class Pool:
                 self._close_backend(kill=True)
                 raise
         if self._owns_backend:
-            self._backend.close(kill=kill)
+            try:
+                self._backend.close(kill=kill)
+            except BaseException:
+                if kill:
+                    raise
+                # Ctrl-C while the backend waited for its running chunks: stop them now.
+                with self._lock:
+                    self._killed = True
+                self._close_backend(kill=True)
+                raise
         for stand_in in (self._timed, self._here):
             if stand_in is not None:
                 stand_in.close(kill=kill)

@@ -618,3 +618,47 @@ def test_an_imap_ended_after_its_pool_closed_writes_into_no_one_elses_descriptor
         for pipe in pipes:
             for fd in pipe:
                 os.close(fd)
+
+
+CTRL_C_IN_CLOSE_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys, threading, time
+    sys.path[:0] = [{root!r}]
+    import parmap, psutil
+
+    def workers():
+        return [p for p in psutil.Process().children(recursive=True)
+                if p.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(p.cmdline())]
+
+    if __name__ == "__main__":
+        pool = parmap.Pool(workers=1, backend={backend!r})
+        assert pool.map(abs, [-1]) == [1]
+        results = pool.imap(time.sleep, [6], chunksize=1)
+        threading.Thread(target=lambda: list(results), daemon=True).start()
+        time.sleep(0.5)
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+        try:
+            pool.close()  # waits for the running sleep
+        except KeyboardInterrupt:
+            print("KeyboardInterrupt", flush=True)
+        _, alive = psutil.wait_procs(workers(), timeout=2)
+        print(len(alive), flush=True)
+    """
+)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "backend",
+    [
+        *PROCESS_BACKENDS,
+        pytest.param("dask", marks=pytest.mark.skipif(not DASK_AVAILABLE, reason="needs parmap[dask]")),
+    ],
+)
+def test_ctrl_c_while_close_waits_for_running_work_stops_the_workers(tmp_path, backend):
+    # The Ctrl-C left the backend's polite close half done: the workers ran
+    # their chunks to the end (6 s here), or on after the program (dask).
+    script = tmp_path / "ctrl_c_in_close.py"
+    script.write_text(CTRL_C_IN_CLOSE_SCRIPT.format(root=os.path.dirname(TESTS_DIR), backend=backend))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=40)
+    assert (result.returncode, result.stdout) == (0, "KeyboardInterrupt\n0\n"), result.stderr[-2000:]
