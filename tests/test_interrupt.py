@@ -630,10 +630,13 @@ CTRL_C_IN_CLOSE_SCRIPT = textwrap.dedent(
         return [p for p in psutil.Process().children(recursive=True)
                 if p.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(p.cmdline())]
 
+    def nap(seconds):
+        time.sleep(seconds)
+
     if __name__ == "__main__":
         pool = parmap.Pool(workers=1, backend={backend!r})
         assert pool.map(abs, [-1]) == [1]
-        results = pool.imap(time.sleep, [6], chunksize=1)
+        results = pool.imap(nap, [0.3] * 20, chunksize=20)  # one chunk of 6 s
         threading.Thread(target=lambda: list(results), daemon=True).start()
         time.sleep(0.5)
         threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()

@@ -140,7 +140,8 @@ class ThreadBackend(Backend):
         the queued work, stop running chunks before their next item, and
         wait for that no longer than :data:`KILL_WAIT_SECONDS`."""
         with self._lock:
-            if self._closed:
+            # A kill still comes after a polite close (one a Ctrl-C cut short).
+            if self._closed and (self._killed or not kill):
                 return
             self._closed = True
             threads = list(self._threads)
