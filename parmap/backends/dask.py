@@ -371,16 +371,7 @@ class DaskBackend(Backend):
             for chunk, done in ended:
                 done(chunk, terminated_outcome())
         finally:  # the cluster goes, whatever a report raised
-            try:
-                client.close()
-            finally:
-                if self._fetcher is not None:
-                    self._fetcher.shutdown(wait=False)
-                if cluster is not None:
-                    try:
-                        _close_cluster(cluster, kill=self._killed)
-                    finally:
-                        _hush_distributed(False)
+            _close_started(client, cluster, self._fetcher, kill=self._killed)
 
     # -- internals --------------------------------------------------------------
     def _check_open(self) -> None:
@@ -434,15 +425,7 @@ class DaskBackend(Backend):
                     self._check_open()
                     self._client, self._cluster, self._init_future = client, cluster, init
             except BaseException:
-                try:
-                    if client is not None:
-                        client.close()
-                finally:
-                    if cluster is not None:
-                        try:
-                            _close_cluster(cluster, kill=True)
-                        finally:
-                            _hush_distributed(False)
+                _close_started(client, cluster, None, kill=True)
                 raise
             self._fetcher = concurrent.futures.ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="parmap-dask-fetch")
             self._watchdog = threading.Thread(target=self._watch, name="parmap-dask-watchdog", daemon=True)
@@ -620,6 +603,22 @@ def _hush_distributed(on: bool) -> None:
             for handler, level in _hushed_levels:
                 handler.setLevel(level)
             _hushed_levels.clear()
+
+
+def _close_started(client: Any, cluster: Any, fetcher: Any, *, kill: bool) -> None:
+    """Close what a start made (any may be None): the fetching threads, the
+    client, then a cluster of our own, whatever the others raised."""
+    try:
+        if fetcher is not None:
+            fetcher.shutdown(wait=False)
+        if client is not None:
+            client.close()
+    finally:
+        if cluster is not None:
+            try:
+                _close_cluster(cluster, kill=kill)
+            finally:
+                _hush_distributed(False)
 
 
 def _close_cluster(cluster: Any, *, kill: bool) -> None:
