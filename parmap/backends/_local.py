@@ -373,7 +373,7 @@ class LocalWorkers(Backend):
                 drives_workers(self._thread)  # before it starts: a collection may run as it does
                 self._thread.start()
         if wake:
-            self._wake()
+            self._wake_pipe.wake()
 
     def serve_one_call(self) -> None:
         """Weigh each worker's start against the work (see :meth:`_worth_growing`).
@@ -389,7 +389,7 @@ class LocalWorkers(Backend):
             self._ended_calls.add(call.id)
             if not self._one_call:  # a one-call pool is about to stop them all
                 self._abandoned.add(call.id)
-        self._wake()
+        self._wake_pipe.wake()
 
     def close(self, kill: bool = False) -> None:
         with self._lock:
@@ -399,7 +399,7 @@ class LocalWorkers(Backend):
                 self._closing = True
                 self._kill = self._kill or kill
                 thread = self._thread
-        self._wake()
+        self._wake_pipe.wake()
         if thread is not None and thread is not threading.current_thread():
             if may_wait_for_another_backend():
                 join_thread(thread)
@@ -409,9 +409,6 @@ class LocalWorkers(Backend):
             self._wake_pipe.close()
 
     # -- the dispatcher thread -----------------------------------------
-    def _wake(self) -> None:
-        self._wake_pipe.wake()
-
     def _dispatch_loop(self) -> None:
         try:
             while True:
@@ -552,7 +549,7 @@ class LocalWorkers(Backend):
                     queued.items = queued.chunk.pickled_items()
             except SerializationError as exc:  # both checked in submit: only a fickle __reduce__ lands here
                 queued.done(queued.chunk, ChunkOutcome.failed(exc))
-                self._wake()  # this worker is still idle: come round again
+                self._wake_pipe.wake()  # this worker is still idle: come round again
                 continue
             worker.chunk, worker.done, worker.sent_at = queued.chunk, queued.done, time.monotonic()
             worker.seq = worker.sent + 1

@@ -222,7 +222,7 @@ class MPPoolBackend(Backend):
             self._waiting.append((chunk, done, items))
             self._launch_waiting()
             if self._dormant:
-                self._wake()  # the monitor thread starts a pool for it
+                self._wake_pipe.wake()  # the monitor thread starts a pool for it
 
     def release(self, call: Call) -> None:
         with self._lock:
@@ -239,7 +239,7 @@ class MPPoolBackend(Backend):
                     self._free_slots.append(self._flights.pop(key).slot)
                 if left:
                     self._replace_requested = True
-                    self._wake()
+                    self._wake_pipe.wake()
         if path is not None:
             try:
                 os.unlink(path)
@@ -260,7 +260,7 @@ class MPPoolBackend(Backend):
             return
         if not already or kill:
             self._kill_on_close = kill
-            self._wake()
+            self._wake_pipe.wake()
         if monitor is not threading.current_thread():
             if may_wait_for_another_backend():
                 join_thread(monitor)
@@ -299,7 +299,7 @@ class MPPoolBackend(Backend):
             if not chunk.begins():
                 # Reported by the monitor thread: done() may call back in, and this holds the lock.
                 self._dropped.append((chunk, done))
-                self._wake()
+                self._wake_pipe.wake()
                 continue
             slot = self._free_slots.popleft()
             base = slot * SLOT_WIDTH
@@ -314,7 +314,7 @@ class MPPoolBackend(Backend):
             self._flights[key] = flight
             self._feed(task)
         if self._flights:
-            self._wake()
+            self._wake_pipe.wake()
 
     def _ensure_started(self) -> None:
         with self._lock:
@@ -362,9 +362,6 @@ class MPPoolBackend(Backend):
 
     def _after_shutdown(self) -> None:
         """Called once the pool is gone."""
-
-    def _wake(self) -> None:
-        self._wake_pipe.wake()
 
     def _monitor_loop(self) -> None:
         # The pool is created on this long-lived thread: on Linux a worker's
