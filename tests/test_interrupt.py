@@ -296,6 +296,14 @@ def test_ctrl_c_stops_the_commands_workers_run(tmp_path, backend):
     assert _gone(descendants, within=3) == []
 
 
+def _running(pid):
+    """Whether pid is a live process (a zombie or a process gone mid-look is not)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _is_sleep(process):
     try:
         return process.name() == "sleep"
@@ -370,7 +378,7 @@ def test_a_pool_never_closed_lets_the_program_exit_cleanly(tmp_path, backend):
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=30)
     assert (result.returncode, result.stderr) == (0, "")
     workers = [int(pid) for pid in result.stdout.strip().strip("[]").split(",") if pid.strip()]
-    assert not [pid for pid in workers if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+    assert not [pid for pid in workers if _running(pid)]
 
 
 @pytest.mark.timeout(60)
@@ -626,9 +634,14 @@ CTRL_C_IN_CLOSE_SCRIPT = textwrap.dedent(
     sys.path[:0] = [{root!r}]
     import parmap, psutil
 
+    def worker(p):
+        try:  # a worker may exit between the listing and the look
+            return p.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(p.cmdline())
+        except psutil.NoSuchProcess:
+            return False
+
     def workers():
-        return [p for p in psutil.Process().children(recursive=True)
-                if p.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(p.cmdline())]
+        return [p for p in psutil.Process().children(recursive=True) if worker(p)]
 
     def nap(seconds):
         time.sleep(seconds)

@@ -353,7 +353,16 @@ def siblings_after_a_pause(_):
 
     time.sleep(0.3)
     parent = psutil.Process(os.getppid())
-    return sum(1 for child in parent.children() if child.cmdline() == parent.cmdline())
+    return sum(1 for child in parent.children() if _same_command(child, parent))
+
+
+def _same_command(child, parent) -> bool:
+    import psutil
+
+    try:  # a child may exit between the listing and the look
+        return child.cmdline() == parent.cmdline()
+    except psutil.NoSuchProcess:
+        return False
 
 
 def die_holding_result_lock(x):
