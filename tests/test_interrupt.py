@@ -678,3 +678,52 @@ def test_ctrl_c_while_close_waits_for_running_work_stops_the_workers(tmp_path, b
     script.write_text(CTRL_C_IN_CLOSE_SCRIPT.format(root=os.path.dirname(TESTS_DIR), backend=backend))
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=40)
     assert (result.returncode, result.stdout) == (0, "KeyboardInterrupt\n0\n"), result.stderr[-2000:]
+
+
+THREAD_CTRL_C_IN_CLOSE_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys, threading, time
+    sys.path[:0] = [{root!r}]
+    import parmap
+
+    finished = []
+
+    def nap(seconds):
+        time.sleep(seconds)
+        finished.append(time.monotonic())
+
+    def consume(results):
+        try:
+            list(results)
+        except parmap.PoolClosedError:
+            pass
+
+    if __name__ == "__main__":
+        pool = parmap.Pool(workers=1, backend="thread")
+        assert pool.map(abs, [-1]) == [1]
+        results = pool.imap(nap, [0.3] * 20, chunksize=20)  # one chunk of 6 s
+        consumer = threading.Thread(target=consume, args=(results,))
+        consumer.start()
+        time.sleep(0.5)
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+        try:
+            pool.close()  # waits for the running chunk
+        except KeyboardInterrupt:
+            interrupted = time.monotonic()
+            print("KeyboardInterrupt", flush=True)
+        consumer.join(5)
+        time.sleep(1.0)  # time for three more items, had the chunk gone on
+        late = [t for t in finished if t > interrupted + 0.35]  # the item running at the Ctrl-C may end
+        print(len(late), [t.name for t in threading.enumerate() if t.name.startswith("parmap-thread")], flush=True)
+    """
+)
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_while_close_waits_for_running_work_stops_the_thread_backends_chunk(tmp_path):
+    # The thread backend's kill after a polite close that a Ctrl-C cut short
+    # returned at once: the chunk ran its 20 items to the end.
+    script = tmp_path / "thread_ctrl_c_in_close.py"
+    script.write_text(THREAD_CTRL_C_IN_CLOSE_SCRIPT.format(root=os.path.dirname(TESTS_DIR)))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=40)
+    assert (result.returncode, result.stdout) == (0, "KeyboardInterrupt\n0 []\n"), result.stderr[-2000:]
