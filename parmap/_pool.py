@@ -127,6 +127,7 @@ class Pool:
         self._killed = False
         self._refusing = False  # shutdown(wait=False): closing in the background
         self._finished = threading.Event()  # the workers are gone: close()/join() may return
+        self._closers = 0  # threads closing the backend: a close() and the terminate() that overtook it
         # Its workers, threads and pipes belong to this process: a child made
         # by os.fork() inherits the object but none of that (see _check_open).
         self._pid = os.getpid()
@@ -393,17 +394,30 @@ class Pool:
             if not underway:
                 self._closed = True
                 self._killed = kill
+                self._closers += 1
         if underway:
             # Another thread closes it (shutdown(wait=False), say): wait for
             # that, unless this is a done-callback, which that close waits
             # for, or a backend's own thread (see may_wait_for_another_backend).
-            if not self._settlers.on_one() and may_wait_for_another_backend():
-                self._finished.wait()
+            self._wait_finished()
             return
         try:
             self._close_backend(kill)
         finally:
-            self._finished.set()
+            with self._lock:
+                self._closers -= 1
+                last = self._closers == 0
+            if last:
+                self._finished.set()
+            else:
+                # A terminate() overtook this close and is still stopping
+                # the workers (a Dask cluster's take a second or two):
+                # close() and join() return once they are gone.
+                self._wait_finished()
+
+    def _wait_finished(self) -> None:
+        if not self._settlers.on_one() and may_wait_for_another_backend():
+            self._finished.wait()
 
     def _close_backend(self, kill: bool) -> None:
         if not kill:

@@ -34,7 +34,9 @@ def process_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-def _children() -> dict[int, psutil.Process]:
+def live_children() -> dict[int, psutil.Process]:
+    """This process's live descendants, by pid, less the session's own (its
+    Dask cluster) and multiprocessing's helpers (forkserver, resource tracker)."""
     found = {}
     for child in psutil.Process().children(recursive=True):
         try:
@@ -52,11 +54,11 @@ def _children() -> dict[int, psutil.Process]:
 @pytest.fixture(autouse=True)
 def no_orphans():
     """Fail a test that leaves a child process alive (after a short grace period)."""
-    before = set(_children())
+    before = set(live_children())
     yield
     deadline = time.monotonic() + 3.0
     while True:
-        left = {pid: p for pid, p in _children().items() if pid not in before}
+        left = {pid: p for pid, p in live_children().items() if pid not in before}
         if not left or time.monotonic() > deadline:
             break
         time.sleep(0.05)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import psutil
 import pytest
 import workfns
-from conftest import PROCESS_BACKENDS
+from conftest import DASK_AVAILABLE, PROCESS_BACKENDS, live_children
 
 import parmap
 from parmap import _pool
@@ -573,6 +573,35 @@ def test_terminate_from_another_thread_ends_a_running_map(backend):
     try:
         with pytest.raises(parmap.PoolClosedError, match="terminated"):
             pool.map(time.sleep, [0.1] * 60, chunksize=1)
+    finally:
+        stopper.join()
+        pool.terminate()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "backend",
+    [
+        *PROCESS_BACKENDS,
+        pytest.param("dask", marks=pytest.mark.skipif(not DASK_AVAILABLE, reason="needs parmap[dask]")),
+    ],
+)
+def test_a_close_that_a_terminate_overtakes_returns_once_the_workers_are_gone(backend, monkeypatch):
+    # The terminate() took over the close; the close then returned, and
+    # join() after it, while the terminate still stopped the workers (a Dask
+    # cluster of the pool's own: for a second or two).
+    monkeypatch.delenv("PARMAP_DASK_ADDRESS", raising=False)
+    before = set(live_children())
+    pool = parmap.Pool(workers=2, backend=backend)
+    assert pool.map(abs, [-1, -2]) == [1, 2]
+    running = pool.submit(time.sleep, 10)
+    stopper = threading.Timer(1.0, pool.terminate)
+    stopper.start()
+    try:
+        pool.close()  # waits for the running call, until the terminate
+        pool.join()
+        assert set(live_children()) - before == set()
+        assert isinstance(running.exception(timeout=0), parmap.PoolClosedError)
     finally:
         stopper.join()
         pool.terminate()
