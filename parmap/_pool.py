@@ -409,10 +409,12 @@ class Pool:
                 last = self._closers == 0
             if last:
                 self._finished.set()
-            else:
+            elif not kill:
                 # A terminate() overtook this close and is still stopping
                 # the workers (a Dask cluster's take a second or two):
-                # close() and join() return once they are gone.
+                # close() and join() return once they are gone. The
+                # terminate does not wait in turn for this close (on
+                # `thread`, for a running item): it keeps to its second.
                 self._wait_finished()
 
     def _wait_finished(self) -> None:

@@ -608,6 +608,30 @@ def test_a_close_that_a_terminate_overtakes_returns_once_the_workers_are_gone(ba
 
 
 @pytest.mark.timeout(60)
+def test_a_terminate_that_overtakes_a_close_does_not_wait_for_the_closes_running_item():
+    # The close waits for the thread running a 6 s item (an imap's: not
+    # waited for by the pool, only by the thread backend's close); the
+    # terminate waited in turn for that close, 6 s, not its one second.
+    pool = parmap.Pool(workers=1, backend="thread")
+    results = pool.imap(time.sleep, [6, 6], chunksize=1)
+
+    def consume():
+        with pytest.raises(parmap.PoolClosedError):
+            list(results)
+
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
+    time.sleep(0.3)
+    closer = threading.Thread(target=pool.close)
+    closer.start()
+    time.sleep(0.3)
+    started = time.monotonic()
+    pool.terminate()
+    assert time.monotonic() - started < 3
+    closer.join(15)
+
+
+@pytest.mark.timeout(60)
 def test_a_worker_killed_while_idle_does_not_wedge_the_pool(process_backend):
     # The OOM killer picks its victims regardless of what they are doing; a
     # multiprocessing.Pool worker killed while waiting for work holds the
