@@ -40,7 +40,9 @@ class ParmapError(Exception):
     ``position``: for an error about one item of a ``map``, ``imap`` or
     ``starmap`` (its worker crashed or timed out, it or its result would not
     serialise, its exception could not travel), that item's position in the
-    input, counting from 0; ``None`` for an error about no single item. With
+    input, counting from 0; ``None`` for an error about no single item. One
+    that ``fn`` itself raised (a map nested in ``fn`` failed) is that item's
+    error like any other: it gets the item's position and note. With
     ``imap(..., ordered=False, on_error="return")`` it says which item an
     error belongs to:
 

@@ -411,7 +411,8 @@ class Scheduler:
         errors = result.errors
         for j, value in enumerate(result.results):
             if j in errors:
-                self._item_failed(record, offsets[j], errors[j].rebuild(), retryable=True)
+                info = errors[j]
+                self._item_failed(record, offsets[j], info.rebuild(), retryable=True, by_fn=not info.by_parmap)
             else:
                 self._settle(record, offsets[j], value)
         if len(result.results) < len(offsets):  # stopped early; not expected to remain
@@ -480,7 +481,12 @@ class Scheduler:
             notes[:] = [note for note in notes if not isinstance(note, _ItemNote)]
         exc.add_note(_ItemNote(text))
 
-    def _item_failed(self, record: Record, offset: int, exc: BaseException, *, retryable: bool) -> None:
+    def _item_failed(
+        self, record: Record, offset: int, exc: BaseException, *, retryable: bool, by_fn: bool = False
+    ) -> None:
+        """Count a failure of the item at ``offset``: ``exc`` is fn's own
+        exception (``by_fn``), or parmap's word about the item (a crash, a
+        timeout, it or its result would not serialise)."""
         attempts = record.attempts.get(offset, 0) + 1
         record.attempts[offset] = attempts
         # SystemExit, KeyboardInterrupt, ...: fn asked to stop, and a serial
@@ -492,9 +498,11 @@ class Scheduler:
             else:
                 self._retries.append((record, [offset]))
             return
-        if isinstance(exc, ParmapError) and exc.position is None:
+        if isinstance(exc, ParmapError) and (by_fn or exc.position is None):
+            # One fn raised (a map nested in fn failed) is, to this caller,
+            # about this item: the position inside fn's own call means nothing here.
             exc.position = record.start + offset
-        if not isinstance(exc, ParmapError) or isinstance(exc, TaskError):
+        if by_fn or not isinstance(exc, ParmapError) or isinstance(exc, TaskError):
             tries = f" on each of {attempts} attempts" if attempts > 1 else ""
             item = f"#{record.start + offset} ({short_repr(record.items[offset])})"
             self._note(exc, f"parmap: raised by item {item}{tries}")

@@ -656,6 +656,10 @@ class ErrorInfo:
     #: The exception's notes, for a TaskError standing in for it (the user's
     #: own, and "raised by the initializer").
     notes: tuple[str, ...] = ()
+    #: parmap's own word about the item (it or its result would not travel),
+    #: not an exception of fn's: one fn raised is fn's even when it is a
+    #: ParmapError (a map nested in fn failed), and is named as fn's.
+    by_parmap: bool = False
 
     @classmethod
     def capture(cls, exc: BaseException, *, pickle_it: bool) -> ErrorInfo:
@@ -697,10 +701,10 @@ class ErrorInfo:
 
     def __getstate__(self) -> tuple[object, ...]:
         # Never pickle the live exception object; the payload stands for it.
-        return (self.type_name, self.message, self.traceback_text, self.payload, self.stops, self.notes)
+        return (self.type_name, self.message, self.traceback_text, self.payload, self.stops, self.notes, self.by_parmap)
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
-        self.type_name, self.message, self.traceback_text, self.payload, self.stops, self.notes = state
+        self.type_name, self.message, self.traceback_text, self.payload, self.stops, self.notes, self.by_parmap = state
         self.exc = None
 
     def rebuild(self) -> BaseException:

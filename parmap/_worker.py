@@ -210,7 +210,8 @@ def run_chunk(
             )
         except BaseException as exc:
             failure = exc
-        errors[len(results)] = ErrorInfo.capture(failure, pickle_it=pickle_errors)
+        errors[len(results)] = info = ErrorInfo.capture(failure, pickle_it=pickle_errors)
+        info.by_parmap = refused is not None and refused.get(len(results)) is failure
         results.append(None)
         # SystemExit, KeyboardInterrupt, ...: fn asks to stop, as it would stop a
         # serial map; carried back like any error rather than ending a worker
@@ -257,7 +258,8 @@ def pickle_outcome(outcome: ChunkOutcome, positions: Sequence[int]) -> Pickled:
                 f"the result of item #{positions[bad]} cannot be serialised: {type(exc).__name__}: {exc}"
             )
             outcome.results[bad] = None
-            outcome.errors[bad] = ErrorInfo.capture(error, pickle_it=True)
+            outcome.errors[bad] = info = ErrorInfo.capture(error, pickle_it=True)
+            info.by_parmap = True
 
 
 def encode_outcome(outcome: ChunkOutcome, positions: Sequence[int]) -> bytes:
@@ -317,7 +319,9 @@ def unreadable_outcome(exc: BaseException, positions: Sequence[int], *, results:
     error = SerializationError(f"{what} #{positions[0]} could not be unpickled {where}: {type(exc).__name__}: {exc}")
     error.__cause__ = exc
     # In the worker the error must travel; in the caller it is already home.
-    return ChunkOutcome([None], errors={0: ErrorInfo.capture(error, pickle_it=not results)}, unreadable=not results)
+    info = ErrorInfo.capture(error, pickle_it=not results)
+    info.by_parmap = True
+    return ChunkOutcome([None], errors={0: info}, unreadable=not results)
 
 
 def fatal_outcome(exc: BaseException, what: str) -> ChunkOutcome:

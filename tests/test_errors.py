@@ -111,6 +111,21 @@ def test_an_item_that_will_not_unpickle_in_the_worker_fails_alone(process_backen
     assert results[2].position == 2
 
 
+@pytest.mark.timeout(60)
+def test_a_parmap_error_fn_raises_is_named_as_that_items(backend):
+    # A map nested in fn failed with its own item #1's TaskTimeoutError: the
+    # outer call took it for its own word about its item #1 (position 1,
+    # no note), though item #2 raised it.
+    items = range(4)
+    results = parmap.map(workfns.nested_timeout_at, items, workers=2, backend=backend, on_error="return")
+    assert [type(r) for r in results] == [int, int, parmap.TaskTimeoutError, int]
+    assert results[2].position == 2
+    assert "parmap: raised by item #2 (2)" in results[2].__notes__
+    with pytest.raises(parmap.TaskTimeoutError) as info:
+        parmap.map(workfns.nested_timeout_at, items, workers=2, backend=backend)
+    assert info.value.position == 2 and "parmap: raised by item #2 (2)" in info.value.__notes__
+
+
 @pytest.fixture
 def define_late_main_class(monkeypatch):
     """Defines a class of ``__main__`` when called, as a notebook cell defines

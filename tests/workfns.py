@@ -652,3 +652,11 @@ def shared_value(_):
 def mebibytes(n):
     """A result of ``n`` MiB."""
     return b"\x01" * (n << 20)
+
+
+def nested_timeout_at(x, at=2):
+    """At item ``at``, a nested map whose own item #1 times out (a
+    ParmapError raised by this fn, positioned in the nested call)."""
+    if x == at:
+        return parmap.map(time.sleep, [0, 5], timeout=0.3)
+    return x
