@@ -208,7 +208,7 @@ class Pool:
         """
         self._check_open()
         _check_fn(fn)
-        backend = self._backend_for(None)
+        backend = self._backend_for(self._defaults.timeout)
         future: _SubmitFuture[R] = _SubmitFuture()
         begin = None
         if backend.queues_chunks:
@@ -521,10 +521,10 @@ class Pool:
             timeout=options.timeout,
             source=source,
         )
-        return Scheduler(self._backend_for(options), call, items, options, deliver_in_order=in_order)
+        return Scheduler(self._backend_for(options.timeout), call, items, options, deliver_in_order=in_order)
 
-    def _backend_for(self, options: CallOptions | None) -> Backend:
-        """The backend for a call (``None``: a submit): the pool's, but
+    def _backend_for(self, timeout: float | None) -> Backend:
+        """The backend for a call or a submit with this ``timeout``: the pool's, but
 
         * for a call made by one of the pool's own tasks (on the ``thread``
           backend, or an executor's threads), which runs serially in that
@@ -542,7 +542,7 @@ class Pool:
 
                     self._here = SerialBackend()  # the task's thread ran the initializer already
                 return self._here
-        if options is None or options.timeout is None or not self._backend.stands_in:
+        if timeout is None or not self._backend.stands_in:
             return self._backend
         with self._lock:
             if self._timed is None:

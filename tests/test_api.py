@@ -139,6 +139,9 @@ def test_a_nested_call_keeps_its_timeout(backend):
     # child that can be stopped. The timeout used to be dropped in silence.
     assert parmap.map(workfns.nested_map_with_timeout, [1, 2], workers=2, backend=backend) == [[0, 1, 4]] * 2
     assert parmap.map(workfns.nested_map_timing_out, [1, 2], workers=2, backend=backend) == ["timed out"] * 2
+    # A Pool's timeout binds its submits too: they ran on, untimed.
+    results = parmap.map(workfns.nested_submit_timing_out, [1, 2], workers=2, backend=backend)
+    assert results == [(1, "timed out"), (4, "timed out")]
 
 
 def test_fn_is_sent_once_per_worker_not_per_item(process_backend, tmp_marker_dir):

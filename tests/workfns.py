@@ -292,6 +292,18 @@ def nested_map_timing_out(x):
     return "not stopped"
 
 
+def nested_submit_timing_out(x):
+    """A pool made inside a worker whose submitted task runs past the pool's timeout."""
+    with parmap.Pool(workers=2, timeout=0.3) as pool:
+        fast = pool.submit(square, x)
+        slow = pool.submit(sleep_unless_zero, x)
+        try:
+            slow.result(timeout=30)
+        except parmap.TaskTimeoutError:
+            return fast.result(), "timed out"
+        return fast.result(), "not stopped"
+
+
 def sleep_unless_nonzero(x):
     if not x:
         time.sleep(60)
