@@ -165,6 +165,8 @@ class Scheduler:
                         "which cannot reach its workers: start the call in this process"
                     )
                 self._fill()
+                # An item can settle while filling: one that would not pickle fails here.
+                progress.update(self._take_progress())
                 delivered = False
                 for record in self._deliverable():
                     delivered = True

@@ -180,6 +180,19 @@ def test_progress_counts_items(capsys, any_backend):
     assert "20/20" in err
 
 
+@pytest.mark.parametrize("on_error", ["return", "skip"])
+def test_progress_counts_an_item_that_would_not_pickle(capsys, process_backend, on_error):
+    # It fails in the caller, before any worker sees it; with nothing settled
+    # after it the bar ended one short.
+    import threading
+
+    items = [threading.Lock()]
+    parmap.map(workfns.identity, items, workers=2, backend=process_backend, progress=True, on_error=on_error)
+    assert "1/1" in capsys.readouterr().err
+    list(parmap.imap(workfns.identity, items, workers=2, backend=process_backend, progress=True, on_error=on_error))
+    assert "1/1" in capsys.readouterr().err
+
+
 def test_progress_options_reach_tqdm(capsys):
     parmap.map(workfns.square, range(7), workers=2, backend="thread", progress={"desc": "squaring"})
     err = capsys.readouterr().err
