@@ -483,6 +483,20 @@ class Scheduler:
             notes[:] = [note for note in notes if not isinstance(note, _ItemNote)]
         exc.add_note(_ItemNote(text))
 
+    def _name_item(self, exc: BaseException, record: Record, offset: int, attempts: int, *, by_fn: bool) -> None:
+        """Say on ``exc`` which item failed: its position, for a parmap error
+        of its own, and otherwise a note."""
+        position = record.start + offset
+        if isinstance(exc, ParmapError) and (by_fn or exc.position is None):
+            # One fn raised (a map nested in fn failed) is, to this caller,
+            # about this item: the position inside fn's own call means nothing here.
+            exc.position = position
+        if by_fn or not isinstance(exc, ParmapError) or isinstance(exc, TaskError):
+            tries = f" on each of {attempts} attempts" if attempts > 1 else ""
+            self._note(exc, f"parmap: raised by item #{position} ({short_repr(record.items[offset])}){tries}")
+        elif attempts > 1:  # a crash or a timeout: the message names the item already
+            exc.add_note(f"parmap: the same on each of {attempts} attempts")
+
     def _item_failed(
         self, record: Record, offset: int, exc: BaseException, *, retryable: bool, by_fn: bool = False
     ) -> None:
@@ -500,20 +514,15 @@ class Scheduler:
             else:
                 self._retries.append((record, [offset]))
             return
-        if isinstance(exc, ParmapError) and (by_fn or exc.position is None):
-            # One fn raised (a map nested in fn failed) is, to this caller,
-            # about this item: the position inside fn's own call means nothing here.
-            exc.position = record.start + offset
-        if by_fn or not isinstance(exc, ParmapError) or isinstance(exc, TaskError):
-            tries = f" on each of {attempts} attempts" if attempts > 1 else ""
-            item = f"#{record.start + offset} ({short_repr(record.items[offset])})"
-            self._note(exc, f"parmap: raised by item {item}{tries}")
-        elif attempts > 1:  # a crash or a timeout: the message names the item already
-            exc.add_note(f"parmap: the same on each of {attempts} attempts")
         policy = "raise" if stops else self._options.on_error
+        position = record.start + offset
+        # An earlier item's error is the one raised: this one is never seen,
+        # and on thread and serial it may be that very object (fn raised a
+        # stored error again), which must go on naming the earlier item.
+        if not (policy == "raise" and self._failure is not None and self._failure[0] < position):
+            self._name_item(exc, record, offset, attempts, by_fn=by_fn)
         if policy == "raise":
             record.raises = True
-            position = record.start + offset
             if self._failure is None or position < self._failure[0]:
                 self._failure = (position, exc)
         self._settle(record, offset, SKIPPED if policy == "skip" else exc)

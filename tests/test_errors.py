@@ -126,6 +126,32 @@ def test_a_parmap_error_fn_raises_is_named_as_that_items(backend):
     assert info.value.position == 2 and "parmap: raised by item #2 (2)" in info.value.__notes__
 
 
+@pytest.mark.parametrize("stored", [ValueError("stored"), parmap.TaskTimeoutError("stored")])
+def test_an_error_fn_raises_again_for_a_later_item_goes_on_naming_the_first(stored):
+    # On threads fn's very object comes back: items 1 and 2 raise one stored
+    # error (a failed future's, say), in that order, and the map raises it
+    # for item 1; the later, unseen failure renamed it item 2's.
+    first, second = threading.Event(), threading.Event()
+
+    def fn(x):
+        if x == 0:
+            second.wait(10)
+            time.sleep(0.2)
+            return 0
+        if x == 2:
+            first.wait(10)
+            second.set()
+        else:
+            first.set()
+        raise stored
+
+    with pytest.raises(type(stored)) as info:
+        parmap.map(fn, range(3), workers=3, backend="thread", chunksize=1)
+    assert info.value is stored and stored.__notes__ == ["parmap: raised by item #1 (1)"]
+    if isinstance(stored, parmap.ParmapError):
+        assert stored.position == 1
+
+
 @pytest.fixture
 def define_late_main_class(monkeypatch):
     """Defines a class of ``__main__`` when called, as a notebook cell defines
