@@ -230,7 +230,7 @@ class Pool:
         except BaseException as exc:
             # Nothing was handed over: this future is not the pool's to wait for.
             self._forget(future)
-            self._submit_ended(call)
+            self._submit_ended(call, backend)
             if isinstance(exc, SerializationError):
                 raise _submit_error(fn, args, kwargs, exc) from exc
             raise
@@ -262,19 +262,21 @@ class Pool:
         idle: Call | None = None
         with self._lock:
             last = self._submit_call
-            if last is not None and last.fn is fn:
+            # A submit from inside a worker runs on a stand-in (see
+            # _backend_for): a call lives on one backend, which releases it.
+            if last is not None and last.fn is fn and last.backend is backend:
                 call = last.call
             else:
                 if last is not None and last.call.id not in self._submits_running:
-                    idle = last.call  # nothing of it runs: release it now
+                    idle = last  # nothing of it runs: release it now
                 call = Call(_Apply(fn), timeout=self._defaults.timeout)
-                self._submit_call = _SubmitCall(fn, call, kept=named)
+                self._submit_call = _SubmitCall(fn, call, backend, kept=named)
             self._submits_running[call.id] = self._submits_running.get(call.id, 0) + 1
         if idle is not None:
-            self._backend.release(idle)
+            idle.backend.release(idle.call)
         return call
 
-    def _submit_ended(self, call: Call) -> None:
+    def _submit_ended(self, call: Call, backend: Backend) -> None:
         with self._lock:
             left = self._submits_running[call.id] - 1
             if left:
@@ -286,7 +288,7 @@ class Pool:
                 if last.kept:
                     return  # for the next submit of the same function
                 self._submit_call = None
-        self._backend.release(call)
+        backend.release(call)
 
     # -- lifecycle -----------------------------------------------------------------
     def close(self) -> None:
@@ -407,14 +409,15 @@ class Pool:
             with self._lock:
                 self._closers -= 1
                 last = self._closers == 0
-            if last:
+            if last or kill:
+                # A terminate that has stopped the workers ends every wait
+                # (join(), a later terminate) even while an overtaken close
+                # still runs: on `thread` that close waits out a running item.
                 self._finished.set()
-            elif not kill:
+            else:
                 # A terminate() overtook this close and is still stopping
                 # the workers (a Dask cluster's take a second or two):
-                # close() and join() return once they are gone. The
-                # terminate does not wait in turn for this close (on
-                # `thread`, for a running item): it keeps to its second.
+                # close() and join() return once they are gone.
                 self._wait_finished()
 
     def _wait_finished(self) -> None:
@@ -661,7 +664,7 @@ class _Submission:
     def __call__(self, chunk: Chunk, result: ChunkOutcome | ChunkLost) -> None:
         pool, future, call = self.pool, self.future, self.call
         if future.cancelled():  # dropped before it ran: nothing to settle
-            pool._submit_ended(call)
+            pool._submit_ended(call, self.backend)
             pool._forget(future)
             return
         if isinstance(result, ChunkOutcome) and result.unreadable and not chunk.by_value and not pool._killed:
@@ -683,7 +686,7 @@ class _Submission:
                 return
             except PoolClosedError:
                 pass  # closed meanwhile: report this attempt's failure
-        pool._submit_ended(call)
+        pool._submit_ended(call, self.backend)
         settle = _settlement(future, call, self.fn, result)
         with pool._lock:
             if future not in pool._futures:
@@ -846,6 +849,7 @@ class _SubmitCall(NamedTuple):
 
     fn: Callable[..., Any]
     call: Call
+    backend: Backend  # that runs the call, and releases it
     kept: bool  # for the next submit of fn, once its own have ended (a function of a module)
 
 

@@ -354,6 +354,14 @@ def test_a_pool_keeps_no_submitted_function_alive_once_its_call_is_done(backend)
 
 
 @pytest.mark.timeout(60)
+def test_a_pool_inside_a_worker_lets_go_of_submitted_closures_once_they_have_run():
+    # With a timeout, its submits run on a forked child, which kept every
+    # closure (8 MiB captured each) until the pool closed.
+    (growth,) = parmap.map(workfns.nested_submits_of_closures, [12], workers=1, backend="process")
+    assert growth < 40 << 20
+
+
+@pytest.mark.timeout(60)
 def test_submit_with_an_unpicklable_argument_names_it_and_leaves_the_pool_usable(any_backend):
     with parmap.Pool(workers=2, backend=any_backend) as pool:
         if any_backend in ("thread", "serial"):  # nothing is pickled: it just runs
@@ -611,7 +619,8 @@ def test_a_close_that_a_terminate_overtakes_returns_once_the_workers_are_gone(ba
 def test_a_terminate_that_overtakes_a_close_does_not_wait_for_the_closes_running_item():
     # The close waits for the thread running a 6 s item (an imap's: not
     # waited for by the pool, only by the thread backend's close); the
-    # terminate waited in turn for that close, 6 s, not its one second.
+    # terminate waited in turn for that close, 6 s, not its one second; and
+    # then join() and a second terminate() did, promised to return at once.
     pool = parmap.Pool(workers=1, backend="thread")
     results = pool.imap(time.sleep, [6, 6], chunksize=1)
 
@@ -626,6 +635,8 @@ def test_a_terminate_that_overtakes_a_close_does_not_wait_for_the_closes_running
     closer.start()
     time.sleep(0.3)
     started = time.monotonic()
+    pool.terminate()
+    pool.join()
     pool.terminate()
     assert time.monotonic() - started < 3
     closer.join(15)

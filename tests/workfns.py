@@ -672,3 +672,23 @@ def nested_timeout_at(x, at=2):
     if x == at:
         return parmap.map(time.sleep, [0, 5], timeout=0.3)
     return x
+
+
+def own_rss(_=None):
+    """This process's resident memory, in bytes."""
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def nested_submits_of_closures(n=12, mib=8):
+    """``n`` submits of closures, each capturing ``mib`` MiB, to a Pool with a
+    timeout made inside a worker: how much its child grew from the first to
+    the last (a child that keeps each would grow by ``n * mib`` MiB)."""
+    rss = []
+    with parmap.Pool(workers=1, timeout=30) as pool:
+        for i in range(n):
+            blob = bytes(mib << 20)
+            assert pool.submit(lambda b=blob, i=i: len(b) + i).result(timeout=30) == (mib << 20) + i
+            rss.append(pool.submit(own_rss).result(timeout=30))
+    return rss[-1] - rss[0]
