@@ -259,7 +259,7 @@ class Pool:
             with self._lock:
                 self._submits_running[call.id] = 1
             return call
-        idle: Call | None = None
+        idle: _SubmitCall | None = None
         with self._lock:
             last = self._submit_call
             # A submit from inside a worker runs on a stand-in (see
