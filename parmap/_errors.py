@@ -122,6 +122,12 @@ class RemoteTraceback(Exception):
     def __str__(self) -> str:
         return f'\n"""\n{self.text.rstrip()}\n"""'
 
+    @property
+    def tb(self) -> str:
+        """``text``, under the name the ``RemoteTraceback`` of
+        ``multiprocessing`` and ``concurrent.futures`` give it."""
+        return self.text
+
 
 # Shown and pickled as ``parmap.WorkerCrashedError`` rather than by the
 # private module that defines them.

@@ -459,6 +459,7 @@ def test_user_exception_keeps_type_note_and_traceback(any_backend):
     assert "raise_value_error" in exc.__cause__.text  # the worker's own frame
     assert "parmap" not in exc.__cause__.text.splitlines()[1]  # it starts there, not in parmap's machinery
     assert "raise ValueError" in exc.__cause__.text
+    assert exc.__cause__.tb == exc.__cause__.text  # multiprocessing's and concurrent.futures' name for it
 
 
 def test_timeout_refused_where_it_cannot_work():
