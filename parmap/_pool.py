@@ -14,6 +14,7 @@ import logging
 import multiprocessing.util  # noqa: F401 - its exit handler must be registered before ours
 import os
 import queue
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -45,10 +46,22 @@ _futures_logger = logging.getLogger("concurrent.futures")
 
 def _terminate_open_pools() -> None:
     for pool in list(_open_pools):
-        try:
-            pool.terminate()
-        except Exception:  # noqa: S110 - exiting: nothing left to tell
-            pass
+        _end_at_exit(pool)
+
+
+def _end_at_exit(pool: Pool) -> None:
+    """Terminate ``pool``; first, after ``shutdown(wait=False)``, let it
+    finish its running work, as an executor does before the exit, unless
+    a Ctrl-C ended the program (the interpreter's own record of it)."""
+    try:
+        if pool._refusing and not isinstance(getattr(sys, "last_value", None), KeyboardInterrupt):
+            pool.join()
+    except BaseException:  # noqa: S110 - a Ctrl-C now ends the wait; exiting, nothing left to tell
+        pass
+    try:
+        pool.terminate()
+    except Exception:  # noqa: S110 - exiting: nothing left to tell
+        pass
 
 
 atexit.register(_terminate_open_pools)
@@ -66,10 +79,7 @@ def terminate_at_exit_before_now(backend: object) -> None:
 def _terminate_pools_over(backend: weakref.ref[object]) -> None:
     for pool in list(_open_pools):
         if backend() is not None and pool._backend is backend():
-            try:
-                pool.terminate()
-            except Exception:  # noqa: S110 - exiting: nothing left to tell
-                pass
+            _end_at_exit(pool)
 
 
 class Pool:
@@ -128,6 +138,13 @@ class Pool:
         self._refusing = False  # shutdown(wait=False): closing in the background
         self._finished = threading.Event()  # the workers are gone: close()/join() may return
         self._closers = 0  # threads closing the backend: a close() and the terminate() that overtook it
+        # close() with imaps open leaves the workers to them, as a closed
+        # multiprocessing.Pool does: the last to end closes the pool, unless
+        # join(), the with block or terminate() ends them first.
+        self._open_imaps = 0
+        self._deferred = False  # a close() waits for the open imaps to end
+        self._abandoned = False  # an imap was dropped unfinished: its running work is not waited for
+        self._enders = 0  # threads in join() or another close: a close() must not leave the workers to imaps
         # Its workers, threads and pipes belong to this process: a child made
         # by os.fork() inherits the object but none of that (see _check_open).
         self._pid = os.getpid()
@@ -184,7 +201,17 @@ class Pool:
         """``imap``; ``owned``: this pool exists for this iterator alone and ends with it."""
         options = self._call_options(overrides)
         scheduler = self._scheduler(fn, items, options, star=False, in_order=options.ordered)
-        return _flatten(scheduler.records(), skip=options.on_error == "skip", pool=self, owned=owned)
+        skip = options.on_error == "skip"
+        if owned:
+            return _flatten(scheduler.records(), skip=skip, pool=self, owned=True)
+        with self._lock:
+            self._check_open()
+            self._open_imaps += 1
+        ending = _ImapEnding(self)
+        iterator = _flatten(scheduler.records(), skip=skip, pool=self, owned=False, ending=ending)
+        # A generator dropped before its first value runs no finally clause.
+        weakref.finalize(iterator, ending, False).atexit = False
+        return iterator
 
     def submit(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
         """Run ``fn(*args, **kwargs)`` on a worker; returns a :class:`concurrent.futures.Future`.
@@ -295,9 +322,23 @@ class Pool:
         """Wait for running work, then stop the workers. Idempotent.
 
         Running work is every ``submit()``ted call, retries included, and
-        every ``map``/``starmap`` under way in another thread; an ``imap``
-        is not waited for (its consumer may never come back). ``terminate()``
-        from another thread ends the wait. Called by one of the pool's own
+        every ``map``/``starmap`` under way in another thread; ``terminate()``
+        from another thread ends the wait. An ``imap`` is not waited for (its
+        consumer may not be back before this returns): as on a closed
+        ``multiprocessing.Pool``, one taken before ``close()`` still yields
+        all its results, and the last open one to end (read to its end,
+        closed, dropped) stops the workers. ``join()``, the end of a ``with``
+        block or ``terminate()`` stops them first: the imaps still open then
+        raise ``PoolClosedError``.
+
+        Example, the ``multiprocessing`` idiom::
+
+            pool = parmap.Pool(workers=4)
+            results = pool.imap(str.upper, lines)
+            pool.close()  # no more calls; the imap runs on
+            for line in results:
+                print(line)
+            pool.join()  # the workers are gone Called by one of the pool's own
         tasks (``thread`` backend), which that wait would include, it is
         ``shutdown(wait=False)``: the pool takes no new work and closes once
         its running work is done. So it is from a task of any pool over the
@@ -306,7 +347,7 @@ class Pool:
         if _context.working_for(self._backend) or _context.working_on(self._backend):
             self.shutdown(wait=False)
             return
-        self._shutdown(kill=False)
+        self._shutdown(kill=False, end_imaps=False)
 
     def terminate(self) -> None:
         """Stop the workers now; futures not yet done fail with ``PoolClosedError``."""
@@ -319,7 +360,9 @@ class Pool:
         for a worker (they never run). ``wait=True`` is then :meth:`close`.
         ``wait=False`` returns at once: the pool takes no new work from then
         on and closes in the background once its running work is done (an
-        interpreter that exits first terminates it, as any pool left open).
+        interpreter that exits first waits for that work, as it would for an
+        executor's, unless a Ctrl-C ended the program; a pool merely left
+        open is terminated at the exit, as a ``multiprocessing.Pool`` is).
         """
         if cancel_futures:
             with self._lock:
@@ -337,7 +380,9 @@ class Pool:
 
         ``close()`` and ``terminate()`` already wait, so after either this
         returns at once; after ``shutdown(wait=False)`` it waits for the
-        background close. Before them it raises ``ValueError``, as
+        background close. An ``imap`` still open after ``close()`` is ended
+        here (it raises ``PoolClosedError`` if read on): waiting for it
+        could wait for ever for this very thread to read it. Before them it raises ``ValueError``, as
         ``multiprocessing.Pool.join`` does: nothing would ever stop the workers.
         """
         if not self.closed:
@@ -349,14 +394,14 @@ class Pool:
         if _context.working_on(self._backend) and self._has_work():
             raise RuntimeError("join() in a task on the threads this pool's work waits for would wait for that task")
         if os.getpid() == self._pid and not self._settlers.on_one():
-            self._finished.wait()
+            self._shutdown(kill=False, end_imaps=True, wait=self._finished.wait)
 
     def __enter__(self) -> Pool:
         self._check_open()
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self._shutdown(kill=exc_type is not None)
+        self._shutdown(kill=exc_type is not None, end_imaps=True)
 
     def __del__(self) -> None:
         # A pool dropped without close() must not leave processes behind.
@@ -384,32 +429,63 @@ class Pool:
         return f"<parmap.Pool workers={self._options.worker_count} backend={backend!r} {state}>"
 
     # -- internals ---------------------------------------------------------------
-    def _shutdown(self, kill: bool) -> None:
+    def _shutdown(self, kill: bool, *, end_imaps: bool = True, wait: Callable[[], object] | None = None) -> None:
+        """Close (``kill``: terminate) the pool, or wait for the close under way
+        (``wait``: how). ``end_imaps``: the open imaps end now, rather than
+        the workers waiting for them (see ``close``)."""
         if os.getpid() != self._pid:
             # A forked child's copy: the workers are the parent's, still at
             # work for it, and a lock held at the fork would never come free.
             self._closed = True
             return
+        counted = False
         with self._lock:
-            # terminate() still may end a close() that waits.
-            underway = self._killed or (self._closed and not kill)
-            if not underway:
-                self._closed = True
-                self._killed = kill
+            if self._deferred and not kill:
+                if not end_imaps:
+                    return  # close() again: the open imaps still come first
+                self._deferred = False  # join() or the with block: they end now
                 self._closers += 1
+                underway = False
+            else:
+                # terminate() still may end a close() that waits.
+                underway = self._killed or (self._closed and not kill)
+                if not underway:
+                    self._closed = True
+                    self._killed = kill
+                    self._closers += 1
+                    self._deferred = False
+                elif not kill:
+                    # This thread may be the very one that would read the
+                    # imaps: the close under way must not wait for them.
+                    self._enders += 1
+                    counted = True
         if underway:
             # Another thread closes it (shutdown(wait=False), say): wait for
             # that, unless this is a done-callback, which that close waits
             # for, or a backend's own thread (see may_wait_for_another_backend).
-            self._wait_finished()
+            try:
+                (wait or self._wait_finished)()
+            finally:
+                if counted:
+                    with self._lock:
+                        self._enders -= 1
             return
+        self._close_now(kill, imaps_may_finish=not (kill or end_imaps))
+
+    def _close_now(self, kill: bool, *, imaps_may_finish: bool) -> None:
+        """Close the backend, counted in ``_closers``; ``imaps_may_finish``:
+        or leave it to the open imaps, the last of which closes it."""
+        deferred = False
         try:
-            self._close_backend(kill)
+            deferred = self._close_backend(kill, imaps_may_finish=imaps_may_finish)
         finally:
             with self._lock:
                 self._closers -= 1
                 last = self._closers == 0
-            if last or kill:
+                handed_on = deferred and self._deferred
+            if handed_on:
+                pass  # to the open imaps
+            elif last or kill:
                 # A terminate that has stopped the workers ends every wait
                 # (join(), a later terminate) even while an overtaken close
                 # still runs: on `thread` that close waits out a running item.
@@ -420,11 +496,34 @@ class Pool:
                 # close() and join() return once they are gone.
                 self._wait_finished()
 
+    def _imap_ended(self, finished: bool) -> None:
+        """An imap of this pool ended (``finished``: read to its end)."""
+        with self._lock:
+            self._open_imaps -= 1
+            self._abandoned = self._abandoned or not finished
+            due = self._deferred and not self._open_imaps
+            if due:
+                self._deferred = False
+                self._closers += 1
+                kill = self._killed = self._abandoned
+        if not due:
+            return
+        if threading.current_thread().daemon or _context.working_for(self._backend):
+            # A backend's thread (the collector may drop an imap anywhere),
+            # or a task of this pool's: closing here would wait for itself.
+            threading.Thread(
+                target=self._close_now, args=(kill,), kwargs={"imaps_may_finish": False}, daemon=True
+            ).start()
+        else:
+            self._close_now(kill, imaps_may_finish=False)
+
     def _wait_finished(self) -> None:
         if not self._settlers.on_one() and may_wait_for_another_backend():
             self._finished.wait()
 
-    def _close_backend(self, kill: bool) -> None:
+    def _close_backend(self, kill: bool, *, imaps_may_finish: bool = False) -> bool:
+        """Stop the workers (polite: once the running work is done); True
+        where that is left to the open imaps instead (``imaps_may_finish``)."""
         if not kill:
             try:
                 with self._lock:
@@ -434,6 +533,9 @@ class Pool:
                     # on an executor given as backend too, though it runs on.
                     while (self._futures or self._running_maps) and not self._killed:
                         self._all_settled.wait()
+                    if imaps_may_finish and self._open_imaps and not self._killed and not self._enders:
+                        self._deferred = True
+                        return True
             except BaseException:
                 # Ctrl-C while leaving the with block: stop the workers now.
                 with self._lock:
@@ -464,6 +566,7 @@ class Pool:
         # Every future the workers settled is settled before close() returns,
         # unless this is a done-callback, on a settling thread itself.
         self._settlers.stop()
+        return False
 
     def _has_work(self) -> bool:
         with self._lock:
@@ -606,13 +709,15 @@ class Pool:
 HANDED_OVER_ONE_BY_ONE = 64
 
 
-def _flatten(records: Iterator[Record], *, skip: bool, pool: Pool, owned: bool) -> Iterator[Any]:
+def _flatten(
+    records: Iterator[Record], *, skip: bool, pool: Pool, owned: bool, ending: _ImapEnding | None = None
+) -> Iterator[Any]:
     """Every value of every record. One generator does it all because each
     layer costs every item a frame switch (benchmark W6). It holds ``pool``
     alive while it runs, as ``multiprocessing.Pool``'s iterators do, so that
     ``Pool().imap(...)`` works; ``owned``: the pool is this iterator's alone,
     closed when the values run out, terminated when they are abandoned or an
-    error escapes."""
+    error escapes; ``ending``: told when it ends, for a pool of many."""
     finished = False
     try:
         for record in records:
@@ -638,11 +743,28 @@ def _flatten(records: Iterator[Record], *, skip: bool, pool: Pool, owned: bool) 
         finished = True
     finally:
         records.close()  # type: ignore[attr-defined]
+        if ending is not None:
+            ending(finished)
         if owned:
             if finished:
                 pool.close()
             else:
                 pool.terminate()
+
+
+class _ImapEnding:
+    """Tells the pool, once, that one of its imaps ended: from the iterator's
+    last step, or from its finalizer when dropped before its first."""
+
+    __slots__ = ("_pool",)
+
+    def __init__(self, pool: Pool) -> None:
+        self._pool: Pool | None = pool
+
+    def __call__(self, finished: bool) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool._imap_ended(finished)
 
 
 class _Submission:

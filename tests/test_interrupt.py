@@ -649,12 +649,12 @@ CTRL_C_IN_CLOSE_SCRIPT = textwrap.dedent(
     if __name__ == "__main__":
         pool = parmap.Pool(workers=1, backend={backend!r})
         assert pool.map(abs, [-1]) == [1]
-        results = pool.imap(nap, [0.3] * 20, chunksize=20)  # one chunk of 6 s
-        threading.Thread(target=lambda: list(results), daemon=True).start()
-        time.sleep(0.5)
-        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
         try:
-            pool.close()  # waits for the running sleep
+            with pool:  # leaving the block waits for the running sleep
+                results = pool.imap(nap, [0.3] * 20, chunksize=20)  # one chunk of 6 s
+                threading.Thread(target=lambda: list(results), daemon=True).start()
+                time.sleep(0.5)
+                threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
         except KeyboardInterrupt:
             print("KeyboardInterrupt", flush=True)
         _, alive = psutil.wait_procs(workers(), timeout=2)
@@ -672,8 +672,10 @@ CTRL_C_IN_CLOSE_SCRIPT = textwrap.dedent(
     ],
 )
 def test_ctrl_c_while_close_waits_for_running_work_stops_the_workers(tmp_path, backend):
-    # The Ctrl-C left the backend's polite close half done: the workers ran
-    # their chunks to the end (6 s here), or on after the program (dask).
+    # The with block's close waits for an imap's running chunk (a close()
+    # would leave the workers to that imap). The Ctrl-C left the backend's
+    # polite close half done: the workers ran their chunks to the end (6 s
+    # here), or on after the program (dask).
     script = tmp_path / "ctrl_c_in_close.py"
     script.write_text(CTRL_C_IN_CLOSE_SCRIPT.format(root=os.path.dirname(TESTS_DIR), backend=backend))
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=40)
@@ -701,13 +703,13 @@ THREAD_CTRL_C_IN_CLOSE_SCRIPT = textwrap.dedent(
     if __name__ == "__main__":
         pool = parmap.Pool(workers=1, backend="thread")
         assert pool.map(abs, [-1]) == [1]
-        results = pool.imap(nap, [0.3] * 20, chunksize=20)  # one chunk of 6 s
-        consumer = threading.Thread(target=consume, args=(results,))
-        consumer.start()
-        time.sleep(0.5)
-        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
         try:
-            pool.close()  # waits for the running chunk
+            with pool:  # leaving the block waits for the running chunk
+                results = pool.imap(nap, [0.3] * 20, chunksize=20)  # one chunk of 6 s
+                consumer = threading.Thread(target=consume, args=(results,))
+                consumer.start()
+                time.sleep(0.5)
+                threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
         except KeyboardInterrupt:
             interrupted = time.monotonic()
             print("KeyboardInterrupt", flush=True)

@@ -402,6 +402,67 @@ def test_an_imap_taken_before_close_and_read_after_it_says_so(backend):
         list(results)
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("started", [False, True])
+@pytest.mark.parametrize("closer", ["close", "shutdown"])
+def test_an_imap_taken_before_close_yields_all_its_results(any_backend, closer, started):
+    # multiprocessing's `it = pool.imap(...); pool.close(); for r in it: ...;
+    # pool.join()`: it raised PoolClosedError, as a closed pool's new call.
+    pool = parmap.Pool(workers=2, backend=any_backend)
+    results = pool.imap(workfns.square, range(20), chunksize=2)
+    other = pool.imap(workfns.square, range(5), ordered=False)
+    first = [next(results)] if started else []
+    pool.close() if closer == "close" else pool.shutdown(wait=False)
+    assert pool.closed
+    with pytest.raises(parmap.PoolClosedError):
+        pool.imap(workfns.square, range(3))
+    assert sorted(other) == [x * x for x in range(5)]  # one ended: the other runs on
+    assert first + list(results) == [x * x for x in range(20)]
+    assert not live_children()  # the last open imap stopped the workers as it ended
+    pool.join()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("ender", ["join", "with", "terminate"])
+def test_join_the_with_block_or_terminate_end_an_imap_left_open_by_close(backend, ender):
+    # Waiting for it could wait for ever: the thread that would read it is here.
+    pool = parmap.Pool(workers=2, backend=backend)
+    with pool:
+        results = pool.imap(workfns.square, range(20), chunksize=2)
+        assert next(results) == 0
+        pool.close()
+        if ender != "with":
+            getattr(pool, ender)()
+            assert not live_children()
+    pool.join()
+    with pytest.raises(parmap.PoolClosedError):
+        list(results)
+
+
+@pytest.mark.timeout(60)
+def test_an_imap_dropped_after_close_stops_the_workers(backend):
+    pool = parmap.Pool(workers=2, backend=backend)
+    unread = pool.imap(workfns.square, range(10))
+    pool.close()
+    del unread  # never started: no finally clause of its own runs
+    gc.collect()
+    pool.join()
+    assert not live_children()
+
+
+@pytest.mark.timeout(60)
+def test_an_imap_abandoned_after_close_does_not_wait_for_its_running_items(process_backend):
+    pool = parmap.Pool(workers=2, backend=process_backend)
+    results = pool.imap(time.sleep, [0, 30, 30, 30], chunksize=1)
+    assert next(results) is None
+    pool.close()
+    started = time.monotonic()
+    results.close()
+    pool.join()
+    assert time.monotonic() - started < 5  # not the 30 s items'
+    assert not live_children()
+
+
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("backend", ["process", "fork", "pool", "apply_async", "thread"])
 def test_a_submitted_call_runs_for_good_until_terminate_fails_it(backend):
@@ -998,6 +1059,48 @@ def test_after_shutdown_without_wait_join_and_close_wait(process_backend, closer
             assert slow.done()
     assert slow.done()
     # no_orphans checks at once that the workers are gone too
+
+
+EXIT_AFTER_SHUTDOWN_SCRIPT = """
+import sys, time
+sys.path[:0] = [{tests!r}, {root!r}]
+import parmap, workfns
+
+def late_mark(directory):
+    time.sleep(0.5)
+    workfns.mark(directory, 0)
+
+if __name__ == "__main__":
+    pool = parmap.Pool(workers=1, backend={backend!r})
+    pool.submit(late_mark, {markers!r})
+    pool.shutdown(wait=False)
+    if {interrupted!r}:
+        raise KeyboardInterrupt
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("interrupted", [False, True])
+def test_an_exit_after_shutdown_without_wait_lets_the_running_work_finish(
+    tmp_path, tmp_marker_dir, process_backend, interrupted
+):
+    # As an executor does (CPython's test_cancel_futures_wait_false): the
+    # exit terminated the pool, and the submitted call never ran. A Ctrl-C
+    # that ends the program still stops the workers at once.
+    script = tmp_path / "exit_after_shutdown.py"
+    tests = os.path.dirname(__file__)
+    script.write_text(
+        EXIT_AFTER_SHUTDOWN_SCRIPT.format(
+            tests=tests,
+            root=os.path.dirname(tests),
+            backend=process_backend,
+            markers=tmp_marker_dir,
+            interrupted=interrupted,
+        )
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=40)
+    assert result.returncode == (-signal.SIGINT if interrupted else 0), result.stderr[-2000:]
+    assert os.listdir(tmp_marker_dir) == ([] if interrupted else ["0.ran"])
 
 
 @pytest.mark.timeout(30)
