@@ -440,6 +440,24 @@ def test_join_the_with_block_or_terminate_end_an_imap_left_open_by_close(backend
 
 
 @pytest.mark.timeout(60)
+def test_the_call_after_an_abandoned_imap_runs_each_item_once(process_backend, tmp_marker_dir):
+    # pool/apply_async replace their multiprocessing.Pool to drop the
+    # abandoned chunks; the next call's chunks went to the old one meanwhile,
+    # were cut off with it and ran again (6 trials in 10).
+    with parmap.Pool(workers=3, backend=process_backend) as pool:
+        for trial in range(3):
+            for _ in pool.imap(time.sleep, [0.05] * 4, chunksize=1):
+                break
+            count = functools.partial(workfns.count_runs, tmp_marker_dir)
+            assert pool.map(count, range(4 * trial, 4 * trial + 4), chunksize=1) == list(
+                range(4 * trial, 4 * trial + 4)
+            )
+    for name in os.listdir(tmp_marker_dir):
+        with open(os.path.join(tmp_marker_dir, name)) as runs:
+            assert len(runs.read().split()) == 1, name
+
+
+@pytest.mark.timeout(60)
 def test_an_imap_dropped_after_close_stops_the_workers(backend):
     pool = parmap.Pool(workers=2, backend=backend)
     unread = pool.imap(workfns.square, range(10))

@@ -559,6 +559,16 @@ def slow_zero_then_two_failures(i):
     raise KeyError("item 2")
 
 
+def slow_zero_fast_five_fail(i):
+    """Items 0 (after 0.3 s) and 5 (at once) fail; the others return at once."""
+    if i == 0:
+        time.sleep(0.3)
+        raise ValueError("slow 0")
+    if i == 5:
+        raise ValueError("fast 5")
+    return i
+
+
 def count_then_stop(path, kind):
     """Append a mark to ``path``, then raise SystemExit or KeyboardInterrupt."""
     with open(path, "a") as marks:
@@ -692,3 +702,11 @@ def nested_submits_of_closures(n=12, mib=8):
             assert pool.submit(lambda b=blob, i=i: len(b) + i).result(timeout=30) == (mib << 20) + i
             rss.append(pool.submit(own_rss).result(timeout=30))
     return rss[-1] - rss[0]
+
+
+def count_runs(marker_dir, x, seconds=0.01):
+    """Append a line per run of ``x`` to ``x.runs``; return ``x``."""
+    with open(os.path.join(marker_dir, f"{x}.runs"), "a") as runs:
+        runs.write(f"{os.getpid()}\n")
+    time.sleep(seconds)
+    return x

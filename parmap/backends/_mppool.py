@@ -239,6 +239,9 @@ class MPPoolBackend(Backend):
                     self._free_slots.append(self._flights.pop(key).slot)
                 if left:
                     self._replace_requested = True
+                    # The next call's chunks wait for the fresh pool: sent to
+                    # this one, they would be cut off by its end and run again.
+                    self._replacing = True
                     self._wake_pipe.wake()
         if path is not None:
             try:
