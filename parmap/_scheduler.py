@@ -350,9 +350,10 @@ class Scheduler:
         else:
             while self._ready:
                 record = self._ready.popleft()
-                if record.raises:
+                if record.raises or (limit is not None and record.start >= limit):
                     # Its error is no value to yield: the earliest is raised,
-                    # and one after it is not reached, as in a serial loop.
+                    # and one after it is not reached, as in a serial loop;
+                    # nor are the values after a failure known by now.
                     continue
                 self._outstanding.remove(record)
                 yield record

@@ -213,6 +213,19 @@ def test_unordered_imap_never_yields_an_error_it_is_to_raise(backend):
     assert got == ["zero"]
 
 
+@pytest.mark.timeout(30)
+def test_unordered_imap_yields_no_value_after_a_failure_it_knows_of(backend):
+    # Item 5 fails first: a serial loop reaches nothing after it. Items 6
+    # and 7, sent ahead, were yielded on the process backends all the same.
+    got = []
+    with pytest.raises(ValueError, match="slow 0"):
+        for value in parmap.imap(
+            workfns.slow_zero_fast_five_fail, range(8), workers=2, backend=backend, ordered=False, chunksize=1
+        ):
+            got.append(value)
+    assert set(got) <= {1, 2, 3, 4}
+
+
 @pytest.mark.timeout(60)
 def test_workers_crashing_at_once_are_each_charged_with_their_exit_code(process_backend, tmp_path):
     # On pool/apply_async the second death fell into the pool's replacement
