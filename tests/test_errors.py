@@ -131,7 +131,7 @@ def test_an_error_fn_raises_again_for_a_later_item_goes_on_naming_the_first(stor
     # On threads fn's very object comes back: items 1 and 2 raise one stored
     # error (a failed future's, say), in that order, and the map raises it
     # for item 1; the later, unseen failure renamed it item 2's.
-    first, second = threading.Event(), threading.Event()
+    started, first, second = threading.Event(), threading.Event(), threading.Event()
 
     def fn(x):
         if x == 0:
@@ -139,14 +139,17 @@ def test_an_error_fn_raises_again_for_a_later_item_goes_on_naming_the_first(stor
             time.sleep(0.2)
             return 0
         if x == 2:
+            started.set()  # before item 1 fails: once it has, item 2 would not start
             first.wait(10)
             second.set()
         else:
+            started.wait(10)
             first.set()
         raise stored
 
     with pytest.raises(type(stored)) as info:
         parmap.map(fn, range(3), workers=3, backend="thread", chunksize=1)
+    assert second.is_set()  # item 2 did raise it
     assert info.value is stored and stored.__notes__ == ["parmap: raised by item #1 (1)"]
     if isinstance(stored, parmap.ParmapError):
         assert stored.position == 1
