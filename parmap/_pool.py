@@ -497,25 +497,46 @@ class Pool:
                 self._wait_finished()
 
     def _imap_ended(self, finished: bool) -> None:
-        """An imap of this pool ended (``finished``: read to its end)."""
-        with self._lock:
-            self._open_imaps -= 1
-            self._abandoned = self._abandoned or not finished
-            due = self._deferred and not self._open_imaps
-            if due:
-                self._deferred = False
-                self._closers += 1
-                kill = self._killed = self._abandoned
-        if not due:
+        """An imap of this pool ended (``finished``: read to its end).
+
+        One that was not may have been dropped by the cycle collector, which
+        runs wherever something allocates: perhaps on a thread that holds
+        this pool's lock, or a backend's. There it neither waits for the
+        lock nor closes anything; a thread of its own does.
+        """
+        if finished and not threading.current_thread().daemon and not _context.working_for(self._backend):
+            # The consumer's own last step; not a backend's thread, nor a
+            # task of this pool's, whose close would wait for itself.
+            self._end_imap(finished)
             return
-        if threading.current_thread().daemon or _context.working_for(self._backend):
-            # A backend's thread (the collector may drop an imap anywhere),
-            # or a task of this pool's: closing here would wait for itself.
-            threading.Thread(
-                target=self._close_now, args=(kill,), kwargs={"imaps_may_finish": False}, daemon=True
-            ).start()
-        else:
-            self._close_now(kill, imaps_may_finish=False)
+        if not self._lock.acquire(blocking=False):
+            _start_thread(self._end_imap, finished)
+            return
+        try:
+            due = self._count_imap_end(finished)
+        finally:
+            self._lock.release()
+        if due:
+            _start_thread(self._close_now, self._killed, imaps_may_finish=False)
+
+    def _end_imap(self, finished: bool) -> None:
+        with self._lock:
+            due = self._count_imap_end(finished)
+        if due:
+            self._close_now(self._killed, imaps_may_finish=False)
+
+    def _count_imap_end(self, finished: bool) -> bool:
+        """Under the lock: whether this was the last open imap that a close
+        waits for, which must now stop the workers (a kill if one was
+        abandoned: its running items are no one's)."""
+        self._open_imaps -= 1
+        self._abandoned = self._abandoned or not finished
+        if not (self._deferred and not self._open_imaps):
+            return False
+        self._deferred = False
+        self._closers += 1
+        self._killed = self._abandoned
+        return True
 
     def _wait_finished(self) -> None:
         if not self._settlers.on_one() and may_wait_for_another_backend():
@@ -750,6 +771,10 @@ def _flatten(
                 pool.close()
             else:
                 pool.terminate()
+
+
+def _start_thread(target: Callable[..., object], *args: Any, **kwargs: Any) -> None:
+    threading.Thread(target=target, args=args, kwargs=kwargs, name="parmap-imap-end", daemon=True).start()
 
 
 class _ImapEnding:

@@ -469,6 +469,24 @@ def test_an_imap_dropped_after_close_stops_the_workers(backend):
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("started", [False, True])
+def test_an_imap_the_collector_frees_under_the_pools_lock_does_not_deadlock(backend, started):
+    # The collector runs wherever something allocates: under the pool's own
+    # lock too. The imap's end waited there for that very lock.
+    pool = parmap.Pool(workers=2, backend=backend)
+    cycle = [pool.imap(workfns.square, range(3))]
+    cycle.append(cycle)
+    if started:
+        assert next(cycle[0]) == 0
+    pool.close()
+    with pool._lock:
+        del cycle
+        gc.collect()
+    pool.join()
+    assert not live_children()
+
+
+@pytest.mark.timeout(60)
 def test_an_imap_abandoned_after_close_does_not_wait_for_its_running_items(process_backend):
     pool = parmap.Pool(workers=2, backend=process_backend)
     results = pool.imap(time.sleep, [0, 30, 30, 30], chunksize=1)
