@@ -143,7 +143,7 @@ class Pool:
         # join(), the with block or terminate() ends them first.
         self._open_imaps = 0
         self._deferred = False  # a close() waits for the open imaps to end
-        self._abandoned = False  # an imap was dropped unfinished: its running work is not waited for
+        self._abandoned = False  # an imap left open by close() was dropped unfinished: its work is no one's
         self._enders = 0  # threads in join() or another close: a close() must not leave the workers to imaps
         # Its workers, threads and pipes belong to this process: a child made
         # by os.fork() inherits the object but none of that (see _check_open).
@@ -556,6 +556,7 @@ class Pool:
                         self._all_settled.wait()
                     if imaps_may_finish and self._open_imaps and not self._killed and not self._enders:
                         self._deferred = True
+                        self._abandoned = False  # one abandoned before this close ran no longer
                         return True
             except BaseException:
                 # Ctrl-C while leaving the with block: stop the workers now.
