@@ -317,6 +317,26 @@ def test_a_timeout_counts_only_the_items_own_run(process_backend):
     assert [len(r) for r in results] == [1_000_000] * 4
 
 
+def test_a_timeout_does_not_spin_the_parent_while_no_item_runs(process_backend):
+    # pool/apply_async woke with no wait once a chunk's sending was a timeout
+    # ago while its worker ran no item (in the initializer here, or sending
+    # big results): a core of the caller's CPU, and a GIL that slowed the
+    # pool's result thread ~10x.
+    cpu_before = time.process_time()
+    results = parmap.map(
+        workfns.square,
+        range(4),
+        workers=2,
+        backend=process_backend,
+        timeout=0.1,
+        initializer=time.sleep,
+        initargs=(1.0,),
+    )
+    assert results == [0, 1, 4, 9]
+    spent = time.process_time() - cpu_before
+    assert spent < 0.4, f"the caller used {spent:.2f} s of CPU while its workers slept 1 s"
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("backend", ["process", "fork"])
 def test_a_timeout_still_bounds_the_loading_of_items_and_pickling_of_results(backend):
