@@ -476,7 +476,7 @@ GC_ON_THE_POOLS_OWN_THREADS_SCRIPT = textwrap.dedent(
             del holder
             gc.set_threshold(1)
             gc.enable()
-            time.sleep(1.0)  # allocates nothing: the collection runs on a thread of the imap's pool
+            time.sleep(0.5)  # allocates nothing: the collection runs on a thread of the imap's pool
         gc.disable()
         deadline = time.monotonic() + 10
         while any(t.name.startswith("parmap") for t in threading.enumerate()) and time.monotonic() < deadline:
