@@ -290,6 +290,12 @@ def _kill_on(victim, x):
     return x
 
 
+def _exit_on(victim, x):
+    if x == victim:
+        os._exit(7)
+    return x
+
+
 @pytest.mark.timeout(150)  # a rare ~30 s wait on Dask (see below) must not time it out
 def test_own_cluster_survives_calls_and_a_killed_worker(monkeypatch):
     monkeypatch.delenv("PARMAP_DASK_ADDRESS", raising=False)
@@ -299,8 +305,10 @@ def test_own_cluster_survives_calls_and_a_killed_worker(monkeypatch):
         assert len(first | second) <= 2  # the same two workers serve every call
 
         started = time.monotonic()
-        with pytest.raises(parmap.WorkerCrashedError, match=r"item #5 \(5\).*KilledWorker"):
+        # Named as the local backends name it: Dask's KilledWorker knows only an address.
+        with pytest.raises(parmap.WorkerCrashedError, match=r"item #5 \(5\) died: signal SIGKILL") as crash:
             pool.map(functools.partial(_kill_on, 5), range(10), chunksize=1)
+        assert crash.value.exitcode == -signal.SIGKILL
         # Usually 0.2-3.5 s. Dask cannot say which of the tasks on a dead worker
         # was running, so each is rerun alone and the killer takes down a
         # second worker; rarely (1 run in 80) Dask needs ~30 s to hand back a
@@ -310,6 +318,10 @@ def test_own_cluster_survives_calls_and_a_killed_worker(monkeypatch):
         # The dead worker's item is skipped; the others' results are kept.
         kept = pool.map(functools.partial(_kill_on, 2), range(6), chunksize=3, on_error="skip")
         assert kept == [0, 1, 3, 4, 5]
+        got = pool.map(functools.partial(_exit_on, 1), range(3), chunksize=1, on_error="return")
+        assert isinstance(got[1], parmap.WorkerCrashedError), got
+        assert (got[0], got[2], got[1].exitcode) == (0, 2, 7)
+        assert "item #1 (1) died: exit code 7" in str(got[1])
         assert pool.map(square, range(5)) == [0, 1, 4, 9, 16]
 
         # Stopping at once (as on Ctrl-C) does not wait for running tasks.

@@ -88,6 +88,7 @@ from ._base import (
     ChunkLost,
     Done,
     decode_chunk_outcome,
+    describe_exit,
     drives_workers,
     leave_to_finish,
     may_wait_for_another_backend,
@@ -176,6 +177,12 @@ def _client_class(distributed: Any) -> Any:
 
         _CLIENT_CLASS = Client
     return _CLIENT_CLASS
+
+
+#: Seconds a KilledWorker from our own cluster waits for the dead worker's
+#: nanny to say how its process ended (see _dask_exits): the scheduler may
+#: hear of the death first. The nanny was at most a few ms behind here.
+EXIT_CODE_WAIT = 0.5
 
 
 @dataclass(eq=False)
@@ -389,6 +396,8 @@ class DaskBackend(Backend):
             if self.address is None:
                 import dask
 
+                from . import _dask_exits
+
                 _hush_distributed(True)
                 try:
                     with _CLUSTER_STARTS, dask.config.set(OWN_CLUSTER_CONFIG):
@@ -396,6 +405,7 @@ class DaskBackend(Backend):
                             n_workers=self._requested_workers,
                             threads_per_worker=1,
                             processes=True,
+                            worker_class=_dask_exits.Nanny,
                             dashboard_address=":0",
                             # Its warnings and errors (a task cancelled, a worker
                             # lost, "marked as failed because 1 workers died") are
@@ -408,6 +418,8 @@ class DaskBackend(Backend):
                     raise
             client = None
             try:
+                if cluster is not None:
+                    _dask_exits.watch_registrations(cluster)
                 address = str(self.address) if cluster is None else cluster.scheduler_address
                 client = self._connect(distributed, address)
                 init = None
@@ -465,9 +477,10 @@ class DaskBackend(Backend):
                 return
             task.reporting = True
             fetcher = self._fetcher
-        if future.status == "finished" and fetcher is not None:
+        # Fetching a result waits on the cluster; so does a lost worker's exit code.
+        if future.status in ("finished", "error") and fetcher is not None:
             try:
-                fetcher.submit(self._deliver, task)  # fetching waits on the cluster
+                fetcher.submit(self._deliver, task)
                 return
             except RuntimeError:
                 pass  # shut down by close(): deliver here
@@ -568,7 +581,16 @@ class DaskBackend(Backend):
         if error.task != future.key:
             # What it waited for (its function) was on the worker that died.
             return ChunkLost(None, detail=f"the dask worker {worker} died holding its function", innocent=True)
-        return ChunkLost(None, detail=f"the dask worker {worker} died (KilledWorker)", unsure=True)
+        with self._lock:
+            own = self._cluster is not None
+        exitcode = None
+        if own and isinstance(worker, str):
+            from . import _dask_exits  # imported with the cluster it watches
+
+            exitcode = _dask_exits.worker_exit_code(worker, EXIT_CODE_WAIT)
+        if exitcode is None:
+            return ChunkLost(None, detail=f"the dask worker {worker} died (KilledWorker)", unsure=True)
+        return ChunkLost(exitcode, detail=f"{describe_exit(exitcode)} (the dask worker {worker})", unsure=True)
 
 
 #: Seconds a nanny gives its worker to stop on ``close(kill=True)`` before
