@@ -72,16 +72,17 @@ def _exited(nanny: str, exitcode: int) -> None:
 def worker_exit_code(worker: str, wait: float) -> int | None:
     """The exit code of the worker process that served at address ``worker``,
     if its nanny tells within ``wait`` seconds (the scheduler may hear of the
-    death first); ``None`` for a worker of another cluster."""
+    death first); ``None`` at once for a worker never seen to register."""
     deadline = time.monotonic() + wait
     with _changed:
+        registration = _nanny_of.get(worker)
+        if registration is None:
+            return None  # a worker registers before it is given any task
+        nanny, since = registration
         while True:
-            registration = _nanny_of.get(worker)
-            if registration is not None:
-                nanny, since = registration
-                for seq, exitcode in _exits.get(nanny, ()):
-                    if seq > since:
-                        return exitcode
+            for seq, exitcode in _exits.get(nanny, ()):
+                if seq > since:
+                    return exitcode
             left = deadline - time.monotonic()
             if left <= 0:
                 return None

@@ -127,6 +127,10 @@ WATCH_INTERVAL = 0.25
 #: item kills its worker; parmap resubmits the chunk at once instead.
 FETCH_POLL = 0.5
 FETCH_THREADS = 4
+#: Seconds a KilledWorker from our own cluster waits for the dead worker's
+#: nanny to say how its process ended (see _dask_exits): the scheduler may
+#: hear of the death first. The nanny was at most a few ms behind here.
+EXIT_CODE_WAIT = 0.5
 
 #: Settings for clusters parmap starts itself; see the module docstring.
 OWN_CLUSTER_CONFIG = {
@@ -177,12 +181,6 @@ def _client_class(distributed: Any) -> Any:
 
         _CLIENT_CLASS = Client
     return _CLIENT_CLASS
-
-
-#: Seconds a KilledWorker from our own cluster waits for the dead worker's
-#: nanny to say how its process ended (see _dask_exits): the scheduler may
-#: hear of the death first. The nanny was at most a few ms behind here.
-EXIT_CODE_WAIT = 0.5
 
 
 @dataclass(eq=False)
