@@ -6,7 +6,7 @@ a round: 3 and 4 workers both need 2 rounds, so the fourth buys nothing. The
 script prints what it measured next to that prediction.
 
     python examples/pool_size.py              # S = 2 s, about 22 s in all
-    python examples/pool_size.py --sleep 0.2  # the quick version the tests run
+    python examples/pool_size.py --sleep 0.1  # the quick version the tests run
 """
 
 import argparse

@@ -22,7 +22,7 @@ EXAMPLES = ROOT / "examples"
 #: name -> (arguments, a pattern that only a successful run prints)
 CASES: dict[str, tuple[list[str], str]] = {
     "quickstart": ([], r"2000 squares"),
-    "pool_size": (["--sleep", "0.2"], r"^\s+5\s+1\s+0\.20s\s+\d+\.\d\ds$"),
+    "pool_size": (["--sleep", "0.1"], r"^\s+5\s+1\s+0\.10s\s+\d+\.\d\ds$"),
     "thumbnails": (["--count", "6", "--workers", "2"], r"made 6 thumbnails in .* \(largest 128x\d+\)"),
     "crawl": (["--pages", "20", "--latency", "0.02", "--threads", "8"], r"thread x8 .* 20 pages, \d+ KiB, 60 links"),
     "primes": (["--limit", "50000", "--pieces", "16", "--workers", "2"], r"5133 primes below 50,000"),
@@ -37,7 +37,7 @@ CASES: dict[str, tuple[list[str], str]] = {
 
 #: The lines each example must print besides its headline, to check the story it tells.
 EXTRA: dict[str, list[str]] = {
-    "pool_size": [r"^\s+2\s+3\s+0\.60s", r"^\s+3\s+2\s+0\.40s"],
+    "pool_size": [r"^\s+2\s+3\s+0\.30s", r"^\s+3\s+2\s+0\.20s"],
     "errors": [
         # Two prices fail; "raise" reports whichever failure reached the caller
         # first, and with two workers that is not always the earlier item.
