@@ -33,7 +33,7 @@ CRASH_MATRIX = [
     pytest.param(
         workfns.return_unpicklable, {}, parmap.SerializationError, "result of item #5", id="unpicklable-result"
     ),
-    pytest.param(workfns.sleep_forever, {"timeout": 0.5}, parmap.TaskTimeoutError, "item #5", id="timeout"),
+    pytest.param(workfns.sleep_forever, {"timeout": 0.3}, parmap.TaskTimeoutError, "item #5", id="timeout"),
 ]
 
 
@@ -349,13 +349,13 @@ def test_a_timeout_still_bounds_the_loading_of_items_and_pickling_of_results(bac
         workers=2,
         backend=backend,
         chunksize=1,
-        timeout=0.5,
+        timeout=0.3,
         on_error="return",
     )
     results = list(loaded)
     assert [type(r) for r in results] == [int, parmap.TaskTimeoutError, int], results
     pickled = parmap.map(
-        workfns.value_or_slow_result, [0, 1, 2], workers=2, backend=backend, chunksize=1, timeout=0.5, on_error="return"
+        workfns.value_or_slow_result, [0, 1, 2], workers=2, backend=backend, chunksize=1, timeout=0.3, on_error="return"
     )
     assert [type(r) for r in pickled] == [int, parmap.TaskTimeoutError, int], pickled
     assert time.monotonic() - began < 20
@@ -400,7 +400,7 @@ def test_a_stopped_worker_takes_the_commands_it_ran_along(tmp_path, backend, ite
     # it is done.)
     fn = functools.partial(workfns.run_command_or_fail, str(tmp_path))
     with pytest.raises((parmap.TaskTimeoutError, ValueError)):
-        parmap.map(fn, items, workers=2, backend=backend, chunksize=1, timeout=0.5 if len(items) == 1 else None)
+        parmap.map(fn, items, workers=2, backend=backend, chunksize=1, timeout=0.3 if len(items) == 1 else None)
     assert _command_ends(tmp_path)
 
 
@@ -437,7 +437,8 @@ def test_a_timed_out_worker_takes_a_deep_tree_of_commands_along(tmp_path, backen
     seconds = f"60.{os.getpid()}{len(backend)}"  # a command line no other test runs
     fn = functools.partial(workfns.run_command_chain, str(script), 10)
     with pytest.raises(parmap.TaskTimeoutError):
-        parmap.map(fn, [seconds], backend=backend, timeout=1)
+        parmap.map(fn, [seconds], backend=backend, timeout=0.5)
+    assert (tmp_path / "chain.sh.reached").exists()  # a timeout before the sleep started would prove nothing
 
     def left() -> list[psutil.Process]:
         return [
