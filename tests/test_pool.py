@@ -14,7 +14,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import psutil
 import pytest
@@ -681,6 +681,37 @@ def test_terminate_from_another_thread_ends_a_running_map(backend):
     finally:
         stopper.join()
         pool.terminate()
+
+
+def _terminated_while_handing_out_chunks(pool: parmap.Pool) -> None:
+    def items() -> Iterator[float]:
+        for i in range(30):
+            if i == 6:
+                stopper = threading.Thread(target=pool.terminate)
+                stopper.start()
+                stopper.join()
+            yield 0.01
+
+    try:
+        with pytest.raises(parmap.PoolClosedError, match="terminated"):
+            pool.map(time.sleep, items(), chunksize=1)
+    finally:
+        pool.terminate()
+
+
+@pytest.mark.timeout(30)
+def test_a_map_still_handing_out_chunks_when_terminated_says_terminated(any_backend):
+    # The map handed out its next chunks after the terminate() was over, and
+    # was told "this pool is closed", as if used after a close: on every
+    # backend here, and on pool/apply_async in about 1 of 10 terminates from
+    # a timer (whenever the refusal came before the stopped chunks' news).
+    _terminated_while_handing_out_chunks(parmap.Pool(workers=2, backend=any_backend))
+
+
+@pytest.mark.timeout(30)
+def test_a_map_on_an_executor_still_handing_out_chunks_when_terminated_says_terminated():
+    with concurrent.futures.ThreadPoolExecutor(2) as executor:
+        _terminated_while_handing_out_chunks(parmap.Pool(backend=executor))
 
 
 @pytest.mark.timeout(60)

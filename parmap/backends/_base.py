@@ -414,11 +414,20 @@ def dropped_outcome() -> ChunkOutcome:
     return ChunkOutcome.failed(CancelledError())
 
 
+TERMINATED = "the pool was terminated before this work finished"
+
+
 def terminated_outcome() -> ChunkOutcome:
     """What a chunk still queued or running when its pool is terminated
     comes to: a call waiting on it (in another thread) must not wait for ever."""
-    error = PoolClosedError("the pool was terminated before this work finished")
-    return ChunkOutcome.failed(error)
+    return ChunkOutcome.failed(PoolClosedError(TERMINATED))
+
+
+def closed_error(killed: bool) -> PoolClosedError:
+    """What ``submit()`` raises once the backend is closed. A call still
+    handing out chunks when ``terminate()`` came hears of it from whichever
+    it meets first, a refused chunk or a stopped one: both say terminated."""
+    return PoolClosedError(TERMINATED if killed else "this pool is closed")
 
 
 def startup_failed_outcome(exitcode: int | None) -> ChunkOutcome:

@@ -64,6 +64,7 @@ from ._base import (
     ChunkOutcome,
     Done,
     WakePipe,
+    closed_error,
     decode_chunk_outcome,
     drives_workers,
     dropped_outcome,
@@ -359,7 +360,7 @@ class LocalWorkers(Backend):
             if self._broken is not None:
                 raise PoolClosedError(f"this pool is closed: {self._broken}") from self._broken
             if self._closing:
-                raise PoolClosedError("this pool is closed")
+                raise closed_error(self._kill)
             self._pending.append(queued)
             # With every worker busy, the dispatcher finds this chunk when one
             # finishes (it marks the worker idle, then looks here, under this

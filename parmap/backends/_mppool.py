@@ -55,6 +55,7 @@ from ._base import (
     ChunkLost,
     Done,
     WakePipe,
+    closed_error,
     decode_chunk_outcome,
     drives_workers,
     dropped_outcome,
@@ -188,6 +189,7 @@ class MPPoolBackend(Backend):
         self._abandoned_busy: list[int] = []  # workers running chunks of calls released early
         self._wake_pipe = WakePipe()
         self._closing = False
+        self._terminated = False  # close(kill=True) came
         self._replacing = False  # the pool is being swapped: hold tasks back
         self._dormant = False  # no pool until work comes (see _go_dormant)
         self._replace_requested = False
@@ -213,11 +215,11 @@ class MPPoolBackend(Backend):
         fn_bytes = chunk.call.local_fn_bytes
         items = chunk.items_bytes()
         if self._closing:  # before starting anything: a closed backend starts no pool
-            raise PoolClosedError("this pool is closed")
+            raise closed_error(self._terminated)
         self._ensure_started()
         with self._lock:
             if self._closing:
-                raise PoolClosedError("this pool is closed")
+                raise closed_error(self._terminated)
             self._fn_ref(chunk.call, fn_bytes)
             self._waiting.append((chunk, done, items))
             self._launch_waiting()
@@ -257,6 +259,7 @@ class MPPoolBackend(Backend):
         with self._lock:
             already = self._closing
             self._closing = True  # a polite close still runs what was submitted
+            self._terminated = self._terminated or kill  # with _closing: see closed_error
         monitor = self._monitor
         if monitor is None:
             self._wake_pipe.close()

@@ -77,7 +77,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .._errors import PoolClosedError
 from .._serialization import dumps_function
 from .._worker import ChunkOutcome
 from ._base import (
@@ -87,6 +86,7 @@ from ._base import (
     Chunk,
     ChunkLost,
     Done,
+    closed_error,
     decode_chunk_outcome,
     describe_exit,
     drives_workers,
@@ -347,6 +347,7 @@ class DaskBackend(Backend):
         with self._lock:
             if self._client is None and self._cluster is None:
                 self._closed = True
+                self._killed = self._killed or kill
                 return
             self._closed = True
             self._killed = self._killed or kill
@@ -381,7 +382,7 @@ class DaskBackend(Backend):
     # -- internals --------------------------------------------------------------
     def _check_open(self) -> None:
         if self._closed:
-            raise PoolClosedError("this dask backend is closed")
+            raise closed_error(self._killed)
 
     def _ensure_client(self) -> Any:
         with self._start_lock:

@@ -31,7 +31,17 @@ from .._errors import PoolClosedError, WorkerCrashedError
 from .._options import default_workers
 from .._serialization import ErrorInfo, InitializerGlobals, InitializerWatch, loads, share_globals
 from .._worker import ChunkOutcome, encode_outcome, fatal_outcome, run_chunk, unreadable_outcome
-from ._base import Backend, Call, Capabilities, Chunk, ChunkLost, Done, decode_chunk_outcome, terminated_outcome
+from ._base import (
+    Backend,
+    Call,
+    Capabilities,
+    Chunk,
+    ChunkLost,
+    Done,
+    closed_error,
+    decode_chunk_outcome,
+    terminated_outcome,
+)
 from .thread import _run_in_thread
 
 __all__ = ["ExecutorBackend", "call_key", "run_remote_chunk"]
@@ -155,12 +165,13 @@ class ExecutorBackend(Backend):
         self._calls: dict[int, _CallFutures] = {}
         self._broken = False
         self._closed = False
+        self._killed = False
 
     def submit(self, chunk: Chunk, done: Done) -> None:
         call = chunk.call
         with self._lock:
             if self._closed:
-                raise PoolClosedError("this pool is closed")
+                raise closed_error(self._killed)
         try:
             if self._in_process:
                 future: Future[Any] = self.executor.submit(_run_in_thread, chunk, self)
@@ -229,6 +240,7 @@ class ExecutorBackend(Backend):
         terminated. The executor itself is not ours to shut down."""
         with self._lock:
             self._closed = True
+            self._killed = self._killed or kill
             if not kill:
                 return
             states = list(self._calls.values())

@@ -10,9 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .._errors import PoolClosedError
 from .._worker import ChunkOutcome, run_chunk
-from ._base import Backend, Capabilities, Chunk, Done
+from ._base import Backend, Capabilities, Chunk, Done, closed_error
 
 
 class SerialBackend(Backend):
@@ -27,10 +26,11 @@ class SerialBackend(Backend):
         self._initargs = initargs
         self._init_error: BaseException | None = None
         self._closed = False
+        self._killed = False
 
     def submit(self, chunk: Chunk, done: Done) -> None:
         if self._closed:
-            raise PoolClosedError("this pool is closed")
+            raise closed_error(self._killed)
         if self._initializer is not None:
             initializer, self._initializer = self._initializer, None
             try:
@@ -48,4 +48,5 @@ class SerialBackend(Backend):
         done(chunk, outcome)
 
     def close(self, kill: bool = False) -> None:
+        self._killed = self._killed or kill
         self._closed = True

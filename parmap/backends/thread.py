@@ -20,9 +20,18 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import _context
-from .._errors import PoolClosedError
 from .._worker import ChunkOutcome, run_chunk
-from ._base import Backend, Call, Capabilities, Chunk, Done, dropped_outcome, join_thread, terminated_outcome
+from ._base import (
+    Backend,
+    Call,
+    Capabilities,
+    Chunk,
+    Done,
+    closed_error,
+    dropped_outcome,
+    join_thread,
+    terminated_outcome,
+)
 
 #: terminate() waits at most this long for the threads to end. One running
 #: an item stops before its next; the item itself cannot be stopped, and
@@ -83,7 +92,7 @@ class ThreadBackend(Backend):
     def submit(self, chunk: Chunk, done: Done) -> None:
         with self._lock:
             if self._closed:
-                raise PoolClosedError("this pool is closed")
+                raise closed_error(self._killed)
             self._jobs.put((chunk, done))
             if not self._idle.acquire(blocking=False) and len(self._threads) < self.workers:
                 thread = threading.Thread(target=self._serve, name=f"parmap-thread-{len(self._threads)}", daemon=True)
@@ -144,9 +153,9 @@ class ThreadBackend(Backend):
             if self._closed and (self._killed or not kill):
                 return
             self._closed = True
+            self._killed = self._killed or kill  # with _closed: see closed_error
             threads = list(self._threads)
         if kill:
-            self._killed = True
             dropped = []
             try:
                 while True:
