@@ -26,11 +26,12 @@ TESTS_DIR = os.path.dirname(__file__)
 
 SCRIPT = textwrap.dedent(
     """
-    import sys, time
+    import os, sys, threading, time
     sys.path[:0] = [{root!r}, {tests!r}]
     import parmap
 
     def slow(x):
+        open(os.path.join({running!r}, "%d-%d" % (os.getpid(), threading.get_ident())), "w").close()
         time.sleep({seconds!r})
         return x
 
@@ -41,17 +42,27 @@ SCRIPT = textwrap.dedent(
 )
 
 
+def _running_dir(tmp_path):
+    """Where each worker (process or thread) of a script marks that it runs an item."""
+    running = tmp_path / "running"
+    running.mkdir(exist_ok=True)
+    return str(running)
+
+
 def _script(tmp_path, backend, *, seconds=0.2, items=1000, **options):
     """A program mapping ``items`` items that take ``seconds`` each."""
     script = tmp_path / "long_map.py"
     root = os.path.dirname(TESTS_DIR)
-    text = SCRIPT.format(root=root, tests=TESTS_DIR, backend=backend, seconds=seconds, items=items, options=options)
+    running = _running_dir(tmp_path)
+    text = SCRIPT.format(
+        root=root, tests=TESTS_DIR, running=running, backend=backend, seconds=seconds, items=items, options=options
+    )
     script.write_text(text)
     return script
 
 
-def _start(tmp_path, backend, script=None, descendants=2):
-    script = script or _script(tmp_path, backend)
+def _launch(script):
+    """Run ``script`` in a session of its own; return once it has printed "started"."""
     proc = subprocess.Popen(
         [sys.executable, str(script)],
         stdout=subprocess.PIPE,
@@ -61,17 +72,39 @@ def _start(tmp_path, backend, script=None, descendants=2):
     )
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "started"
-    # Wait until the workers exist, so the signal lands mid-run.
-    parent = psutil.Process(proc.pid)
-    deadline = time.monotonic() + 10
-    while len(parent.children(recursive=True)) < descendants and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)
-    return proc, parent.children(recursive=True)
+    return proc
+
+
+def _wait_until_running(proc, tmp_path, workers):
+    """Wait until ``workers`` workers of the program run an item, so a signal lands mid-run
+    (a worker that merely exists may still be starting up). No deadline: the test's timeout."""
+    running = _running_dir(tmp_path)
+    while len(os.listdir(running)) < workers:
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.01)
+
+
+def _start(tmp_path, backend, script=None, running=2):
+    proc = _launch(script or _script(tmp_path, backend))
+    _wait_until_running(proc, tmp_path, running)
+    return proc, psutil.Process(proc.pid).children(recursive=True)
+
+
+def _alive(process):
+    """Whether ``process`` still runs: a zombie has exited (when an orphan is
+    reaped is up to the machine's init, which here takes a second or two)."""
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _gone(processes, within):
-    _, alive = psutil.wait_procs(processes, timeout=within)
+    deadline = time.monotonic() + within
+    alive = [p for p in processes if _alive(p)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.02)
+        alive = [p for p in alive if _alive(p)]
     for proc in alive:
         proc.kill()
     return [p.pid for p in alive]
@@ -220,11 +253,12 @@ def test_ctrl_c_while_big_results_stream_back_ends_the_call(tmp_path, delay):
 
 LEAVING_WITH_SCRIPT = textwrap.dedent(
     """
-    import sys, time
+    import os, sys, time
     sys.path[:0] = [{root!r}, {tests!r}]
     import parmap
 
     def slow(x):
+        open(os.path.join({running!r}, str(os.getpid())), "w").close()
         time.sleep(30)
         return x
 
@@ -246,7 +280,11 @@ def test_ctrl_c_while_leaving_a_with_block_stops_the_workers(tmp_path, backend):
     # Leaving the block waits for the submitted calls; Ctrl-C then ended
     # the wait but stopped nothing, and the workers ran on for good.
     script = tmp_path / "leaving_with.py"
-    script.write_text(LEAVING_WITH_SCRIPT.format(root=os.path.dirname(TESTS_DIR), tests=TESTS_DIR, backend=backend))
+    script.write_text(
+        LEAVING_WITH_SCRIPT.format(
+            root=os.path.dirname(TESTS_DIR), tests=TESTS_DIR, running=_running_dir(tmp_path), backend=backend
+        )
+    )
     proc, workers = _start(tmp_path, backend, script)
     try:
         os.killpg(proc.pid, signal.SIGINT)
@@ -280,12 +318,12 @@ def test_ctrl_c_stops_the_commands_workers_run(tmp_path, backend):
     # exec: the `sleep` a worker ran outlived the Ctrl-C, as an orphan.
     script = tmp_path / "commands.py"
     script.write_text(COMMAND_SCRIPT.format(root=os.path.dirname(TESTS_DIR), tests=TESTS_DIR, backend=backend))
-    proc, descendants = _start(tmp_path, backend, script, descendants=4)
-    deadline = time.monotonic() + 10
-    while sum(_is_sleep(p) for p in descendants) < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)  # both commands exec'd: a signal between fork and exec would be lost
+    proc = _launch(script)
+    descendants = []
+    while sum(_is_sleep(p) for p in descendants) < 2:
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.01)  # both commands exec'd: a signal between fork and exec would be lost
         descendants = psutil.Process(proc.pid).children(recursive=True)
-    time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGINT)
     try:
         proc.wait(timeout=10)  # not communicate(): a surviving command would hold the pipes
@@ -317,7 +355,7 @@ def test_killed_parent_leaves_no_forkserver_workers(tmp_path, backend):
     # A forkserver's workers are its children, not the caller's, and each
     # held the pipe that keeps it alive: killing the caller left them all.
     script = _script(tmp_path, backend, seconds=30, items=4, start_method="forkserver")
-    proc, descendants = _start(tmp_path, backend, script, descendants=4)
+    proc, descendants = _start(tmp_path, backend, script)
     assert len(descendants) >= 4  # the resource tracker, the forkserver, two workers
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=10)
@@ -348,7 +386,7 @@ def test_ctrl_c_ends_a_program_whose_items_run_in_process(tmp_path, backend):
     )
     try:
         assert proc.stdout.readline().strip() == "started"
-        time.sleep(0.5)  # into the items
+        _wait_until_running(proc, tmp_path, 2 if backend == "thread" else 1)  # into the items
         os.killpg(proc.pid, signal.SIGINT)
         began = time.monotonic()
         _, stderr = proc.communicate(timeout=20)
@@ -464,8 +502,11 @@ GC_ON_THE_POOLS_OWN_THREADS_SCRIPT = textwrap.dedent(
         time.sleep(0.02)
         return abs(x)
 
+    def parmap_threads():
+        return sorted(t.name for t in threading.enumerate() if t.name.startswith("parmap"))
+
     if __name__ == "__main__":
-        for _ in range(3):
+        for i in range(3):
             gc.disable()
             holder = Holder()
             holder.me = holder
@@ -476,12 +517,16 @@ GC_ON_THE_POOLS_OWN_THREADS_SCRIPT = textwrap.dedent(
             del holder
             gc.set_threshold(1)
             gc.enable()
-            time.sleep(0.5)  # allocates nothing: the collection runs on a thread of the imap's pool
-        gc.disable()
+            deadline = time.monotonic() + 10
+            while len(freed) <= i and time.monotonic() < deadline:
+                time.sleep(0.01)  # allocates nothing: the collection runs on a thread of the imap's pool
+            gc.disable()
+            while parmap_threads() and time.monotonic() < deadline:
+                time.sleep(0.01)  # the freed imap's pool closes before the next one starts
         deadline = time.monotonic() + 10
-        while any(t.name.startswith("parmap") for t in threading.enumerate()) and time.monotonic() < deadline:
+        while parmap_threads() and time.monotonic() < deadline:
             time.sleep(0.05)
-        print(len(freed), sorted(t.name for t in threading.enumerate() if t.name.startswith("parmap")), flush=True)
+        print(len(freed), parmap_threads(), flush=True)
     """
 )
 
@@ -554,7 +599,7 @@ ASYNCIO_CTRL_C_SCRIPT = textwrap.dedent(
         with parmap.Pool(workers=2, backend={backend!r}) as pool:
             assert pool.map(abs, range(-4, 0), chunksize=1) == [4, 3, 2, 1]  # the workers are up
             os.killpg(0, signal.SIGINT)  # one Ctrl-C, to the whole group, as a terminal sends it
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.2)  # a worker's Ctrl-C reaches the loop within milliseconds
         print(len(heard), flush=True)
 
     asyncio.run(main())
@@ -628,11 +673,29 @@ def test_an_imap_ended_after_its_pool_closed_writes_into_no_one_elses_descriptor
                 os.close(fd)
 
 
+#: For the scripts below: one Ctrl-C while the main thread leaves ``pool``'s with block.
+CTRL_C_IN_THE_CLOSE = textwrap.dedent(
+    """
+    import os, signal, sys, threading, time, traceback
+
+    def ctrl_c_in_the_close(pool):
+        # Not before: a Ctrl-C in the block would end the block, not its close.
+        leaving = type(pool).__exit__.__code__
+        main = threading.main_thread().ident
+        while not any(frame.f_code is leaving for frame, _ in traceback.walk_stack(sys._current_frames()[main])):
+            time.sleep(0.01)
+        time.sleep(0.2)  # on into the close's wait, which it reaches within a millisecond
+        os.kill(os.getpid(), signal.SIGINT)
+    """
+)
+
+
 CTRL_C_IN_CLOSE_SCRIPT = textwrap.dedent(
     """
-    import os, signal, sys, threading, time
+    import os, sys, threading, time
     sys.path[:0] = [{root!r}]
     import parmap, psutil
+    {ctrl_c_in_the_close}
 
     def worker(p):
         try:  # a worker may exit between the listing and the look
@@ -644,6 +707,7 @@ CTRL_C_IN_CLOSE_SCRIPT = textwrap.dedent(
         return [p for p in psutil.Process().children(recursive=True) if worker(p)]
 
     def nap(seconds):
+        open({running!r}, "w").close()
         time.sleep(seconds)
 
     if __name__ == "__main__":
@@ -653,8 +717,9 @@ CTRL_C_IN_CLOSE_SCRIPT = textwrap.dedent(
             with pool:  # leaving the block waits for the running sleep
                 results = pool.imap(nap, [0.3] * 20, chunksize=20)  # one chunk of 6 s
                 threading.Thread(target=lambda: list(results), daemon=True).start()
-                time.sleep(0.5)
-                threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+                while not os.path.exists({running!r}):
+                    time.sleep(0.01)  # the chunk runs
+                threading.Thread(target=ctrl_c_in_the_close, args=(pool,), daemon=True).start()
         except KeyboardInterrupt:
             print("KeyboardInterrupt", flush=True)
         _, alive = psutil.wait_procs(workers(), timeout=2)
@@ -677,20 +742,29 @@ def test_ctrl_c_while_close_waits_for_running_work_stops_the_workers(tmp_path, b
     # polite close half done: the workers ran their chunks to the end (6 s
     # here), or on after the program (dask).
     script = tmp_path / "ctrl_c_in_close.py"
-    script.write_text(CTRL_C_IN_CLOSE_SCRIPT.format(root=os.path.dirname(TESTS_DIR), backend=backend))
+    script.write_text(
+        CTRL_C_IN_CLOSE_SCRIPT.format(
+            root=os.path.dirname(TESTS_DIR),
+            ctrl_c_in_the_close=CTRL_C_IN_THE_CLOSE,
+            running=str(tmp_path / "running"),
+            backend=backend,
+        )
+    )
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=40)
     assert (result.returncode, result.stdout) == (0, "KeyboardInterrupt\n0\n"), result.stderr[-2000:]
 
 
 THREAD_CTRL_C_IN_CLOSE_SCRIPT = textwrap.dedent(
     """
-    import os, signal, sys, threading, time
+    import sys, threading, time
     sys.path[:0] = [{root!r}]
     import parmap
-
+    {ctrl_c_in_the_close}
+    running = threading.Event()
     finished = []
 
     def nap(seconds):
+        running.set()
         time.sleep(seconds)
         finished.append(time.monotonic())
 
@@ -708,13 +782,13 @@ THREAD_CTRL_C_IN_CLOSE_SCRIPT = textwrap.dedent(
                 results = pool.imap(nap, [0.3] * 20, chunksize=20)  # one chunk of 6 s
                 consumer = threading.Thread(target=consume, args=(results,))
                 consumer.start()
-                time.sleep(0.5)
-                threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+                running.wait()  # the chunk runs
+                threading.Thread(target=ctrl_c_in_the_close, args=(pool,), daemon=True).start()
         except KeyboardInterrupt:
             interrupted = time.monotonic()
             print("KeyboardInterrupt", flush=True)
         consumer.join(5)
-        time.sleep(1.0)  # time for three more items, had the chunk gone on
+        time.sleep(0.8)  # time for two more items, had the chunk gone on: the second ends late
         late = [t for t in finished if t > interrupted + 0.35]  # the item running at the Ctrl-C may end
         print(len(late), [t.name for t in threading.enumerate() if t.name.startswith("parmap-thread")], flush=True)
     """
@@ -726,6 +800,8 @@ def test_ctrl_c_while_close_waits_for_running_work_stops_the_thread_backends_chu
     # The thread backend's kill after a polite close that a Ctrl-C cut short
     # returned at once: the chunk ran its 20 items to the end.
     script = tmp_path / "thread_ctrl_c_in_close.py"
-    script.write_text(THREAD_CTRL_C_IN_CLOSE_SCRIPT.format(root=os.path.dirname(TESTS_DIR)))
+    script.write_text(
+        THREAD_CTRL_C_IN_CLOSE_SCRIPT.format(root=os.path.dirname(TESTS_DIR), ctrl_c_in_the_close=CTRL_C_IN_THE_CLOSE)
+    )
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=40)
     assert (result.returncode, result.stdout) == (0, "KeyboardInterrupt\n0 []\n"), result.stderr[-2000:]

@@ -144,6 +144,16 @@ def test_a_backend_that_hands_work_on_at_once_starts_the_future_at_once(backend,
         assert future.result(timeout=30) == 9
 
 
+def _wait_for(condition: Callable[[], object], timeout: float = 10.0) -> bool:
+    """Poll ``condition`` until it holds; False if it never did within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def _told_in_a_forked_child(act: Callable[[], object]) -> bytes:
     """Run ``act`` in a child made by os.fork(): b"refused" if it raised
     PoolClosedError for being a forked child, b"ran" if it returned."""
@@ -195,7 +205,8 @@ def test_an_imap_carried_on_in_a_forked_child_is_refused_there(backend):
     # Checked only when the imap began: next() in the child waited for ever
     # for results the parent's workers send the parent, and the child's exit,
     # ending its copy of the imap, could wait for a lock held at the fork.
-    results = parmap.imap(workfns.slow_square, range(60), workers=2, backend=backend, chunksize=1)
+    # Enough items that the parent's workers are still at them at the fork.
+    results = parmap.imap(workfns.slow_square, range(30), workers=2, backend=backend, chunksize=1)
     assert next(results) == 0
 
     def in_the_child() -> None:
@@ -206,7 +217,7 @@ def test_an_imap_carried_on_in_a_forked_child_is_refused_there(backend):
             results.close()
 
     assert _told_in_a_forked_child(in_the_child) == b"refused"
-    assert list(results) == [x * x for x in range(1, 60)]
+    assert list(results) == [x * x for x in range(1, 30)]
 
 
 @pytest.mark.timeout(30)
@@ -610,9 +621,14 @@ def test_blocking_done_callbacks_get_a_bounded_number_of_threads():
         for future in futures:
             future.add_done_callback(lambda _: release.wait(10))
         go.set()
-        time.sleep(0.5)
-        settlers = [t for t in threading.enumerate() if t.name == "parmap-futures"]
-        assert 1 < len(settlers) <= _pool.MAX_SETTLERS
+
+        def settlers() -> list[threading.Thread]:
+            return [t for t in threading.enumerate() if t.name == "parmap-futures"]
+
+        # At the bound, a while longer: room for threads past it to show.
+        _wait_for(lambda: len(settlers()) >= _pool.MAX_SETTLERS)
+        time.sleep(0.2)
+        assert 1 < len(settlers()) <= _pool.MAX_SETTLERS
         release.set()
     assert [f.result() for f in futures] == [True] * 100
 
@@ -653,13 +669,19 @@ def test_a_done_callback_may_wait_for_another_future_with_a_callback(backend):
 
 
 @pytest.mark.timeout(30)
-def test_close_from_another_thread_lets_a_running_map_finish(backend):
+def test_close_from_another_thread_lets_a_running_map_finish(backend, tmp_marker_dir):
     # As multiprocessing.Pool.close() does: running work is finished first.
     pool = parmap.Pool(workers=2, backend=backend)
-    closer = threading.Timer(0.2, pool.close)
+
+    def close_once_running() -> None:
+        _wait_for(lambda: os.listdir(tmp_marker_dir))  # an item has begun: ~0.3 s of them still to run
+        pool.close()
+
+    closer = threading.Thread(target=close_once_running)
     closer.start()
     try:
-        assert pool.map(time.sleep, [0.04] * 30, chunksize=1) == [None] * 30
+        count = functools.partial(workfns.count_runs, tmp_marker_dir, seconds=0.04)
+        assert pool.map(count, range(16), chunksize=1) == list(range(16))
         closer.join()
         assert pool.closed
         with pytest.raises(parmap.PoolClosedError):
@@ -731,7 +753,13 @@ def test_a_close_that_a_terminate_overtakes_returns_once_the_workers_are_gone(ba
     pool = parmap.Pool(workers=2, backend=backend)
     assert pool.map(abs, [-1, -2]) == [1, 2]
     running = pool.submit(time.sleep, 10)
-    stopper = threading.Timer(1.0, pool.terminate)
+
+    def terminate_once_the_close_waits() -> None:
+        _wait_for(lambda: pool.closed and running.running())
+        time.sleep(0.2)  # from setting closed to waiting for the running call: a few lines
+        pool.terminate()
+
+    stopper = threading.Thread(target=terminate_once_the_close_waits)
     stopper.start()
     try:
         pool.close()  # waits for the running call, until the terminate
@@ -744,13 +772,13 @@ def test_a_close_that_a_terminate_overtakes_returns_once_the_workers_are_gone(ba
 
 
 @pytest.mark.timeout(60)
-def test_a_terminate_that_overtakes_a_close_does_not_wait_for_the_closes_running_item():
+def test_a_terminate_that_overtakes_a_close_does_not_wait_for_the_closes_running_item(tmp_marker_dir):
     # The close waits for the thread running a 6 s item (an imap's: not
     # waited for by the pool, only by the thread backend's close); the
     # terminate waited in turn for that close, 6 s, not its one second; and
     # then join() and a second terminate() did, promised to return at once.
     pool = parmap.Pool(workers=1, backend="thread")
-    results = pool.imap(time.sleep, [6, 6], chunksize=1)
+    results = pool.imap(functools.partial(workfns.count_runs, tmp_marker_dir, seconds=6), [0, 1], chunksize=1)
 
     def consume():
         with pytest.raises(parmap.PoolClosedError):
@@ -758,10 +786,11 @@ def test_a_terminate_that_overtakes_a_close_does_not_wait_for_the_closes_running
 
     consumer = threading.Thread(target=consume, daemon=True)
     consumer.start()
-    time.sleep(0.3)
+    _wait_for(lambda: os.listdir(tmp_marker_dir))  # the first item runs
     closer = threading.Thread(target=pool.close)
     closer.start()
-    time.sleep(0.3)
+    _wait_for(lambda: pool.closed)
+    time.sleep(0.2)  # from setting closed to waiting for the thread: a few lines
     started = time.monotonic()
     pool.terminate()
     pool.join()
@@ -778,8 +807,10 @@ def test_a_worker_killed_while_idle_does_not_wedge_the_pool(process_backend):
     with parmap.Pool(workers=2, backend=process_backend) as pool:
         for _ in range(3):
             pids = set(pool.map(workfns.getpid, range(20), chunksize=1))
-            os.kill(pids.pop(), signal.SIGKILL)
-            time.sleep(0.3)  # the worker is idle and dead before work comes
+            victim = pids.pop()
+            os.kill(victim, signal.SIGKILL)
+            # Idle, dead and reaped (the pool has seen it go) before work comes.
+            _wait_for(lambda pid=victim: not psutil.pid_exists(pid))
             assert pool.map(workfns.square, range(20), chunksize=1) == [x * x for x in range(20)]
 
 
@@ -1009,7 +1040,8 @@ def test_an_idle_worker_holds_nothing_of_its_last_chunk(backend):
         (worker,) = {psutil.Process(pid) for pid in pool.map(workfns.getpid, [0])}
         assert len(pool.submit(workfns.mebibytes, 64).result(timeout=30)) == 64 << 20
         assert pool.submit(len, b"\x01" * (64 << 20)).result(timeout=30) == 64 << 20
-        time.sleep(0.2)
+        # Freed after the result went, not when the next chunk comes (none does).
+        _wait_for(lambda: worker.memory_full_info().uss < 32 << 20, timeout=5)
         assert worker.memory_full_info().uss < 32 << 20
 
 
@@ -1119,7 +1151,7 @@ def test_after_shutdown_without_wait_join_and_close_wait(process_backend, closer
     # multiprocessing's close(); join(), or leaving the block: they used to
     # return at once while the background close still ran.
     with parmap.Pool(workers=2, backend=process_backend) as pool:
-        slow = pool.submit(time.sleep, 0.5)
+        slow = pool.submit(time.sleep, 0.25)  # still running when a close that did not wait returned
         pool.shutdown(wait=False)
         if closer != "with":
             getattr(pool, closer)()
@@ -1134,7 +1166,7 @@ sys.path[:0] = [{tests!r}, {root!r}]
 import parmap, workfns
 
 def late_mark(directory):
-    time.sleep(0.5)
+    time.sleep(0.25)
     workfns.mark(directory, 0)
 
 if __name__ == "__main__":
@@ -1175,7 +1207,7 @@ def test_an_exit_after_shutdown_without_wait_lets_the_running_work_finish(
 def test_shutdown_as_an_executor_does(backend, tmp_marker_dir):
     # cancel_futures: what still waits for a worker never runs; the running call finishes.
     pool = parmap.Pool(workers=1, backend=backend)
-    running = pool.submit(time.sleep, 0.5)
+    running = pool.submit(time.sleep, 0.3)  # from running() to the cancel takes milliseconds
     waiting = [pool.submit(workfns.mark, tmp_marker_dir, i) for i in range(30)]
     deadline = time.monotonic() + 10
     while not running.running() and time.monotonic() < deadline:
