@@ -5,12 +5,13 @@
 [0, 1, 4, 9, 16]
 
 Public API: :func:`map`, :func:`imap`, :func:`starmap`, :func:`parallel`,
-:class:`Pool`, and the errors rooted at :class:`ParmapError`.
+:class:`Pool` (and its :class:`AsyncResult`), and the errors rooted at :class:`ParmapError`.
 """
 
 from __future__ import annotations
 
 from ._api import imap, map, starmap
+from ._async_result import AsyncResult
 from ._decorator import ParallelFunction, parallel
 from ._errors import (
     ParmapError,
@@ -28,6 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKEND_NAMES",
+    "AsyncResult",
     "ParallelFunction",
     "ParmapError",
     "Pool",

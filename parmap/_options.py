@@ -29,14 +29,20 @@ ON_ERROR_CHOICES: tuple[str, ...] = ("raise", "skip", "return")
 START_METHODS: tuple[str, ...] = ("fork", "spawn", "forkserver")
 
 
-class CallOverrides(TypedDict, total=False):
-    """The per-call options a :class:`~parmap.Pool` call may override (``pool.map(fn, xs, retries=2)``)."""
+class AsyncMapOverrides(TypedDict, total=False):
+    """The per-call options of ``Pool.map_async`` as keywords: its ``chunksize`` comes
+    third, as in ``multiprocessing``."""
 
-    chunksize: int | None
     progress: bool | Mapping[str, Any] | None
     timeout: float | None
     retries: int
     on_error: OnError
+
+
+class CallOverrides(AsyncMapOverrides, total=False):
+    """The per-call options a :class:`~parmap.Pool` call may override (``pool.map(fn, xs, retries=2)``)."""
+
+    chunksize: int | None
 
 
 class ImapOverrides(CallOverrides, total=False):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import functools
 import inspect
 import logging
 import multiprocessing.util  # noqa: F401 - its exit handler must be registered before ours
@@ -22,8 +23,9 @@ from concurrent.futures import Future, InvalidStateError
 from typing import Any, NamedTuple, ParamSpec, TypeVar, Unpack, cast
 
 from . import _context
+from ._async_result import AsyncResult
 from ._errors import PoolClosedError, SerializationError
-from ._options import CallOptions, CallOverrides, ImapOverrides, OnError, PoolOptions
+from ._options import AsyncMapOverrides, CallOptions, CallOverrides, ImapOverrides, OnError, PoolOptions
 from ._scheduler import SKIPPED, Record, Scheduler, lost_error
 from ._serialization import find_unpicklable, short_repr, track_classes, travels_by_name
 from .backends import create_backend, create_timed_stand_in
@@ -266,6 +268,118 @@ class Pool:
             if isinstance(interrupt, KeyboardInterrupt):
                 raise interrupt  # Ctrl-C while fn ran here: the caller's, not the future's
         return future
+
+    # -- multiprocessing.Pool's apply and async forms ---------------------
+    def apply(self, fn: Callable[..., R], args: Iterable[Any] = (), kwds: Mapping[str, Any] | None = None) -> R:
+        """``fn(*args, **kwds)`` on a worker, waiting for it, as ``multiprocessing.Pool.apply`` does."""
+        return self.submit(fn, *args, **(kwds or {})).result()
+
+    def apply_async(
+        self,
+        fn: Callable[..., R],
+        args: Iterable[Any] = (),
+        kwds: Mapping[str, Any] | None = None,
+        callback: Callable[[R], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+    ) -> AsyncResult[R]:
+        """``multiprocessing.Pool.apply_async``: :meth:`submit`, answered by an :class:`AsyncResult`.
+
+        ``callback(result)`` or ``error_callback(exception)`` runs on a
+        thread of the pool's own before ``get()`` returns (it may call the
+        pool, ``close()`` included). Example::
+
+            pending = pool.apply_async(pow, (2, 10))
+            assert pending.get(timeout=30) == 1024
+        """
+        result: AsyncResult[R] = AsyncResult(callback, error_callback)
+        self.submit(fn, *args, **(kwds or {})).add_done_callback(result._set_from)
+        return result
+
+    def map_async(
+        self,
+        fn: Callable[[T], R],
+        items: Iterable[T],
+        chunksize: int | None = None,
+        callback: Callable[[list[R]], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+        **overrides: Unpack[AsyncMapOverrides],
+    ) -> AsyncResult[list[R]]:
+        """``multiprocessing.Pool.map_async``: :meth:`map` in the background, answered by an :class:`AsyncResult`.
+
+        The items are read into a list first, here, as ``multiprocessing``
+        does. ``close()`` and ``join()`` wait for the map, and the callback
+        runs before ``get()`` returns. Per-call options may override the
+        pool's, as on :meth:`map`.
+        """
+        return self._map_async(fn, items, chunksize, callback, error_callback, overrides, star=False)
+
+    def starmap_async(
+        self,
+        fn: Callable[..., R],
+        items: Iterable[Iterable[Any]],
+        chunksize: int | None = None,
+        callback: Callable[[list[R]], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+        **overrides: Unpack[AsyncMapOverrides],
+    ) -> AsyncResult[list[R]]:
+        """``multiprocessing.Pool.starmap_async``: :meth:`starmap` in the background (see :meth:`map_async`)."""
+        return self._map_async(fn, items, chunksize, callback, error_callback, overrides, star=True)
+
+    def _map_async(
+        self,
+        fn: Callable[..., Any],
+        items: Iterable[Any],
+        chunksize: int | None,
+        callback: Callable[[Any], object] | None,
+        error_callback: Callable[[BaseException], object] | None,
+        overrides: Mapping[str, Any],
+        *,
+        star: bool,
+    ) -> AsyncResult[Any]:
+        self._check_open()
+        name = "starmap_async" if star else "map_async"
+        if "ordered" in overrides:
+            raise TypeError(f"{name}() got an unexpected keyword argument 'ordered': its list is in input order")
+        if chunksize is not None:
+            overrides = {**overrides, "chunksize": chunksize}
+        # A copy no one else holds: the caller goes on while the workers may
+        # read items from it, and a list it changes meanwhile must not change the map.
+        items = list(items)
+        result: AsyncResult[Any] = AsyncResult(callback, error_callback)
+        with self._lock:
+            self._check_open()
+            self._running_maps += 1  # close() waits for it from now on
+        try:
+            started = self._start_map(fn, items, overrides, star=star)
+            runner = threading.Thread(
+                target=self._finish_map_async, args=(*started, result), name=f"parmap-{name}", daemon=True
+            )
+            runner.start()
+        except BaseException:
+            self._map_ended()
+            raise
+        return result
+
+    def _finish_map_async(self, scheduler: Scheduler, options: CallOptions, result: AsyncResult[Any]) -> None:
+        try:
+            try:
+                values = _collect(scheduler, options)
+            except BaseException as exc:
+                outcome = functools.partial(result._set, error=exc)
+            else:
+                outcome = functools.partial(result._set, values)
+            # A callback is user code: on a settling thread, one that waits on
+            # this pool (map, close) does not wait on this map's end; and the
+            # close() waiting for this map waits for that thread too.
+            if not (result._has_callbacks and self._settlers.put(outcome)):
+                outcome()
+        finally:
+            self._map_ended()
+
+    def _map_ended(self) -> None:
+        with self._lock:
+            self._running_maps -= 1
+            self._notify_if_idle()
 
     def _submit_call_for(self, fn: Callable[..., Any], backend: Backend) -> Call:
         """The call that runs ``fn`` for ``submit``: the last submit's when
@@ -693,13 +807,16 @@ class Pool:
         try:
             return self._run_map(fn, items, overrides, star=star)
         finally:
-            with self._lock:
-                self._running_maps -= 1
-                self._notify_if_idle()
+            self._map_ended()
 
     def _run_map(
         self, fn: Callable[..., Any], items: Iterable[Any], overrides: Mapping[str, Any], *, star: bool
     ) -> list[Any]:
+        return _collect(*self._start_map(fn, items, overrides, star=star))
+
+    def _start_map(
+        self, fn: Callable[..., Any], items: Iterable[Any], overrides: Mapping[str, Any], *, star: bool
+    ) -> tuple[Scheduler, CallOptions]:
         options = self._call_options(overrides)
         # map blocks its caller until it returns, so a list cannot change under
         # it (imap's consumer could append to one between results): forked
@@ -707,21 +824,25 @@ class Pool:
         source = cast("Sequence[Any]", items) if type(items) in (list, tuple, range) else None
         if source is not None:
             track_classes(source)
-        scheduler = self._scheduler(fn, items, options, star=star, in_order=False, source=source)
-        # Each record joins the results as soon as those before it have, and
-        # its own list is freed at once: the results are assembled while the
-        # workers still compute, not after, and the next chunk's results
-        # reuse the freed memory instead of faulting in fresh pages
-        # (benchmark W1).
-        results: list[Any] = []
-        waiting: dict[int, Record] = {}
-        for record in scheduler.records():
-            waiting[record.start] = record
-            while (ready := waiting.pop(len(results), None)) is not None:
-                results.extend(ready.values)
-        if options.on_error == "skip":
-            results = [v for v in results if v is not SKIPPED]
-        return results
+        return self._scheduler(fn, items, options, star=star, in_order=False, source=source), options
+
+
+def _collect(scheduler: Scheduler, options: CallOptions) -> list[Any]:
+    """The list a map returns, from its scheduler."""
+    # Each record joins the results as soon as those before it have, and
+    # its own list is freed at once: the results are assembled while the
+    # workers still compute, not after, and the next chunk's results
+    # reuse the freed memory instead of faulting in fresh pages
+    # (benchmark W1).
+    results: list[Any] = []
+    waiting: dict[int, Record] = {}
+    for record in scheduler.records():
+        waiting[record.start] = record
+        while (ready := waiting.pop(len(results), None)) is not None:
+            results.extend(ready.values)
+    if options.on_error == "skip":
+        results = [v for v in results if v is not SKIPPED]
+    return results
 
 
 # Records of at most this many values are handed over one by one, each

@@ -49,6 +49,12 @@ def raise_value_error(x):
     return x
 
 
+def raise_value_error_on_odd(x):
+    if x % 2:
+        raise ValueError(f"bad item {x}")
+    return x
+
+
 def sigkill_self(x):
     if x == BAD:
         os.kill(os.getpid(), signal.SIGKILL)
