@@ -362,12 +362,10 @@ class Pool:
 
     def _finish_map_async(self, scheduler: Scheduler, options: CallOptions, result: AsyncResult[Any]) -> None:
         try:
-            try:
-                values = _collect(scheduler, options)
-            except BaseException as exc:
-                outcome = functools.partial(result._set, error=exc)
-            else:
-                outcome = functools.partial(result._set, values)
+            outcome = functools.partial(result._set, _collect(scheduler, options))
+        except BaseException as exc:
+            outcome = functools.partial(result._set, error=exc)
+        try:
             # A callback is user code: on a settling thread, one that waits on
             # this pool (map, close) does not wait on this map's end; and the
             # close() waiting for this map waits for that thread too.
