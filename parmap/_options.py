@@ -29,9 +29,10 @@ ON_ERROR_CHOICES: tuple[str, ...] = ("raise", "skip", "return")
 START_METHODS: tuple[str, ...] = ("fork", "spawn", "forkserver")
 
 
-class AsyncMapOverrides(TypedDict, total=False):
-    """The per-call options of ``Pool.map_async`` as keywords: its ``chunksize`` comes
-    third, as in ``multiprocessing``."""
+class PoolCallOverrides(TypedDict, total=False):
+    """The per-call options a :class:`~parmap.Pool` method takes as keywords
+    (``pool.map(fn, xs, retries=2)``); its ``chunksize`` is a parameter of its
+    own, third, as in ``multiprocessing`` (``pool.map(fn, xs, 8)``)."""
 
     progress: bool | Mapping[str, Any] | None
     timeout: float | None
@@ -39,14 +40,14 @@ class AsyncMapOverrides(TypedDict, total=False):
     on_error: OnError
 
 
-class CallOverrides(AsyncMapOverrides, total=False):
-    """The per-call options a :class:`~parmap.Pool` call may override (``pool.map(fn, xs, retries=2)``)."""
+class CallOverrides(PoolCallOverrides, total=False):
+    """The per-call options, ``chunksize`` included."""
 
     chunksize: int | None
 
 
-class ImapOverrides(CallOverrides, total=False):
-    """:class:`CallOverrides` and ``ordered``, which only ``imap`` takes."""
+class PoolImapOverrides(PoolCallOverrides, total=False):
+    """:class:`PoolCallOverrides` and ``ordered``, which only ``Pool.imap`` takes."""
 
     ordered: bool
 

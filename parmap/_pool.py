@@ -25,7 +25,7 @@ from typing import Any, NamedTuple, ParamSpec, TypeVar, Unpack, cast
 from . import _context
 from ._async_result import AsyncResult
 from ._errors import PoolClosedError, SerializationError
-from ._options import AsyncMapOverrides, CallOptions, CallOverrides, ImapOverrides, OnError, PoolOptions
+from ._options import CallOptions, OnError, PoolCallOverrides, PoolImapOverrides, PoolOptions
 from ._scheduler import SKIPPED, Record, Scheduler, lost_error
 from ._serialization import find_unpicklable, short_repr, track_classes, travels_by_name
 from .backends import create_backend, create_timed_stand_in
@@ -171,31 +171,57 @@ class Pool:
             self._backend.serve_one_call()
 
     # -- calls -----------------------------------------------------------
-    def map(self, fn: Callable[[T], R], items: Iterable[T], **overrides: Unpack[CallOverrides]) -> list[R]:
-        """``[fn(x) for x in items]``, in parallel. Per-call options may override the pool's."""
-        return self._map(fn, items, overrides, star=False)
+    def map(
+        self,
+        fn: Callable[[T], R],
+        items: Iterable[T],
+        chunksize: int | None = None,
+        **overrides: Unpack[PoolCallOverrides],
+    ) -> list[R]:
+        """``[fn(x) for x in items]``, in parallel. Per-call options may override the pool's.
+
+        ``chunksize`` may come third, as in ``multiprocessing``
+        (``pool.map(fn, xs, 8)``); ``None`` leaves the pool's own, which is
+        automatic sizing unless ``Pool(chunksize=...)`` set one.
+        """
+        return self._map(fn, items, _with_chunksize(overrides, chunksize), star=False)
 
     def starmap(
-        self, fn: Callable[..., R], items: Iterable[Iterable[Any]], **overrides: Unpack[CallOverrides]
+        self,
+        fn: Callable[..., R],
+        items: Iterable[Iterable[Any]],
+        chunksize: int | None = None,
+        **overrides: Unpack[PoolCallOverrides],
     ) -> list[R]:
-        """``[fn(*args) for args in items]``, in parallel."""
-        return self._map(fn, items, overrides, star=True)
+        """``[fn(*args) for args in items]``, in parallel (``chunksize`` as in :meth:`map`)."""
+        return self._map(fn, items, _with_chunksize(overrides, chunksize), star=True)
 
-    def imap(self, fn: Callable[[T], R], items: Iterable[T], **overrides: Unpack[ImapOverrides]) -> Iterator[R]:
+    def imap(
+        self,
+        fn: Callable[[T], R],
+        items: Iterable[T],
+        chunksize: int | None = None,
+        **overrides: Unpack[PoolImapOverrides],
+    ) -> Iterator[R]:
         """Results lazily, pulling ``items`` only as fast as the workers take them.
 
         ``ordered=False`` yields results as they finish. Closing the iterator
         early (``break``, ``.close()``, garbage collection) stops the work.
+        ``chunksize`` as in :meth:`map`.
         """
-        return self._imap(fn, items, overrides)
+        return self._imap(fn, items, _with_chunksize(overrides, chunksize))
 
     def imap_unordered(
-        self, fn: Callable[[T], R], items: Iterable[T], **overrides: Unpack[CallOverrides]
+        self,
+        fn: Callable[[T], R],
+        items: Iterable[T],
+        chunksize: int | None = None,
+        **overrides: Unpack[PoolCallOverrides],
     ) -> Iterator[R]:
         """``imap(fn, items, ordered=False)``, under ``multiprocessing.Pool``'s name for it."""
         if "ordered" in overrides:
             raise TypeError("imap_unordered() got an unexpected keyword argument 'ordered': use imap(..., ordered=...)")
-        return self._imap(fn, items, {**overrides, "ordered": False})
+        return self._imap(fn, items, {**_with_chunksize(overrides, chunksize), "ordered": False})
 
     def _imap(
         self, fn: Callable[..., Any], items: Iterable[Any], overrides: Mapping[str, Any], *, owned: bool = False
@@ -302,7 +328,7 @@ class Pool:
         chunksize: int | None = None,
         callback: Callable[[list[R]], object] | None = None,
         error_callback: Callable[[BaseException], object] | None = None,
-        **overrides: Unpack[AsyncMapOverrides],
+        **overrides: Unpack[PoolCallOverrides],
     ) -> AsyncResult[list[R]]:
         """``multiprocessing.Pool.map_async``: :meth:`map` in the background, answered by an :class:`AsyncResult`.
 
@@ -320,7 +346,7 @@ class Pool:
         chunksize: int | None = None,
         callback: Callable[[list[R]], object] | None = None,
         error_callback: Callable[[BaseException], object] | None = None,
-        **overrides: Unpack[AsyncMapOverrides],
+        **overrides: Unpack[PoolCallOverrides],
     ) -> AsyncResult[list[R]]:
         """``multiprocessing.Pool.starmap_async``: :meth:`starmap` in the background (see :meth:`map_async`)."""
         return self._map_async(fn, items, chunksize, callback, error_callback, overrides, star=True)
@@ -340,8 +366,7 @@ class Pool:
         name = "starmap_async" if star else "map_async"
         if "ordered" in overrides:
             raise TypeError(f"{name}() got an unexpected keyword argument 'ordered': its list is in input order")
-        if chunksize is not None:
-            overrides = {**overrides, "chunksize": chunksize}
+        overrides = _with_chunksize(overrides, chunksize)
         # A copy no one else holds: the caller goes on while the workers may
         # read items from it, and a list it changes meanwhile must not change the map.
         items = list(items)
@@ -823,6 +848,12 @@ class Pool:
         if source is not None:
             track_classes(source)
         return self._scheduler(fn, items, options, star=star, in_order=False, source=source), options
+
+
+def _with_chunksize(overrides: Mapping[str, Any], chunksize: int | None) -> Mapping[str, Any]:
+    """A Pool method's overrides with its ``chunksize`` parameter: ``None``
+    (not given) leaves the pool's."""
+    return overrides if chunksize is None else {**overrides, "chunksize": chunksize}
 
 
 def _collect(scheduler: Scheduler, options: CallOptions) -> list[Any]:

@@ -58,6 +58,25 @@ def test_per_call_overrides(backend):
         assert pool.starmap(workfns.pack, [(1, 2), (3, 4)]) == [(1, 2), (3, 4)]
 
 
+@pytest.mark.parametrize("method", ["map", "starmap", "imap", "imap_unordered"])
+def test_chunksize_may_come_third_as_in_multiprocessing(any_backend, method):
+    # pool.map(fn, xs, 8): code written for multiprocessing.Pool runs as it is.
+    items = [(x,) for x in range(12)] if method == "starmap" else list(range(12))
+    with parmap.Pool(workers=2, backend=any_backend) as pool:
+        call = getattr(pool, method)
+        runners = set(call(workfns.runner_after_a_pause, items, 12))
+        assert len(runners) == 1  # one chunk of all twelve
+        with pytest.raises(ValueError, match="chunksize"):
+            call(workfns.square, items, 0)
+
+
+def test_chunksize_none_leaves_the_pool_s_own(backend):
+    with parmap.Pool(workers=2, backend=backend, chunksize=12) as pool:
+        assert len(set(pool.map(workfns.runner_after_a_pause, range(12), None))) == 1
+        assert len(set(pool.imap(workfns.runner_after_a_pause, range(12), chunksize=None))) == 1
+        assert pool.map(workfns.square, range(12), 3) == [x * x for x in range(12)]
+
+
 def test_pool_level_options_are_not_per_call():
     with parmap.Pool(workers=2, backend="thread") as pool:
         with pytest.raises(TypeError, match=r"workers is fixed for the pool's life: pass it to parmap\.Pool"):

@@ -29,6 +29,8 @@ assert_type(parmap.starmap(pair_sum, [(1, 2)]), list[int])
 with parmap.Pool(workers=2, backend="thread") as pool:
     assert_type(pool.map(to_text, [1]), list[str])
     assert_type(pool.imap(to_text, [1]), Iterator[str])
+    assert_type(pool.map(to_text, [1], 8), list[str])
+    assert_type(pool.imap_unordered(to_text, [1], 8, retries=1), Iterator[str])
     assert_type(pool.starmap(pair_sum, [(1, 2)]), list[int])
     assert_type(pool.submit(to_text, 1), Future[str])
     pool.submit(to_text, "one")  # type: ignore[arg-type]  # checked like the function's own call
@@ -95,6 +97,7 @@ def rejected_calls(pool: parmap.Pool) -> None:
     pool.map(to_text, [1], workers=3)  # type: ignore[call-arg]
     pool.map(to_text, [1], ordered=False)  # type: ignore[call-arg]
     pool.imap(to_text, [1], retries="2")  # type: ignore[arg-type]
+    pool.map(to_text, [1], "8")  # type: ignore[arg-type]
     pool.imap_unordered(to_text, [1], ordered=True)  # type: ignore[call-arg]
     cube.map([1], on_error="ignore")  # type: ignore[arg-type]
     cube.map([1], workerz=2)  # type: ignore[call-arg]

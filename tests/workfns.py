@@ -43,6 +43,13 @@ def getpid(_=None):
     return os.getpid()
 
 
+def runner_after_a_pause(_=None):
+    """Which worker ran the item (process and thread), after 20 ms: items of
+    one chunk share it, and chunks of a few items spread over the workers."""
+    time.sleep(0.02)
+    return os.getpid(), threading.get_ident()
+
+
 def raise_value_error(x):
     if x == BAD:
         raise ValueError(f"bad item {x}")
