@@ -17,6 +17,7 @@ import os
 import queue
 import sys
 import threading
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, InvalidStateError
@@ -163,10 +164,12 @@ class Pool:
         # submits of each call have not ended (see _submit_call_for).
         self._submit_call: _SubmitCall | None = None
         self._submits_running: dict[int, int] = {}
+        self._one_call = False  # parmap.map's own pool: it closes itself (see __del__)
         _open_pools.add(self)
 
     def _serve_one_call(self) -> None:
         """This pool lives for one call (``parmap.map`` and friends): tell the backend."""
+        self._one_call = True
         if self._owns_backend:
             self._backend.serve_one_call()
 
@@ -184,7 +187,7 @@ class Pool:
         (``pool.map(fn, xs, 8)``); ``None`` leaves the pool's own, which is
         automatic sizing unless ``Pool(chunksize=...)`` set one.
         """
-        return self._map(fn, items, _with_chunksize(overrides, chunksize), star=False)
+        return self._map(fn, items, _with_chunksize(overrides, chunksize, "map"), star=False)
 
     def starmap(
         self,
@@ -194,7 +197,7 @@ class Pool:
         **overrides: Unpack[PoolCallOverrides],
     ) -> list[R]:
         """``[fn(*args) for args in items]``, in parallel (``chunksize`` as in :meth:`map`)."""
-        return self._map(fn, items, _with_chunksize(overrides, chunksize), star=True)
+        return self._map(fn, items, _with_chunksize(overrides, chunksize, "starmap"), star=True)
 
     def imap(
         self,
@@ -209,7 +212,7 @@ class Pool:
         early (``break``, ``.close()``, garbage collection) stops the work.
         ``chunksize`` as in :meth:`map`.
         """
-        return self._imap(fn, items, _with_chunksize(overrides, chunksize))
+        return self._imap(fn, items, _with_chunksize(overrides, chunksize, "imap"))
 
     def imap_unordered(
         self,
@@ -221,7 +224,7 @@ class Pool:
         """``imap(fn, items, ordered=False)``, under ``multiprocessing.Pool``'s name for it."""
         if "ordered" in overrides:
             raise TypeError("imap_unordered() got an unexpected keyword argument 'ordered': use imap(..., ordered=...)")
-        return self._imap(fn, items, {**_with_chunksize(overrides, chunksize), "ordered": False})
+        return self._imap(fn, items, {**_with_chunksize(overrides, chunksize, "imap_unordered"), "ordered": False})
 
     def _imap(
         self, fn: Callable[..., Any], items: Iterable[Any], overrides: Mapping[str, Any], *, owned: bool = False
@@ -366,7 +369,7 @@ class Pool:
         name = "starmap_async" if star else "map_async"
         if "ordered" in overrides:
             raise TypeError(f"{name}() got an unexpected keyword argument 'ordered': its list is in input order")
-        overrides = _with_chunksize(overrides, chunksize)
+        overrides = _with_chunksize(overrides, chunksize, name)
         # A copy no one else holds: the caller goes on while the workers may
         # read items from it, and a list it changes meanwhile must not change the map.
         items = list(items)
@@ -543,7 +546,13 @@ class Pool:
     def __del__(self) -> None:
         # A pool dropped without close() must not leave processes behind.
         if not getattr(self, "_closed", True):
+            # As multiprocessing.Pool and open files do: the work it was still
+            # running is lost, which the caller may not know. Said after the
+            # workers are stopped, so that a warning made an error stops nothing.
+            unclosed = None
             try:
+                if not getattr(self, "_one_call", False) and os.getpid() == self._pid:
+                    unclosed = f"unclosed running pool {self!r}"
                 if threading.current_thread().daemon:
                     # Likely a thread of the backend's own, which took the last
                     # reference with a result: closing here would wait for it.
@@ -552,6 +561,8 @@ class Pool:
                     self._shutdown(kill=True)
             except Exception:  # noqa: S110 - interpreter teardown
                 pass
+            if unclosed is not None:
+                warnings.warn(unclosed, ResourceWarning, source=self, stacklevel=2)
 
     @property
     def closed(self) -> bool:
@@ -850,9 +861,15 @@ class Pool:
         return self._scheduler(fn, items, options, star=star, in_order=False, source=source), options
 
 
-def _with_chunksize(overrides: Mapping[str, Any], chunksize: int | None) -> Mapping[str, Any]:
+def _with_chunksize(overrides: Mapping[str, Any], chunksize: object, method: str) -> Mapping[str, Any]:
     """A Pool method's overrides with its ``chunksize`` parameter: ``None``
     (not given) leaves the pool's."""
+    if isinstance(chunksize, Iterable) and not isinstance(chunksize, (str, bytes)):
+        # Executor.map(fn, xs, ys) zips its iterables; here the third is chunksize.
+        raise TypeError(
+            f"{method}() takes one iterable of items, and its third argument is chunksize, "
+            f"got {short_repr(chunksize)}: for fn(x, y) over two iterables use pool.starmap(fn, zip(xs, ys))"
+        )
     return overrides if chunksize is None else {**overrides, "chunksize": chunksize}
 
 

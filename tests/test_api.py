@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import multiprocessing
 import os
@@ -28,6 +29,8 @@ import parmap
         ({"chunksize": 2.5}, TypeError, "chunksize"),
         ({"backend": "nope"}, ValueError, "nope"),
         ({"backend": 3}, TypeError, "backend"),
+        ({"backend": concurrent.futures.ThreadPoolExecutor}, TypeError, r"pass an instance, ThreadPoolExecutor\("),
+        ({"backend": print}, TypeError, "if it is an initializer, pass it as initializer="),
         ({"timeout": 0}, ValueError, "timeout"),
         ({"timeout": -1}, ValueError, "timeout"),
         ({"timeout": "1"}, TypeError, "timeout"),

@@ -13,6 +13,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 
@@ -68,6 +69,21 @@ def test_chunksize_may_come_third_as_in_multiprocessing(any_backend, method):
         assert len(runners) == 1  # one chunk of all twelve
         with pytest.raises(ValueError, match="chunksize"):
             call(workfns.square, items, 0)
+
+
+def test_a_second_iterable_is_told_apart_from_a_chunksize():
+    # Executor.map(pow, xs, ys) zips them; here the third argument is chunksize.
+    with parmap.Pool(workers=2, backend="thread") as pool:
+        for method in ("map", "starmap", "imap", "imap_unordered", "map_async", "starmap_async"):
+            with pytest.raises(TypeError, match=rf"{method}\(\) takes one iterable .* pool\.starmap\(fn, zip\("):
+                getattr(pool, method)(pow, range(3), range(3))
+        assert pool.starmap(pow, zip(range(3), range(3), strict=True)) == [1, 1, 4]
+
+
+def test_an_initializer_where_multiprocessing_has_it_is_named():
+    # multiprocessing.Pool(2, init): the second argument is the initializer there.
+    with pytest.raises(TypeError, match=r"pass it as initializer=.* not initializer as in multiprocessing\.Pool"):
+        parmap.Pool(2, workfns.set_setting)
 
 
 def test_chunksize_none_leaves_the_pool_s_own(backend):
@@ -969,6 +985,33 @@ def test_a_pool_dropped_after_submit_stops_its_workers(process_backend, collecto
     while len(psutil.Process().children()) > before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert len(psutil.Process().children()) <= before
+
+
+def test_a_pool_dropped_open_warns_as_multiprocessing_s_does(backend):
+    # CPython's test_resource_warning asks it of multiprocessing.Pool: the
+    # work a dropped pool was running is lost, and nothing else says so.
+    pool = parmap.Pool(workers=2, backend=backend)
+    assert pool.map(workfns.square, range(4)) == [0, 1, 4, 9]
+    with pytest.warns(ResourceWarning, match=r"unclosed running pool <parmap\.Pool workers=2"):
+        del pool
+        gc.collect()
+
+
+def test_pools_that_were_closed_or_were_parmap_s_own_do_not_warn(backend):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with parmap.Pool(workers=2, backend=backend) as pool:
+            pool.map(workfns.square, range(4))
+        closed = parmap.Pool(workers=2, backend=backend)
+        closed.map(workfns.square, range(4))
+        closed.terminate()
+        parmap.map(workfns.square, range(4), workers=2, backend=backend)
+        unstarted = parmap.imap(workfns.square, range(4), workers=2, backend=backend)
+        started = parmap.imap(workfns.square, range(4), workers=2, backend=backend)
+        assert next(started) == 0
+        del pool, closed, unstarted, started
+        gc.collect()
+    assert [str(w.message) for w in caught if "unclosed running pool" in str(w.message)] == []
 
 
 @pytest.mark.parametrize("backend", ["pool", "apply_async"])

@@ -143,10 +143,19 @@ def check_backend(backend: object) -> None:
     if isinstance(backend, (Backend, Executor)):
         return
     if not isinstance(backend, str):
-        raise TypeError(
+        message = (
             f"backend must be a name ({', '.join(map(repr, BACKEND_NAMES))}), a parmap Backend "
             f"or a concurrent.futures.Executor, got {backend!r}"
         )
+        if isinstance(backend, type) and issubclass(backend, (Backend, Executor)):
+            message += f": pass an instance, {backend.__name__}(...)"
+        elif callable(backend):
+            # Pool(4, init, (arg,)) is how multiprocessing.Pool is called.
+            message += (
+                "; if it is an initializer, pass it as initializer=... (and initargs=...): the second "
+                "argument of parmap.Pool is backend, not initializer as in multiprocessing.Pool"
+            )
+        raise TypeError(message)
     if backend not in BACKEND_NAMES:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(map(repr, BACKEND_NAMES))}")
 
