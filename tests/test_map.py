@@ -227,6 +227,28 @@ def test_imap_results_keep_up_with_a_slow_input(any_backend):
     assert late[len(late) // 2] == 0, late
 
 
+@pytest.mark.timeout(30)
+def test_the_first_result_does_not_wait_for_the_second_item(backend):
+    # `(echo hello; sleep 5; echo world) | python -m parmap ...` showed HELLO
+    # only with WORLD: the caller was already waiting on the input for the
+    # second line when the first result came back.
+    first_seen = threading.Event()
+    resumed_after_first = []
+
+    def a_line_then_silence():
+        yield 1
+        resumed_after_first.append(first_seen.wait(5))  # False: the first result waited for this
+        yield 2
+
+    with parmap.Pool(workers=2, backend=backend) as pool:
+        pool.map(square, range(4))  # warm: the first result is one round trip away
+        results = pool.imap(square, a_line_then_silence())
+        assert next(results) == 1
+        first_seen.set()
+        assert list(results) == [4]
+    assert resumed_after_first == [True]
+
+
 def test_imap_pull_ahead_stays_a_fraction_of_what_was_taken():
     # A long stream of tiny tasks gets bigger chunks as the consumer keeps
     # up, but the input pulled ahead stays bounded by what it has taken.
