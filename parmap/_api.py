@@ -32,6 +32,7 @@ def map(
     initargs: Iterable[Any] = (),
     start_method: str | None = None,
     address: str | None = None,
+    max_tasks_per_child: int | None = None,
 ) -> list[R]:
     """``[fn(x) for x in items]``, computed in parallel: same length, order and values.
 
@@ -51,6 +52,7 @@ def map(
         initializer=initializer,
         initargs=initargs,
         address=address,
+        max_tasks_per_child=max_tasks_per_child,
         chunksize=chunksize,
         progress=progress,
         timeout=timeout,
@@ -76,6 +78,7 @@ def starmap(
     initargs: Iterable[Any] = (),
     start_method: str | None = None,
     address: str | None = None,
+    max_tasks_per_child: int | None = None,
 ) -> list[R]:
     """``[fn(*args) for args in items]``, computed in parallel.
 
@@ -92,6 +95,7 @@ def starmap(
         initializer=initializer,
         initargs=initargs,
         address=address,
+        max_tasks_per_child=max_tasks_per_child,
         chunksize=chunksize,
         progress=progress,
         timeout=timeout,
@@ -118,6 +122,7 @@ def imap(
     initargs: Iterable[Any] = (),
     start_method: str | None = None,
     address: str | None = None,
+    max_tasks_per_child: int | None = None,
 ) -> Iterator[R]:
     """Lazily yield ``fn(x)`` for each item; memory stays bounded on any input.
 
@@ -138,6 +143,7 @@ def imap(
         initializer=initializer,
         initargs=initargs,
         address=address,
+        max_tasks_per_child=max_tasks_per_child,
         chunksize=chunksize,
         progress=progress,
         timeout=timeout,

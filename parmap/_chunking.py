@@ -99,8 +99,9 @@ SMOOTHING = 0.5
 class ChunkSizer:
     """Decides chunk sizes; ``observe`` feeds it what finished chunks measured."""
 
-    def __init__(self, chunksize: int | None, workers: int, total: int | None) -> None:
+    def __init__(self, chunksize: int | None, workers: int, total: int | None, *, most: int | None = None) -> None:
         self._fixed = chunksize
+        self._most = most  # items a chunk may hold at most (max_tasks_per_child)
         self._workers = workers
         self._total = total
         self._cost: float | None = None  # seconds per item
@@ -138,6 +139,8 @@ class ChunkSizer:
                 # Too cheap to unbalance anything: shrinking only adds round trips.
                 tail = max(tail, min(int(MIN_TAIL_CHUNK_SECONDS / self._cost), MAX_UNSPLIT_TAIL, remaining))
             size = min(size, tail)
+        if self._most is not None:
+            size = min(size, self._most)
         return max(1, size)
 
     def observe(self, items: int, seconds: float) -> None:

@@ -4,7 +4,8 @@ Two groups, because a :class:`parmap.Pool` fixes some for its lifetime and
 lets each call override the others:
 
 * :class:`PoolOptions` — what starts workers (``workers``, ``backend``,
-  ``start_method``, ``initializer``/``initargs``, ``address``);
+  ``start_method``, ``initializer``/``initargs``, ``address``,
+  ``max_tasks_per_child``);
 * :class:`CallOptions` — what shapes one call (``chunksize``, ``progress``,
   ``timeout``, ``retries``, ``on_error``, ``ordered``).
 
@@ -61,6 +62,7 @@ class MapOptions(CallOverrides, total=False):
     initargs: Iterable[Any]
     start_method: str | None
     address: str | None
+    max_tasks_per_child: int | None
 
 
 class ImapOptions(MapOptions, total=False):
@@ -70,7 +72,9 @@ class ImapOptions(MapOptions, total=False):
 
 
 CALL_OPTION_NAMES = frozenset({"chunksize", "progress", "timeout", "retries", "on_error", "ordered"})
-POOL_OPTION_NAMES = frozenset({"workers", "backend", "start_method", "initializer", "initargs", "address"})
+POOL_OPTION_NAMES = frozenset(
+    {"workers", "backend", "start_method", "initializer", "initargs", "address", "max_tasks_per_child"}
+)
 
 
 def default_workers() -> int:
@@ -92,6 +96,10 @@ def _positive_int(name: str, value: object) -> int:
 
 def _check_workers(value: object) -> int | None:
     return None if value is None else _positive_int("workers", value)
+
+
+def _check_max_tasks_per_child(value: object) -> int | None:
+    return None if value is None else _positive_int("max_tasks_per_child", value)
 
 
 def _check_chunksize(value: object) -> int | None:
@@ -306,9 +314,11 @@ class PoolOptions:
     initializer: Callable[..., object] | None = None
     initargs: tuple[Any, ...] = field(default=())
     address: str | None = None
+    max_tasks_per_child: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "workers", _check_workers(self.workers))
+        object.__setattr__(self, "max_tasks_per_child", _check_max_tasks_per_child(self.max_tasks_per_child))
         object.__setattr__(self, "start_method", _check_start_method(self.start_method))
         object.__setattr__(self, "initializer", _check_initializer(self.initializer))
         object.__setattr__(self, "initargs", _check_initargs(self.initargs))

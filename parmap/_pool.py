@@ -109,6 +109,7 @@ class Pool:
         initializer: Callable[..., object] | None = None,
         initargs: Iterable[Any] = (),
         address: str | None = None,
+        max_tasks_per_child: int | None = None,
         chunksize: int | None = None,
         progress: bool | Mapping[str, Any] | None = False,
         timeout: float | None = None,
@@ -123,6 +124,7 @@ class Pool:
             initializer=initializer,
             initargs=initargs,  # type: ignore[arg-type]  # validated and made a tuple
             address=address,
+            max_tasks_per_child=max_tasks_per_child,
         )
         self._defaults = CallOptions(
             chunksize=chunksize,
@@ -772,6 +774,12 @@ class Pool:
         return options
 
     def _check_capabilities(self, options: CallOptions) -> None:
+        most = self._backend.max_items_per_worker
+        if most is not None and options.chunksize is not None and options.chunksize > most:
+            raise ValueError(
+                f"chunksize={options.chunksize} is more than max_tasks_per_child={most}: a chunk runs "
+                "on one worker, which runs no more items than that"
+            )
         if options.timeout is not None and not self._backend.capabilities.can_timeout and not self._backend.stands_in:
             raise ValueError(
                 f"timeout={options.timeout:g} needs a backend that can stop a running task; "

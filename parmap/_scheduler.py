@@ -130,7 +130,7 @@ class Scheduler:
         # An empty list asks nothing of the backend: a Dask one would connect to count its workers.
         workers = 1 if self._total == 0 else backend.workers
         self._window = 2 * workers + 1
-        self._sizer = ChunkSizer(options.chunksize, workers, self._total)
+        self._sizer = ChunkSizer(options.chunksize, workers, self._total, most=backend.max_items_per_worker)
         self._events: queue.SimpleQueue[tuple[Chunk, ChunkOutcome | ChunkLost]] = queue.SimpleQueue()
         self._outstanding: deque[Record] = deque()  # in creation (= input) order
         self._unfinished = 0

@@ -36,6 +36,8 @@ import parmap
         ({"timeout": "1"}, TypeError, "timeout"),
         ({"timeout": -(10**400)}, ValueError, "timeout"),  # past a float: no bare OverflowError
         ({"retries": -1}, ValueError, "retries"),
+        ({"max_tasks_per_child": 0}, ValueError, "max_tasks_per_child"),
+        ({"max_tasks_per_child": 1.5}, TypeError, "max_tasks_per_child"),
         ({"on_error": "ignore"}, ValueError, "on_error"),
         ({"progress": "yes"}, TypeError, "progress"),
         ({"progress": {"descr": "typo"}}, TypeError, "'descr'"),  # tqdm itself would refuse it at the first next()

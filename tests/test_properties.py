@@ -104,6 +104,24 @@ def test_ranges(any_backend, start, length, step, chunksize):
     ]
 
 
+@SETTINGS
+@given(
+    items=st.lists(values, max_size=30),
+    shape=shapes,
+    share=st.integers(1, 8),
+    chunksize=st.one_of(st.none(), st.integers(1, 8)),
+    ordered=st.booleans(),
+)
+@pytest.mark.parametrize("backend", ["process", "fork"])
+def test_retiring_workers_change_no_result(backend, items, shape, share, chunksize, ordered):
+    chunksize = None if chunksize is None else min(chunksize, share)  # a bigger chunk is refused
+    expected = [workfns.describe(x) for x in items]
+    options = {"workers": 2, "backend": backend, "chunksize": chunksize, "max_tasks_per_child": share}
+    assert parmap.map(workfns.describe, _shaped(items, shape), **options) == expected
+    got = list(parmap.imap(workfns.describe, _shaped(items, shape), ordered=ordered, **options))
+    assert (got if ordered else sorted(map(repr, got))) == (expected if ordered else sorted(map(repr, expected)))
+
+
 @pytest.fixture(scope="module", params=["process", "pool"])
 def warm_pool(request):
     with parmap.Pool(workers=2, backend=request.param) as pool:

@@ -33,6 +33,8 @@ _REGISTRY: dict[str, tuple[str, str, bool]] = {
 BACKEND_NAMES: tuple[str, ...] = ("auto", *_REGISTRY)
 #: Backends that start processes: inside a worker they run serially instead.
 _PROCESS_BACKENDS = frozenset({"auto", "process", "pool", "apply_async", "fork"})
+# Whose workers parmap's own dispatcher starts, feeds and can retire one by one.
+_OWN_PROCESS_BACKENDS = frozenset({"process", "fork"})
 
 
 def auto_backend() -> str:
@@ -107,6 +109,11 @@ def create_backend(options: PoolOptions) -> tuple[Backend, bool]:
             f"backend={name!r} cannot start while the interpreter shuts down (a __del__ run by its "
             "final clean-up, say): call parmap before the program ends, or use backend='serial' there"
         )
+    if options.max_tasks_per_child is not None and name not in _OWN_PROCESS_BACKENDS and not stands_in:
+        raise ValueError(
+            f"max_tasks_per_child={options.max_tasks_per_child} needs worker processes that parmap "
+            f"starts and retires itself: backend='process' or 'fork' (or 'auto'), not backend={backend!r}"
+        )
     if name == "fork" and sys.platform == "win32":  # pragma: no cover
         raise ValueError("backend='fork' needs os.fork(), which Windows lacks")
     module = importlib.import_module(f"{__name__}.{module_name}")
@@ -116,6 +123,8 @@ def create_backend(options: PoolOptions) -> tuple[Backend, bool]:
         kwargs["workers"] = options.worker_count
     if takes_start_method and name != "serial":
         kwargs["start_method"] = options.start_method
+    if name in _OWN_PROCESS_BACKENDS:
+        kwargs["max_tasks_per_child"] = options.max_tasks_per_child
     if name == "dask":
         kwargs["address"] = options.address
     created: Backend = cls(**kwargs)
@@ -166,6 +175,10 @@ def _no_start_method(options: PoolOptions, what: str) -> None:
         raise ValueError(f"start_method cannot be used with {what} as backend: its workers are already made")
     if options.address is not None:
         raise ValueError(f"address cannot be used with {what} as backend: it is already connected where it is")
+    if options.max_tasks_per_child is not None:
+        raise ValueError(
+            f"max_tasks_per_child cannot be used with {what} as backend: parmap does not start its workers"
+        )
     if options.initializer is not None:
         raise ValueError(
             f"initializer cannot be used with {what} as backend: parmap does not start its workers "

@@ -237,6 +237,9 @@ class Backend(abc.ABC):
     queues_chunks: ClassVar[bool] = False
     #: Runs each chunk in the thread that submits it, before ``submit`` returns.
     runs_in_caller: ClassVar[bool] = False
+    #: Items a worker runs before a fresh one takes its place
+    #: (``max_tasks_per_child``); no chunk holds more. ``None``: no limit.
+    max_items_per_worker: int | None = None
 
     @abc.abstractmethod
     def submit(self, chunk: Chunk, done: Done) -> None:

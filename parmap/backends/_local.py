@@ -94,6 +94,9 @@ INITIAL_START_COST = 0.003
 # behind a first item that takes a second, the next waited there while the
 # other worker idled (20 items, two of them 1 s: 2.0 s, now 1.0 s).
 MAX_AHEAD_OF_SECONDS = 0.2
+# How long a worker retired by max_tasks_per_child may take to exit once told
+# (an idle worker exits in milliseconds) before it is killed.
+RETIRE_WAIT_SECONDS = 5.0
 # The dispatcher's longest sleep: a due time further off (a huge ``timeout``)
 # is looked at again then, since the wait's own limit is ~24 days in ms.
 MAX_WAIT_SECONDS = 3600.0
@@ -239,6 +242,7 @@ class WorkerProcess:
     stopped: bool = False
     timed_out_offset: int | None = None
     sent: int = 0  # chunks sent; the worker counts those it read in its status slot
+    items_sent: int = 0  # items in those chunks (see max_items_per_worker)
     seq: int = 0  # the running chunk's number among those sent
     #: A chunk sent behind the running one, with its number (see _prefetch).
     ahead: tuple[Chunk, Done, int] | None = None
@@ -280,9 +284,16 @@ class LocalWorkers(Backend):
     start_method: str | None = None
     queues_chunks = True
 
-    def __init__(self, workers: int, initializer: Callable[..., Any] | None, initargs: tuple[Any, ...]) -> None:
+    def __init__(
+        self,
+        workers: int,
+        initializer: Callable[..., Any] | None,
+        initargs: tuple[Any, ...],
+        max_tasks_per_child: int | None = None,
+    ) -> None:
         take_standard_descriptors()  # before any pipe of ours can land on them
         self.workers = workers
+        self.max_items_per_worker = max_tasks_per_child
         self._init = pickle_initializer(initializer, initargs)
         self._lock = threading.Lock()
         self._pending: deque[_Queued] = deque()
@@ -539,6 +550,11 @@ class LocalWorkers(Backend):
                 gone.done(gone.chunk, dropped_outcome())
             if queued is None:
                 return
+            if self._has_run_its_share(worker, queued.chunk):
+                with self._lock:
+                    self._pending.appendleft(queued)  # a requeued chunk that began is wanted still
+                self._retire(worker)
+                continue
             call = queued.chunk.call
             from_source = _reads_source(worker, queued.chunk)
             try:
@@ -574,6 +590,8 @@ class LocalWorkers(Backend):
         """Whether ``chunk`` may be sent to ``worker`` behind the one it runs."""
         running = worker.chunk
         if running is None or worker.ahead is not None or running.call is not chunk.call:
+            return False
+        if self._has_run_its_share(worker, chunk):
             return False
         # Sent behind a long chunk, it would wait there while another worker
         # idles (a slow item holding back the next); and the dispatcher's
@@ -620,6 +638,7 @@ class LocalWorkers(Backend):
 
     def _send_chunk(self, worker: WorkerProcess, queued: _Queued, from_source: bool) -> None:
         worker.sent += 1
+        worker.items_sent += len(queued.chunk.positions)
         header = (*queued.chunk.header(), from_source)
         worker.conn.send_bytes(_control(header))
         if queued.items is not None and not from_source:
@@ -874,6 +893,25 @@ class LocalWorkers(Backend):
             return None
         since = max(float(self._status[base + 2]), worker.sent_at)
         return since + worker.chunk.call.timeout * max(1, len(worker.chunk.positions))
+
+    def _has_run_its_share(self, worker: WorkerProcess, chunk: Chunk) -> bool:
+        """Whether ``chunk`` would take ``worker`` past ``max_tasks_per_child`` items."""
+        limit = self.max_items_per_worker
+        return limit is not None and worker.items_sent > 0 and worker.items_sent + len(chunk.positions) > limit
+
+    def _retire(self, worker: WorkerProcess) -> None:
+        """Stop an idle worker that has run its share of items, as a close
+        stops it; :meth:`_grow` starts a fresh one in its place for the work
+        still queued."""
+        try:
+            worker.conn.send_bytes(_control(None))
+        except OSError:
+            pass  # died meanwhile: it is gone either way, and ran all it was sent
+        if not wait([worker.sentinel], timeout=RETIRE_WAIT_SECONDS):
+            self._kill_worker(worker)  # an atexit handler of the user's that hangs, say
+        self._reap(worker)
+        _close_parent_end(worker.conn)
+        self._procs[worker.index] = None
 
     def _kill_worker(self, worker: WorkerProcess) -> None:
         kill_trees([worker.pid])  # and the commands its item was running

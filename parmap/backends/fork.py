@@ -27,10 +27,11 @@ class ForkBackend(LocalWorkers):
         workers: int,
         initializer: Callable[..., Any] | None = None,
         initargs: tuple[Any, ...] = (),
+        max_tasks_per_child: int | None = None,
     ) -> None:
         if not hasattr(os, "fork"):
             raise ValueError("backend='fork' needs os.fork(), which this platform lacks")
-        super().__init__(workers, initializer, initargs)
+        super().__init__(workers, initializer, initargs, max_tasks_per_child)
 
     def _start_worker(self, index: int, inherited: Inherited) -> WorkerProcess:
         parent_conn, child_conn = worker_pipe()

@@ -28,8 +28,9 @@ class ProcessBackend(LocalWorkers):
         initializer: Callable[..., Any] | None = None,
         initargs: tuple[Any, ...] = (),
         start_method: str | None = None,
+        max_tasks_per_child: int | None = None,
     ) -> None:
-        super().__init__(workers, initializer, initargs)
+        super().__init__(workers, initializer, initargs, max_tasks_per_child)
         self.start_method = start_method or default_start_method()
         self._ctx: Any = multiprocessing.get_context(self.start_method)
         # Only a forked child receives Process args without pickling them.
