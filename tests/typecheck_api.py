@@ -36,6 +36,7 @@ with parmap.Pool(workers=2, backend="thread") as pool:
     pool.submit(to_text, "one")  # type: ignore[arg-type]  # checked like the function's own call
 
 assert_type(parmap.map(to_text, [1], progress=None), list[str])  # None: no bar, as False
+assert_type(parmap.map(to_text, [1], max_tasks_per_child=100), list[str])
 assert_type(parmap.Pool(progress={"desc": "work"}), parmap.Pool)
 
 
