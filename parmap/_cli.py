@@ -179,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=_positive_float, metavar="SECONDS", help="fail an item that runs longer")
     parser.add_argument("--retries", type=_non_negative_int, default=0, metavar="N", help="retry a failed item N times")
     parser.add_argument(
+        "--max-tasks-per-child",
+        type=_positive_int,
+        metavar="N",
+        help="replace each worker process after it has run N items (for a function that leaks memory)",
+    )
+    parser.add_argument(
         "--on-error",
         choices=("raise", "skip"),
         default="raise",
@@ -391,6 +397,7 @@ def _pool_options(args: argparse.Namespace) -> dict[str, Any]:
         "chunksize": args.chunksize,
         "timeout": args.timeout,
         "retries": args.retries,
+        "max_tasks_per_child": args.max_tasks_per_child,
     }
 
 

@@ -6,6 +6,7 @@ workers cannot outlive a failed test.
 
 from __future__ import annotations
 
+import collections
 import errno
 import io
 import json
@@ -494,6 +495,8 @@ def __getattr__(name):
         (["tgt:square", "in.txt", "--input-format", "xml"], "--input-format"),
         (["tgt:square", "in.txt", "--bogus"], "--bogus"),
         (["tgt:square", "in.txt", "-b", "thread", "--timeout", "1"], "timeout"),
+        (["tgt:square", "in.txt", "-b", "pool", "--max-tasks-per-child", "3"], "max_tasks_per_child=3"),
+        (["tgt:square", "in.txt", "--max-tasks-per-child", "0"], "--max-tasks-per-child"),
         (["tgt:square", "in.txt", "--resume"], "--resume needs -o"),
         (["tgt:square", "in.txt", "-o", "in.txt"], "also where results go"),
         (["tgt:square", "in.txt", "-w", "99999999999999999999"], "--workers"),
@@ -514,6 +517,15 @@ def test_usage_errors_exit_2_with_one_line(targets: Path, args: list[str], expec
     assert result.err.count("\n") == 1 and result.err.startswith("parmap: error:"), result.err
     assert expected in result.err and "Traceback" not in result.err
     assert (targets / "in.txt").read_text() == "1\n"
+
+
+def test_max_tasks_per_child_replaces_the_workers(targets: Path) -> None:
+    write(targets / "pid.py", "import os\n\ndef f(line):\n    return os.getpid()\n")
+    write(targets / "lines.txt", "".join(f"{i}\n" for i in range(12)))
+    result = cli("pid.py:f", "lines.txt", "-w", "2", "--max-tasks-per-child", "3", cwd=targets)
+    assert result.code == 0, result.err
+    runs = collections.Counter(result.out.split())
+    assert sum(runs.values()) == 12 and max(runs.values()) <= 3
 
 
 def test_malformed_json_line_exits_2_after_writing_what_came_before(targets: Path, tmp_path: Path) -> None:
