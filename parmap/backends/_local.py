@@ -94,9 +94,11 @@ INITIAL_START_COST = 0.003
 # behind a first item that takes a second, the next waited there while the
 # other worker idled (20 items, two of them 1 s: 2.0 s, now 1.0 s).
 MAX_AHEAD_OF_SECONDS = 0.2
-# How long a worker retired by max_tasks_per_child may take to exit once told
-# (an idle worker exits in milliseconds) before it is killed.
-RETIRE_WAIT_SECONDS = 5.0
+# How long a worker told to stop (a polite close, or retired by
+# max_tasks_per_child) may take to exit before it is killed: an idle one
+# exits in milliseconds, one with an atexit handler of the user's that hangs
+# never would.
+STOP_WAIT_SECONDS = 5.0
 # The dispatcher's longest sleep: a due time further off (a huge ``timeout``)
 # is looked at again then, since the wait's own limit is ~24 days in ms.
 MAX_WAIT_SECONDS = 3600.0
@@ -907,11 +909,16 @@ class LocalWorkers(Backend):
             worker.conn.send_bytes(_control(None))
         except OSError:
             pass  # died meanwhile: it is gone either way, and ran all it was sent
-        if not wait([worker.sentinel], timeout=RETIRE_WAIT_SECONDS):
-            self._kill_worker(worker)  # an atexit handler of the user's that hangs, say
+        self._see_off(worker, polite=True)
+        self._procs[worker.index] = None
+
+    def _see_off(self, worker: WorkerProcess, *, polite: bool) -> None:
+        """Reap a worker that was told to stop or killed, and close our end;
+        ``polite``: it has :data:`STOP_WAIT_SECONDS` to exit before it is killed."""
+        if polite and not wait([worker.sentinel], timeout=STOP_WAIT_SECONDS):
+            self._kill_worker(worker)
         self._reap(worker)
         _close_parent_end(worker.conn)
-        self._procs[worker.index] = None
 
     def _kill_worker(self, worker: WorkerProcess) -> None:
         kill_trees([worker.pid])  # and the commands its item was running
@@ -930,8 +937,5 @@ class LocalWorkers(Backend):
                 except OSError:
                     pass
         for worker in workers:
-            if not kill and not wait([worker.sentinel], timeout=5.0):
-                self._kill_worker(worker)
-            self._reap(worker)
-            _close_parent_end(worker.conn)
+            self._see_off(worker, polite=not kill)
         self._procs = [None] * self.workers
