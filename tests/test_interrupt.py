@@ -21,6 +21,7 @@ import workfns
 from conftest import DASK_AVAILABLE, PROCESS_BACKENDS
 
 import parmap
+from parmap.backends._base import join_thread
 
 TESTS_DIR = os.path.dirname(__file__)
 
@@ -805,3 +806,30 @@ def test_ctrl_c_while_close_waits_for_running_work_stops_the_thread_backends_chu
     )
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=40)
     assert (result.returncode, result.stdout) == (0, "KeyboardInterrupt\n0 []\n"), result.stderr[-2000:]
+
+
+def test_a_join_that_ctrl_c_cut_short_still_waits_for_the_thread():
+    # CPython 3.11 marks a thread as ended when Ctrl-C interrupts a join() of
+    # it, and every later join() returns at once: the terminate() that
+    # Ctrl-C makes of a with block's close went on before the workers were
+    # stopped, and they outlived the "caught" of the program that caught it.
+    release = threading.Event()
+    thread = threading.Thread(target=release.wait, daemon=True)
+    thread.start()
+
+    def ctrl_c(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGUSR1, ctrl_c)
+    try:
+        threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+        with pytest.raises(KeyboardInterrupt):
+            join_thread(thread)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    began = time.monotonic()
+    join_thread(thread, timeout=0.3)
+    assert time.monotonic() - began >= 0.25  # it waited: the thread runs on
+    release.set()
+    join_thread(thread)
+    assert thread not in threading.enumerate()

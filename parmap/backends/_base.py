@@ -358,16 +358,27 @@ def _wait_for_the_left() -> None:
 
 def join_thread(thread: threading.Thread, timeout: float | None = None) -> None:
     """``thread.join(timeout)``, for a thread whose ``start()`` a Ctrl-C may
-    have cut short: it runs, but ``join()`` raises until it says it started."""
-    deadline = time.monotonic() + 1.0
+    have cut short (it runs, but ``join()`` raises until it says it started),
+    or whose last ``join()`` a Ctrl-C cut short."""
+    began = time.monotonic()
     while True:
         try:
             thread.join(timeout)
-            return
+            break
         except RuntimeError:
-            if time.monotonic() > deadline:
+            if time.monotonic() > began + 1.0:
                 return  # never started after all: nothing to wait for
             time.sleep(0.005)
+    # A join() that Ctrl-C interrupted marks the thread as ended while it runs
+    # on (CPython 3.11's Thread._wait_for_tstate_lock releases the lock the
+    # thread holds): every later join() returns at once. So the close that
+    # Ctrl-C turns into a terminate() went on before the workers were
+    # stopped. A thread leaves threading.enumerate() only once it has
+    # really ended (after a normal join() it has, so this costs one look).
+    while thread in threading.enumerate():
+        if timeout is not None and time.monotonic() >= began + timeout:
+            return
+        time.sleep(0.005)
 
 
 class WakePipe:
