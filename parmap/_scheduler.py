@@ -148,10 +148,11 @@ class Scheduler:
         self._failure: tuple[int, BaseException] | None = None  # earliest, for on_error="raise"
         self._prefix_delivered = False  # the values before the failure in its record (see _raise_if_due)
         self._slow_input = False  # the last pull was cut short by MAX_PULL_SECONDS
-        # Nothing tells a slow input from a fast one before its first pull has
-        # waited, and that pull may be the one that waits long (a line, then
-        # silence): the first result gets its moment first, once (see _fill).
-        self._first_awaited = False
+        # Nothing tells a slow unsized input (an iterator, a file, a pipe) from
+        # a fast one before its first pull has waited, and that pull may be the
+        # one that waits long (a line, then silence): the first result gets its
+        # moment first, once (see _fill).
+        self._await_first = self._total is None
         self._early: tuple[Chunk, ChunkOutcome | ChunkLost] | None = None  # an event taken while filling
 
     # -- driving -------------------------------------------------------------
@@ -219,11 +220,10 @@ class Scheduler:
         while self._failure is None and not self._exhausted and self._window_has_room():
             if not self._events.empty() or self._has_deliverable():
                 break  # deliver what finished before waiting on a slow input for more
-            unsized = self._total is None  # an iterator, a file, a pipe: it may block
-            if (self._slow_input or (unsized and not self._first_awaited)) and self._in_flight and self._early is None:
+            if (self._slow_input or self._await_first) and self._in_flight and self._early is None:
                 # A slow input may keep the next pull waiting long: give what is
                 # in flight a moment to finish first, so its result goes out now.
-                self._first_awaited = True
+                self._await_first = False
                 try:
                     self._early = self._events.get(timeout=MAX_PULL_SECONDS)
                     break
