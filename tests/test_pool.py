@@ -905,6 +905,35 @@ def test_initargs_may_hold_multiprocessing_locks_values_and_queues(process_backe
     assert sorted(queue.get() for _ in range(10)) == list(range(10))
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("start_method", [None, "spawn"])
+def test_what_the_workers_put_on_a_multiprocessing_queue_arrives(process_backend, start_method):
+    # A queue's put leaves the write to a feeder thread, and only the
+    # worker's exit waits for it: a worker killed at the close (pool's
+    # terminate) or one that skipped multiprocessing's exit (fork's _exit)
+    # lost what the last items put.
+    if start_method is not None and process_backend == "fork":
+        pytest.skip("the fork backend only forks")
+    options = {} if start_method is None else {"start_method": start_method}
+    queue = multiprocessing.get_context(start_method).Queue()
+    # A queue used before the fork: a raw fork child must reset it, as
+    # multiprocessing's own do, or its puts wait on the caller's feeder thread.
+    queue.put("before")
+    assert queue.get(timeout=10) == "before"
+    results = parmap.map(
+        workfns.put_slowly,
+        range(4),
+        workers=2,
+        backend=process_backend,
+        initializer=workfns.keep_shared,
+        initargs=(queue,),
+        **options,
+    )
+    assert results == list(range(4))
+    # Written before the call returned: nothing here waits for a worker.
+    assert sorted(queue.get(timeout=0.5) for _ in range(4)) == list(range(4))
+
+
 def test_imap_close_stops_the_work(backend):
     with parmap.Pool(workers=2, backend=backend) as pool:
         results = pool.imap(workfns.square, range(10_000), chunksize=1)

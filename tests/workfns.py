@@ -671,6 +671,25 @@ def count_under_lock(x):
     return x
 
 
+class PickledInAWhile:
+    """Pickled as ``x`` after 0.2 s: a multiprocessing queue pickles what was
+    put on it on its feeder thread, after ``put`` returned."""
+
+    def __init__(self, x):
+        self.x = x
+
+    def __reduce__(self):
+        time.sleep(0.2)
+        return (int, (self.x,))
+
+
+def put_slowly(x):
+    """Puts ``x`` on the queue keep_shared kept, the write still to come as it returns."""
+    (queue,) = SHARED
+    queue.put(PickledInAWhile(x))
+    return x
+
+
 STORED_ERROR = ConnectionError("backend down")
 
 

@@ -66,7 +66,14 @@ from ._base import (
     take_standard_descriptors,
     terminated_outcome,
 )
-from ._local import MAX_STARTUP_FAILURES, MAX_WAIT_SECONDS, UNMARKED_POLL_SECONDS, exit_sentinel, pickle_initializer
+from ._local import (
+    MAX_STARTUP_FAILURES,
+    MAX_WAIT_SECONDS,
+    STOP_WAIT_SECONDS,
+    UNMARKED_POLL_SECONDS,
+    exit_sentinel,
+    pickle_initializer,
+)
 from ._process_tree import freeze_descendants, kill_frozen, kill_trees
 from .process import default_start_method
 
@@ -387,6 +394,7 @@ class MPPoolBackend(Backend):
         known: dict[int, Any] = {}  # pid -> Process, every pool worker ever seen
         handled: set[int] = set()
         pidfds = _PidFds()
+        polite = False  # a graceful close, with every chunk done
         try:
             while True:
                 with self._lock:
@@ -399,6 +407,7 @@ class MPPoolBackend(Backend):
                         self._fail_all()
                         break
                     if self._closing and not self._flights and not self._waiting and not self._dropped:
+                        polite = True
                         break
                     busy = bool(self._flights)
                     revive = self._dormant and bool(self._waiting)
@@ -449,7 +458,7 @@ class MPPoolBackend(Backend):
                 self._fail_all(ChunkOutcome.failed(error))
         finally:
             pidfds.forget_all()
-            self._shutdown_pool()
+            self._shutdown_pool(polite)
 
     def _note_started(self, known: dict[int, Any], pidfds: _PidFds | None = None) -> None:
         """Every worker the pool started since the last look, from its own
@@ -702,8 +711,9 @@ class MPPoolBackend(Backend):
                     flight.timed_out_offset = offset
                     kill_trees([pid])
 
-    def _end_pool(self, pool: Any, busy: Sequence[int]) -> bool:
-        """Stop feeding ``pool`` and terminate it (see :func:`_terminate`).
+    def _end_pool(self, pool: Any, busy: Sequence[int], *, polite: bool = False) -> bool:
+        """Stop feeding ``pool`` and terminate it (see :func:`_terminate`);
+        ``polite``: its workers may first exit of themselves (see :meth:`_let_workers_leave`).
 
         ``busy``: the workers running items, whose commands go with them;
         terminate()'s SIGTERM would leave those to the init process. They
@@ -714,6 +724,8 @@ class MPPoolBackend(Backend):
         earlier items, are left alone.)
         """
         self._stop_feeding()
+        if polite:
+            self._let_workers_leave(pool)
         commands = freeze_descendants(busy)
         try:
             forced = _terminate(pool)
@@ -726,6 +738,42 @@ class MPPoolBackend(Backend):
         pool._cache.clear()
         return forced
 
+    def _let_workers_leave(self, pool: Any) -> None:
+        """``close()`` ``pool`` and give its workers, idle by now, :data:`STOP_WAIT_SECONDS`
+        to exit of themselves, as ``close(); join()`` would; ``close(kill=True)`` cuts it short.
+
+        A worker that exits runs its process's finalizers, and those write
+        out what it put on a ``multiprocessing.Queue`` it shares with the
+        caller (a queue hands each object to a feeder thread): the SIGTERM of
+        ``terminate()`` lost what the last items put. What is still running
+        after the wait, the terminate that follows ends.
+        """
+        pool.close()
+        deadline = time.monotonic() + STOP_WAIT_SECONDS
+        # Once the pool's cache is empty it tells the workers to stop, and it
+        # starts no replacement after that.
+        handler = pool._worker_handler
+        while handler.is_alive():
+            if self._kill_on_close or time.monotonic() >= deadline:
+                return
+            handler.join(0.05)
+        pidfds = _PidFds()
+        try:
+            workers = list(pool._pool)
+            for process in workers:
+                pidfds.watch(process)
+            pending = [pidfds.sentinel(p) for p in workers if p.exitcode is None]
+            while pending and not self._kill_on_close:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                ready = wait([self._wake_pipe.r, *pending], left)
+                if self._wake_pipe.r in ready:
+                    self._wake_pipe.drain()
+                pending = [s for s in pending if s not in ready]
+        finally:
+            pidfds.forget_all()
+
     def _busy_workers(self, keys: Sequence[int] | None = None) -> list[int]:
         """The live workers running chunks, all or those of flights ``keys`` (under the lock)."""
         flights = self._flights.values() if keys is None else [self._flights[key] for key in keys]
@@ -733,15 +781,14 @@ class MPPoolBackend(Backend):
         pool = self._pool
         return [] if pool is None else [p.pid for p in list(pool._pool) if p.pid in claimed and p.exitcode is None]
 
-    def _shutdown_pool(self) -> None:
-        # Always terminate(), even for a graceful close: the monitor loop only
-        # gets here once parmap's own chunks are done (or to be killed), and a
-        # task lost with a dead worker stays in the pool's cache forever, so
-        # close(); join() would wait for it forever.
+    def _shutdown_pool(self, polite: bool) -> None:
+        # Always terminate() in the end, even after a graceful close: a task
+        # lost with a dead worker stays in the pool's cache forever, so
+        # close(); join() alone could wait forever.
         pool = self._pool
         try:
             if pool is not None:  # None: dormant, already ended
-                self._end_pool(pool, self._busy_at_kill)
+                self._end_pool(pool, self._busy_at_kill, polite=polite)
         finally:
             self._wake_pipe.close()
             if self._tmpdir is not None:

@@ -9,6 +9,9 @@ holds, readable once the child is gone; either serves as a sentinel for
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing.process
+import multiprocessing.util
 import os
 import sys
 from collections.abc import Callable
@@ -42,12 +45,14 @@ class ForkBackend(LocalWorkers):
             try:
                 os.close(sentinel_r)
                 parent_conn.close()  # the other pools' ends, and this one's, went at the fork
+                _begin_as_multiprocessing_child()
                 worker_main(child_conn, self._status, index, self._init, inherited)
             except SystemExit as exc:  # the initializer called sys.exit(): report its code, as multiprocessing does
                 code = exc.code if isinstance(exc.code, int) else 1
             except BaseException:
                 code = 1
             finally:
+                _end_as_multiprocessing_child()
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code)
@@ -70,3 +75,31 @@ class ForkBackend(LocalWorkers):
         except OSError:
             pass
         return exitcode
+
+
+# A worker forked here keeps the books of multiprocessing as its own forked
+# children do (``BaseProcess._bootstrap``): a ``multiprocessing.Queue`` the
+# caller shares with the workers (through ``initargs``, say) relies on them.
+# Its ``put`` hands the object to a feeder thread, and only the process's
+# exit finalizers wait for that thread to write it; ``os._exit`` alone lost
+# what the last item put. And a queue the caller had put to before the fork
+# needs its after-fork reset, or the child's puts wait for the caller's
+# feeder thread, which the child does not have. (Those books are private
+# names of multiprocessing, which typeshed leaves out.)
+_mp_process: Any = multiprocessing.process
+_mp_util: Any = multiprocessing.util
+
+
+def _begin_as_multiprocessing_child() -> None:
+    """Drop the caller's finalizers and children, and run the after-fork hooks."""
+    _mp_process._children = set()  # the caller's, not this worker's to join at exit
+    _mp_util._finalizer_registry.clear()
+    _mp_util._exiting = False
+    _mp_util._run_after_forkers()
+
+
+def _end_as_multiprocessing_child() -> None:
+    """Run this worker's own exit finalizers (queue feeders are flushed by them)."""
+    # As in multiprocessing's own children, a finalizer that fails does not stop the exit.
+    with contextlib.suppress(BaseException):
+        _mp_util._exit_function()
