@@ -934,6 +934,14 @@ def test_what_the_workers_put_on_a_multiprocessing_queue_arrives(process_backend
     assert sorted(queue.get(timeout=0.5) for _ in range(4)) == list(range(4))
 
 
+@pytest.mark.timeout(60)
+def test_what_the_workers_put_on_a_multiprocessing_queue_is_there_once_the_pool_closed(process_backend):
+    queue = multiprocessing.get_context().Queue()
+    with parmap.Pool(2, process_backend, initializer=workfns.keep_shared, initargs=(queue,)) as pool:
+        assert pool.map(workfns.put_slowly, range(4)) == list(range(4))
+    assert sorted(queue.get(timeout=0.5) for _ in range(4)) == list(range(4))
+
+
 def test_imap_close_stops_the_work(backend):
     with parmap.Pool(workers=2, backend=backend) as pool:
         results = pool.imap(workfns.square, range(10_000), chunksize=1)
