@@ -98,6 +98,19 @@ def _check_workers(value: object) -> int | None:
     return None if value is None else _positive_int("workers", value)
 
 
+def workers_or_processes(workers: int | None, processes: int | None) -> int | None:
+    """``Pool``'s worker count from ``workers=`` or ``processes=``, the name
+    ``multiprocessing.Pool`` gives it (checked under that name)."""
+    if processes is None:
+        return workers
+    if workers is not None:
+        raise TypeError(
+            f"Pool() got workers={workers!r} and processes={processes!r}: "
+            "processes is multiprocessing's name for workers; give one of them"
+        )
+    return _positive_int("processes", processes)
+
+
 def _check_max_tasks_per_child(value: object) -> int | None:
     return None if value is None else _positive_int("max_tasks_per_child", value)
 

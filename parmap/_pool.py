@@ -26,7 +26,14 @@ from typing import Any, NamedTuple, ParamSpec, TypeVar, Unpack, cast
 from . import _context
 from ._async_result import AsyncResult
 from ._errors import PoolClosedError, SerializationError
-from ._options import CallOptions, OnError, PoolCallOverrides, PoolImapOverrides, PoolOptions
+from ._options import (
+    CallOptions,
+    OnError,
+    PoolCallOverrides,
+    PoolImapOverrides,
+    PoolOptions,
+    workers_or_processes,
+)
 from ._scheduler import SKIPPED, Record, Scheduler, lost_error
 from ._serialization import find_unpicklable, short_repr, track_classes, travels_by_name
 from .backends import create_backend, create_timed_stand_in
@@ -98,6 +105,9 @@ class Pool:
     Leaving the ``with`` block waits for running work and stops the workers
     (an exception leaving it stops them at once). Using the pool afterwards
     raises :class:`parmap.PoolClosedError`.
+
+    ``processes=`` is another name for ``workers=``, as ``multiprocessing.Pool``
+    spells it, so ``Pool(processes=4)`` carries over unchanged.
     """
 
     def __init__(
@@ -116,9 +126,10 @@ class Pool:
         retries: int = 0,
         on_error: OnError = "raise",
         ordered: bool = True,
+        processes: int | None = None,
     ) -> None:
         self._options = PoolOptions(
-            workers=workers,
+            workers=workers_or_processes(workers, processes),
             backend=backend,
             start_method=start_method,
             initializer=initializer,

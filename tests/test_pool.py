@@ -86,6 +86,17 @@ def test_an_initializer_where_multiprocessing_has_it_is_named():
         parmap.Pool(2, workfns.set_setting)
 
 
+def test_processes_is_another_name_for_workers():
+    # multiprocessing.Pool(processes=2) carries over.
+    with parmap.Pool(processes=2, backend="process") as pool:
+        assert repr(pool).startswith("<parmap.Pool workers=2 ")
+        assert pool.map(workfns.square, range(4)) == [0, 1, 4, 9]
+    with pytest.raises(ValueError, match="processes must be a positive int, got 0"):
+        parmap.Pool(processes=0)
+    with pytest.raises(TypeError, match="got workers=2 and processes=3: processes is multiprocessing's name"):
+        parmap.Pool(2, processes=3)
+
+
 def test_chunksize_none_leaves_the_pool_s_own(backend):
     with parmap.Pool(workers=2, backend=backend, chunksize=12) as pool:
         assert len(set(pool.map(workfns.runner_after_a_pause, range(12), None))) == 1
