@@ -917,14 +917,15 @@ def test_initargs_may_hold_multiprocessing_locks_values_and_queues(process_backe
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("start_method", [None, "spawn"])
-def test_what_the_workers_put_on_a_multiprocessing_queue_arrives(process_backend, start_method):
+@pytest.mark.parametrize(
+    ("backend", "start_method"),
+    [(name, None) for name in PROCESS_BACKENDS] + [(name, "spawn") for name in PROCESS_BACKENDS if name != "fork"],
+)
+def test_what_the_workers_put_on_a_multiprocessing_queue_arrives(backend, start_method):
     # A queue's put leaves the write to a feeder thread, and only the
     # worker's exit waits for it: a worker killed at the close (pool's
     # terminate) or one that skipped multiprocessing's exit (fork's _exit)
     # lost what the last items put.
-    if start_method is not None and process_backend == "fork":
-        pytest.skip("the fork backend only forks")
     options = {} if start_method is None else {"start_method": start_method}
     queue = multiprocessing.get_context(start_method).Queue()
     # A queue used before the fork: a raw fork child must reset it, as
@@ -935,7 +936,7 @@ def test_what_the_workers_put_on_a_multiprocessing_queue_arrives(process_backend
         workfns.put_slowly,
         range(4),
         workers=2,
-        backend=process_backend,
+        backend=backend,
         initializer=workfns.keep_shared,
         initargs=(queue,),
         **options,
