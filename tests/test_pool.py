@@ -954,6 +954,22 @@ def test_what_the_workers_put_on_a_multiprocessing_queue_is_there_once_the_pool_
     assert sorted(queue.get(timeout=0.5) for _ in range(4)) == list(range(4))
 
 
+@pytest.mark.timeout(60)
+def test_workers_that_do_not_exit_when_told_are_killed_after_one_wait_for_all(process_backend, monkeypatch):
+    # Waited for one after the other, three such workers held the close for
+    # three waits.
+    from parmap.backends import _local, _mppool
+
+    monkeypatch.setattr(_local, "STOP_WAIT_SECONDS", 1.0)
+    monkeypatch.setattr(_mppool, "STOP_WAIT_SECONDS", 1.0)
+    pool = parmap.Pool(3, process_backend, initializer=workfns.hang_at_exit)
+    assert len(set(pool.map(workfns.pid_after, [1.0] * 3, chunksize=1))) == 3
+    began = time.monotonic()
+    pool.close()
+    pool.join()
+    assert time.monotonic() - began < 2.5
+
+
 def test_imap_close_stops_the_work(backend):
     with parmap.Pool(workers=2, backend=backend) as pool:
         results = pool.imap(workfns.square, range(10_000), chunksize=1)

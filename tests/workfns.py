@@ -43,6 +43,12 @@ def getpid(_=None):
     return os.getpid()
 
 
+def pid_after(seconds):
+    """This worker's pid, after ``seconds``."""
+    time.sleep(seconds)
+    return os.getpid()
+
+
 def runner_after_a_pause(_=None):
     """Which worker ran the item (process and thread), after 20 ms: items of
     one chunk share it, and chunks of a few items spread over the workers."""
@@ -688,6 +694,14 @@ def put_slowly(x):
     (queue,) = SHARED
     queue.put(PickledInAWhile(x))
     return x
+
+
+def hang_at_exit():
+    """An initializer whose worker, asked to stop, takes 60 s to exit: a
+    finalizer multiprocessing runs as its process exits (as a queue's is)."""
+    import multiprocessing.util
+
+    multiprocessing.util.Finalize(None, time.sleep, args=(60,), exitpriority=0)
 
 
 STORED_ERROR = ConnectionError("backend down")

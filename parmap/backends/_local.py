@@ -96,8 +96,9 @@ INITIAL_START_COST = 0.003
 MAX_AHEAD_OF_SECONDS = 0.2
 # How long a worker told to stop (a polite close, or retired by
 # max_tasks_per_child) may take to exit before it is killed: an idle one
-# exits in milliseconds, one with an atexit handler of the user's that hangs
-# never would.
+# exits in milliseconds, one with an exit handler of the user's that hangs
+# never would, nor one still writing to a multiprocessing queue that nobody
+# reads (its exit waits for the queue's feeder thread).
 STOP_WAIT_SECONDS = 5.0
 # The dispatcher's longest sleep: a due time further off (a huge ``timeout``)
 # is looked at again then, since the wait's own limit is ~24 days in ms.
@@ -909,13 +910,14 @@ class LocalWorkers(Backend):
             worker.conn.send_bytes(_control(None))
         except OSError:
             pass  # died meanwhile: it is gone either way, and ran all it was sent
-        self._see_off(worker, polite=True)
+        self._see_off(worker, until=time.monotonic() + STOP_WAIT_SECONDS)
         self._procs[worker.index] = None
 
-    def _see_off(self, worker: WorkerProcess, *, polite: bool) -> None:
+    def _see_off(self, worker: WorkerProcess, *, until: float | None) -> None:
         """Reap a worker that was told to stop or killed, and close our end;
-        ``polite``: it has :data:`STOP_WAIT_SECONDS` to exit before it is killed."""
-        if polite and not wait([worker.sentinel], timeout=STOP_WAIT_SECONDS):
+        ``until``: the ``time.monotonic()`` by which a worker told to stop
+        must have exited, or it is killed (``None``: it was killed)."""
+        if until is not None and not wait([worker.sentinel], timeout=max(0.0, until - time.monotonic())):
             self._kill_worker(worker)
         self._reap(worker)
         _close_parent_end(worker.conn)
@@ -936,6 +938,10 @@ class LocalWorkers(Backend):
                     worker.conn.send_bytes(_control(None))
                 except OSError:
                     pass
+        # One wait for them all: workers that cannot exit (a queue of the
+        # caller's they are still writing to, say) cost STOP_WAIT_SECONDS
+        # once, not once each.
+        until = None if kill else time.monotonic() + STOP_WAIT_SECONDS
         for worker in workers:
-            self._see_off(worker, polite=not kill)
+            self._see_off(worker, until=until)
         self._procs = [None] * self.workers
