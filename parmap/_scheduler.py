@@ -48,7 +48,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from ._chunking import MARK_ALWAYS_UP_TO, MARK_MIN_ITEM_SECONDS, MAX_PULL_SECONDS, ChunkSizer
+from ._chunking import MARK_ALWAYS_UP_TO, MARK_MIN_ITEM_SECONDS, MAX_PULL_BATCH, MAX_PULL_SECONDS, ChunkSizer
 from ._errors import ParmapError, PoolClosedError, SerializationError, TaskError, TaskTimeoutError, WorkerCrashedError
 from ._options import CallOptions
 from ._progress import Progress
@@ -290,7 +290,7 @@ class Scheduler:
             if time.monotonic() - began >= MAX_PULL_SECONDS:
                 self._slow_input = True
                 return items
-            batch *= 2
+            batch = min(batch * 2, MAX_PULL_BATCH)
         self._slow_input = False
         return items
 

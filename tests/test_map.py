@@ -228,6 +228,37 @@ def test_imap_results_keep_up_with_a_slow_input(any_backend):
     assert late[len(late) // 2] == 0, late
 
 
+# With chunks of 4,096, the second chunk's reading of the input is 2,047
+# items in (batches of 1, 2, ..., 1,024) when the burst below ends.
+BURST = 4096 + 2047
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", ["thread", "process"])
+def test_an_input_that_slows_down_after_a_burst_holds_back_few_items(backend):
+    # A log tail catching up, then following it: the first item after the
+    # burst waited in its chunk for a whole batch of the input's reading
+    # (2,048 items here, 20 s of the trickle) before it went to work.
+    fed = 0
+
+    def burst_then_trickle():
+        nonlocal fed
+        for i in itertools.count():
+            if i >= BURST:
+                time.sleep(0.01)
+            fed = i + 1
+            yield i
+
+    results = parmap.imap(abs, burst_then_trickle(), workers=2, backend=backend, chunksize=4096, ordered=False)
+    for value in results:
+        if value >= BURST:
+            break
+    results.close()
+    # At most a batch of the reading (_chunking.MAX_PULL_BATCH, 64) and what
+    # trickled in while the chunk ran.
+    assert fed - BURST <= 100, fed - BURST
+
+
 @pytest.mark.timeout(30)
 def test_the_first_result_does_not_wait_for_the_second_item(any_backend, monkeypatch):
     # `(echo hello; sleep 5; echo world) | python -m parmap ...` showed HELLO
