@@ -30,6 +30,8 @@ An explicit ``chunksize`` is used as given. Otherwise the size adapts:
 
 from __future__ import annotations
 
+import contextvars
+
 # A chunk should compute for about this long. A chunk's own overhead is only
 # ~0.1-0.3 ms on the process backends, plus a wake-up of two of the caller's
 # threads, which where the workers fill every core preempt one of them. From
@@ -70,6 +72,13 @@ MAX_PULL_SECONDS = 0.05
 # more (seconds of a trickle). A 16-item cap cost an imap of a fast 2M-item
 # generator ~20% of its time; this one costs nothing measurable (W6 A-B).
 MAX_PULL_BATCH = 64
+#: The batch cap for calls started in this context. The command line sets
+#: it to :data:`CLI_PULL_BATCH`: its own work on each line (~8 us) dwarfs
+#: what small batches cost (400,000 lines: no measurable change with 4, +10%
+#: with 1), and its input is the one most often a stream that catches up
+#: and then follows (``tail -f log | parmap ...``).
+PULL_BATCH: contextvars.ContextVar[int] = contextvars.ContextVar("parmap_pull_batch", default=MAX_PULL_BATCH)
+CLI_PULL_BATCH = 4
 # Items that take at least this long are marked as they start (see
 # Chunk.marked), so that a crash is charged to the very item that was running,
 # once: the ~0.12 us it costs an item (measured on W1's x*x, doubling its

@@ -25,6 +25,7 @@ from typing import IO, Any, NoReturn, cast
 
 from . import __version__
 from ._api import imap
+from ._chunking import CLI_PULL_BATCH, PULL_BATCH
 from ._errors import ParmapError, RemoteTraceback, TaskError
 from ._records import (
     INPUT_FORMATS,
@@ -297,7 +298,12 @@ def _loop(step: Step, reader: Reader, output: Output, options: dict[str, Any], a
     # bounded by imap's window. --unordered takes results as they finish and
     # puts each back with its input index.
     ordered = not args.unordered
-    results = cast(Generator[Any, None, None], imap(step, feed(), ordered=ordered, on_error="return", **options))
+    # Lines that catch up and then follow (tail -f) go out a few at a time.
+    batch = PULL_BATCH.set(CLI_PULL_BATCH)
+    try:
+        results = cast(Generator[Any, None, None], imap(step, feed(), ordered=ordered, on_error="return", **options))
+    finally:
+        PULL_BATCH.reset(batch)
     try:
         with closing(results):
             for result in results:

@@ -48,7 +48,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from ._chunking import MARK_ALWAYS_UP_TO, MARK_MIN_ITEM_SECONDS, MAX_PULL_BATCH, MAX_PULL_SECONDS, ChunkSizer
+from ._chunking import MARK_ALWAYS_UP_TO, MARK_MIN_ITEM_SECONDS, MAX_PULL_SECONDS, PULL_BATCH, ChunkSizer
 from ._errors import ParmapError, PoolClosedError, SerializationError, TaskError, TaskTimeoutError, WorkerCrashedError
 from ._options import CallOptions
 from ._progress import Progress
@@ -153,6 +153,7 @@ class Scheduler:
         # one that waits long (a line, then silence): the first result gets its
         # moment first, once (see _fill).
         self._await_first = self._total is None
+        self._pull_batch = PULL_BATCH.get()  # see _pull
         self._early: tuple[Chunk, ChunkOutcome | ChunkLost] | None = None  # an event taken while filling
 
     # -- driving -------------------------------------------------------------
@@ -269,7 +270,9 @@ class Scheduler:
         taken :data:`~parmap._chunking.MAX_PULL_SECONDS`: from a slow input
         (a pipe fed as events happen) what has come goes to work at once
         instead of waiting for a chunk's worth. Pulled in doubling batches,
-        so a fast input pays a clock read per batch, not per item."""
+        so a fast input pays a clock read per batch, not per item, up to
+        :data:`~parmap._chunking.MAX_PULL_BATCH` items (or what the context's
+        :data:`~parmap._chunking.PULL_BATCH` says)."""
         began = time.monotonic()
         items: list[Any] = []
         batch = 1
@@ -290,7 +293,7 @@ class Scheduler:
             if time.monotonic() - began >= MAX_PULL_SECONDS:
                 self._slow_input = True
                 return items
-            batch = min(batch * 2, MAX_PULL_BATCH)
+            batch = min(batch * 2, self._pull_batch)
         self._slow_input = False
         return items
 

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections import Counter
 from contextlib import suppress
@@ -663,6 +664,39 @@ def test_progress_bar_by_default_on_a_terminal_of_unknown_size(targets: Path) ->
     out, _ = proc.communicate(timeout=30)
     assert (proc.returncode, out) == (0, b"1\n4\n9\n")
     assert b"3/3" in shown, shown
+
+
+@pytest.mark.timeout(60)
+def test_lines_that_catch_up_and_then_follow_come_out_as_they_arrive(targets: Path) -> None:
+    # tail -f log | parmap ...: 5,000 lines at once, then one every 20 ms.
+    # The first line after the burst waited for a batch of the input's
+    # reading to fill (64 lines, or up to half a chunk before that).
+    proc = start("tgt:echo", "-w", "2", "--output-format", "lines", cwd=targets, stdin=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None
+    fed = 0
+
+    def feed() -> None:
+        nonlocal fed
+        with suppress(OSError):  # closed once the result came
+            proc.stdin.write(b"".join(b"fast\n" for _ in range(5000)))
+            proc.stdin.flush()
+            for i in range(1000):
+                fed = i + 1
+                proc.stdin.write(b"slow\n")
+                proc.stdin.flush()
+                time.sleep(0.02)
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    for line in proc.stdout:
+        if line == b"slow\n":
+            break
+    late = fed
+    proc.kill()
+    proc.wait(timeout=10)
+    # At most a batch of CLI_PULL_BATCH (4) lines, and what trickled in
+    # while the chunk ran.
+    assert late <= 16, late
 
 
 # -- interruption and --resume ------------------------------------------------------------
