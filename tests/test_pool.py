@@ -970,6 +970,19 @@ def test_workers_that_do_not_exit_when_told_are_killed_after_one_wait_for_all(pr
     assert time.monotonic() - began < 2.5
 
 
+@pytest.mark.timeout(60)
+def test_a_terminate_cuts_short_a_close_that_waits_for_workers_to_exit(process_backend):
+    # process and fork waited out their 5 s for such workers, terminate()
+    # (and Ctrl-C) or not.
+    pool = parmap.Pool(2, process_backend, initializer=workfns.hang_at_exit)
+    assert pool.map(workfns.square, range(4)) == [0, 1, 4, 9]
+    threading.Timer(0.3, pool.terminate).start()
+    began = time.monotonic()
+    pool.close()
+    pool.join()
+    assert time.monotonic() - began < 3
+
+
 def test_imap_close_stops_the_work(backend):
     with parmap.Pool(workers=2, backend=backend) as pool:
         results = pool.imap(workfns.square, range(10_000), chunksize=1)

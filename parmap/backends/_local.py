@@ -917,10 +917,32 @@ class LocalWorkers(Backend):
         """Reap a worker that was told to stop or killed, and close our end;
         ``until``: the ``time.monotonic()`` by which a worker told to stop
         must have exited, or it is killed (``None``: it was killed)."""
-        if until is not None and not wait([worker.sentinel], timeout=max(0.0, until - time.monotonic())):
+        if until is not None and not self._exits_by(worker, until):
             self._kill_worker(worker)
         self._reap(worker)
         _close_parent_end(worker.conn)
+
+    def _exits_by(self, worker: WorkerProcess, until: float) -> bool:
+        """Whether ``worker`` exits by ``until``; False at once if a kill comes
+        first (``terminate()``, Ctrl-C), which waited out the 5 s before."""
+        woken = False
+        try:
+            while True:
+                with self._lock:
+                    if self._kill:
+                        return False
+                left = until - time.monotonic()
+                if left <= 0:
+                    return False
+                ready = wait([worker.sentinel, self._wake_pipe.r], timeout=left)
+                if worker.sentinel in ready:
+                    return True
+                if self._wake_pipe.r in ready:
+                    self._wake_pipe.drain()
+                    woken = True
+        finally:
+            if woken:  # a submit's wake, taken here, is still owed to the dispatch loop
+                self._wake_pipe.wake()
 
     def _kill_worker(self, worker: WorkerProcess) -> None:
         kill_trees([worker.pid])  # and the commands its item was running
