@@ -924,7 +924,7 @@ class LocalWorkers(Backend):
 
     def _exits_by(self, worker: WorkerProcess, until: float) -> bool:
         """Whether ``worker`` exits by ``until``; False at once if a kill comes
-        first (``terminate()``, Ctrl-C), which waited out the 5 s before."""
+        first (``terminate()``, Ctrl-C): that must not wait the 5 s out."""
         woken = False
         try:
             while True:
