@@ -33,6 +33,7 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
+from multiprocessing.connection import wait
 from typing import Any, ClassVar
 
 from .._errors import PoolClosedError, WorkerCrashedError
@@ -421,6 +422,32 @@ class WakePipe:
                     os.close(fd)
                 except OSError:
                     pass
+
+
+def wait_for_exits(
+    sentinels: Sequence[Any], until: float, wake_pipe: WakePipe, killed: Callable[[], bool]
+) -> list[Any]:
+    """Wait until each of ``sentinels`` (workers told to stop) is ready, or
+    ``until`` (a ``time.monotonic()``) passes, or ``killed()`` says a kill
+    came (``terminate()``, Ctrl-C), which must not wait the wait out; the
+    sentinels not ready, of workers to kill. A wake of ``wake_pipe`` taken
+    meanwhile is given back, for the loop that waits on it next."""
+    pending = list(sentinels)
+    woken = False
+    try:
+        while pending and not killed():
+            left = until - time.monotonic()
+            if left <= 0:
+                break
+            ready = wait([wake_pipe.r, *pending], left)
+            if wake_pipe.r in ready:
+                wake_pipe.drain()
+                woken = True
+            pending = [s for s in pending if s not in ready]
+    finally:
+        if woken:
+            wake_pipe.wake()
+    return pending
 
 
 def dropped_outcome() -> ChunkOutcome:

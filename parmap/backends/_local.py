@@ -46,7 +46,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from typing import Any
@@ -74,6 +74,7 @@ from ._base import (
     startup_failed_outcome,
     take_standard_descriptors,
     terminated_outcome,
+    wait_for_exits,
 )
 from ._process_tree import kill_trees
 
@@ -910,39 +911,26 @@ class LocalWorkers(Backend):
             worker.conn.send_bytes(_control(None))
         except OSError:
             pass  # died meanwhile: it is gone either way, and ran all it was sent
-        self._see_off(worker, until=time.monotonic() + STOP_WAIT_SECONDS)
+        self._see_off([worker], polite=True)
         self._procs[worker.index] = None
 
-    def _see_off(self, worker: WorkerProcess, *, until: float | None) -> None:
-        """Reap a worker that was told to stop or killed, and close our end;
-        ``until``: the ``time.monotonic()`` by which a worker told to stop
-        must have exited, or it is killed (``None``: it was killed)."""
-        if until is not None and not self._exits_by(worker, until):
-            self._kill_worker(worker)
-        self._reap(worker)
-        _close_parent_end(worker.conn)
+    def _see_off(self, workers: Sequence[WorkerProcess], *, polite: bool) -> None:
+        """Reap workers that were told to stop or killed, and close our ends;
+        ``polite``: they have :data:`STOP_WAIT_SECONDS`, all together, to exit
+        before they are killed (at once if a kill comes meanwhile)."""
+        if polite:
+            until = time.monotonic() + STOP_WAIT_SECONDS
+            late = wait_for_exits([w.sentinel for w in workers], until, self._wake_pipe, self._kill_requested)
+            for worker in workers:
+                if worker.sentinel in late:
+                    self._kill_worker(worker)
+        for worker in workers:
+            self._reap(worker)
+            _close_parent_end(worker.conn)
 
-    def _exits_by(self, worker: WorkerProcess, until: float) -> bool:
-        """Whether ``worker`` exits by ``until``; False at once if a kill comes
-        first (``terminate()``, Ctrl-C): that must not wait the 5 s out."""
-        woken = False
-        try:
-            while True:
-                with self._lock:
-                    if self._kill:
-                        return False
-                left = until - time.monotonic()
-                if left <= 0:
-                    return False
-                ready = wait([worker.sentinel, self._wake_pipe.r], timeout=left)
-                if worker.sentinel in ready:
-                    return True
-                if self._wake_pipe.r in ready:
-                    self._wake_pipe.drain()
-                    woken = True
-        finally:
-            if woken:  # a submit's wake, taken here, is still owed to the dispatch loop
-                self._wake_pipe.wake()
+    def _kill_requested(self) -> bool:
+        with self._lock:
+            return self._kill
 
     def _kill_worker(self, worker: WorkerProcess) -> None:
         kill_trees([worker.pid])  # and the commands its item was running
@@ -963,7 +951,5 @@ class LocalWorkers(Backend):
         # One wait for them all: workers that cannot exit (a queue of the
         # caller's they are still writing to, say) cost STOP_WAIT_SECONDS
         # once, not once each.
-        until = None if kill else time.monotonic() + STOP_WAIT_SECONDS
-        for worker in workers:
-            self._see_off(worker, until=until)
+        self._see_off(workers, polite=not kill)
         self._procs = [None] * self.workers

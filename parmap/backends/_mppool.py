@@ -65,6 +65,7 @@ from ._base import (
     startup_failed_outcome,
     take_standard_descriptors,
     terminated_outcome,
+    wait_for_exits,
 )
 from ._local import (
     MAX_STARTUP_FAILURES,
@@ -763,14 +764,7 @@ class MPPoolBackend(Backend):
             for process in workers:
                 pidfds.watch(process)
             pending = [pidfds.sentinel(p) for p in workers if p.exitcode is None]
-            while pending and not self._kill_on_close:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return
-                ready = wait([self._wake_pipe.r, *pending], left)
-                if self._wake_pipe.r in ready:
-                    self._wake_pipe.drain()
-                pending = [s for s in pending if s not in ready]
+            wait_for_exits(pending, deadline, self._wake_pipe, lambda: self._kill_on_close)
         finally:
             pidfds.forget_all()
 
